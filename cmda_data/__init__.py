@@ -1,0 +1,49 @@
+"""cmda_data: Cross-modal Data Augmentation (CMDA) for any PyTorch training loop.
+
+New samples of a *student* modality are convex combinations of real student samples,
+weighted by how well each student sample matches a *teacher* sample in a shared latent
+space (Eq. 10) and by Gaussian-mixture cluster relations (Eq. 11, "DCA").
+
+The public names are imported on first use, so ``import cmda_data`` pulls in torch and
+numpy only (never transformers or webdataset).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first attribute access)
+_EXPORTS = {
+    "CMDAError": ".exceptions",
+    "ConvergenceWarning": ".exceptions",
+    "DeviceError": ".exceptions",
+    "FieldError": ".exceptions",
+    "MissingDependencyError": ".exceptions",
+    "NotFittedError": ".exceptions",
+    "ShapeError": ".exceptions",
+    "ValidationError": ".exceptions",
+    "MixPlan": ".plan",
+    "apply": ".plan",
+    "GaussianMixture": ".mixture",
+    "select_n_components": ".mixture",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__", "functional"])
+
+
+def __getattr__(name: str) -> Any:
+    if name == "functional":
+        return importlib.import_module(".functional", __name__)
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cmda_data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,156 @@
+"""Argument checks shared by the public functions (private).
+
+One message template everywhere: ``"<name>: expected <expected>, got <got>"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, NoReturn, Optional, Sequence, Type
+
+import torch
+
+from .exceptions import CMDAError, FieldError, ShapeError, ValidationError
+
+__all__ = [
+    "check_finite",
+    "check_float_tensor",
+    "check_int",
+    "check_option",
+    "check_positive_float",
+    "check_probability",
+    "check_rank",
+    "check_same_size",
+    "describe",
+    "fail",
+]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def describe(value: Any) -> str:
+    """A short description of ``value`` for error messages (tensors: shape and dtype)."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype} on {value.device}"
+    try:
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            return f"ndarray of shape {value.shape} and dtype {value.dtype}"
+    except ImportError:  # pragma: no cover - numpy is a core dependency
+        pass
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def fail(name: str, expected: str, got: Any, error: Type[CMDAError] = ValidationError, *,
+         raw: bool = False) -> NoReturn:
+    """Raise ``error`` with the house message template.
+
+    Args:
+        name: the argument (or field) at fault.
+        expected: what was expected, in words.
+        got: what was given; described with :func:`describe` unless ``raw``.
+        error: the :class:`CMDAError` subclass to raise.
+        raw: use ``str(got)`` as is instead of describing it.
+    """
+    received = str(got) if raw else describe(got)
+    raise error(f"{name}: expected {expected}, got {received}")
+
+
+def check_option(name: str, value: Any, options: Iterable[Any]) -> Any:
+    """Check that ``value`` is one of ``options``; return it."""
+    options = tuple(options)
+    if value not in options:
+        fail(name, "one of " + ", ".join(repr(o) for o in options), value)
+    return value
+
+
+def check_int(name: str, value: Any, *, minimum: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
+    """Check an integer argument (``bool`` is refused); return it as ``int``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
+        isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point()
+    ):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                value = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            what = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+            fail(name, what + (" or None" if allow_none else ""), value)
+    value = int(value)
+    if minimum is not None and value < minimum:
+        fail(name, f"an integer >= {minimum}" + (" or None" if allow_none else ""), value)
+    return value
+
+
+def check_positive_float(name: str, value: Any, *, allow_zero: bool = False, allow_none: bool = False) -> Optional[float]:
+    """Check a finite float > 0 (or >= 0 with ``allow_zero``)."""
+    if value is None and allow_none:
+        return None
+    bound = ">= 0" if allow_zero else "> 0"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        fail(name, f"a finite number {bound}", value)
+    if isinstance(value, bool) or number != number or number in (float("inf"), float("-inf")):
+        fail(name, f"a finite number {bound}", value)
+    if number < 0 or (number == 0 and not allow_zero):
+        fail(name, f"a finite number {bound}", value)
+    return number
+
+
+def check_probability(name: str, value: Any) -> float:
+    """Check a number in [0, 1]."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        fail(name, "a probability in [0, 1]", value)
+    if isinstance(value, bool) or not (0.0 <= number <= 1.0):
+        fail(name, "a probability in [0, 1]", value)
+    return number
+
+
+def check_float_tensor(name: str, value: Any, *, finite: bool = True) -> torch.Tensor:
+    """Check that ``value`` is a floating-point tensor (and finite unless told otherwise)."""
+    if not isinstance(value, torch.Tensor):
+        fail(name, "a floating-point torch.Tensor", value)
+    if value.dtype not in FLOAT_DTYPES:
+        fail(name, "a floating-point tensor (float16, bfloat16, float32 or float64)", value)
+    if finite:
+        check_finite(name, value)
+    return value
+
+
+def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Refuse NaN and infinite entries."""
+    if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        fail(name, "finite values (no NaN or inf)", f"{bad} non-finite entries in {describe(value)}", raw=True)
+    return value
+
+
+def check_rank(name: str, value: torch.Tensor, ndim: int | Sequence[int]) -> torch.Tensor:
+    """Check the number of dimensions of a tensor."""
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if value.ndim not in allowed:
+        want = " or ".join(f"{d}-D" for d in allowed)
+        fail(name, f"a {want} tensor", value, ShapeError)
+    return value
+
+
+def check_same_size(name_a: str, size_a: int, name_b: str, size_b: int, *, what: str = "size") -> None:
+    """Check that two sizes agree; name both arguments in the message."""
+    if size_a != size_b:
+        fail(name_b, f"{what} {size_a} to match {name_a}", f"{what} {size_b}", ShapeError, raw=True)
+
+
+def field_error(field: Any, index: Any, expected: str, got: Any) -> NoReturn:
+    """Raise :class:`FieldError` naming the sample field and the sample index."""
+    fail(f"field {field!r} of sample {index}", expected, got, FieldError)
