@@ -27,6 +27,7 @@ _EXPORTS = {
     "ValidationError": ".exceptions",
     "MixPlan": ".plan",
     "apply": ".plan",
+    "make_plan": ".plan",
     "GaussianMixture": ".mixture",
     "select_n_components": ".mixture",
 }

@@ -1,0 +1,395 @@
+"""The math of CMDA as pure tensor functions (Eq. 10, Eq. 11, Algorithm 1).
+
+Notation: teacher rows ``i`` (``n`` of them), student / partner columns ``j`` (``m`` of
+them). Every function here is pure: no hidden state, no random numbers, inputs are never
+modified, and the result lives on the device of the inputs.
+
+* :func:`inter_modal_weights` -- Eq. 10: how well student sample ``j`` matches teacher ``i``.
+* :func:`intra_modal_weights` -- Eq. 11: Gaussian-mixture cluster relations ("DCA").
+* :func:`dca_weights` -- their product, optional top-k, row renormalisation (Alg. 1 l. 12).
+* :func:`mix` -- ``X_new = W @ X`` over samples of any trailing shape (dense or sparse).
+* :func:`mix_targets` -- the matching soft labels.
+* :func:`topk_sparse` -- a dense weight matrix as ``(index, values)`` with ``k`` per row.
+
+Weights are computed in float32 at least (float64 stays float64) and returned in the
+input dtype. Samples in float16 / bfloat16 are accumulated in float32.
+
+Examples:
+    >>> import torch
+    >>> teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> student = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    >>> w = inter_modal_weights(teacher, student)
+    >>> w.round(decimals=4)
+    tensor([[0.6250, 0.3750],
+            [0.0000, 1.0000]])
+    >>> images = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    >>> mix(w, images)
+    tensor([[0.3750, 0.7500],
+            [1.0000, 2.0000]])
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._kernels import (  # noqa: F401 - private helpers (some used only by the tests)
+    _LOW_PRECISION,
+    _check_bool,
+    _check_float,
+    _check_index,
+    _check_latents,
+    _check_matrix,
+    _check_resp,
+    _check_same_device,
+    _check_samples,
+    _compute_dtype,
+    _flatten_trailing,
+    _mix_sparse,
+    _mix_sparse_bmm,
+    _normalize_rows,
+    _targets_as_probabilities,
+    _uniform_if_empty,
+    _unit_rows,
+)
+from ._validation import check_int, check_option, check_positive_float, check_rank, check_same_size, fail
+from .exceptions import ShapeError
+
+__all__ = [
+    "dca_weights",
+    "inter_modal_weights",
+    "intra_modal_weights",
+    "mix",
+    "mix_targets",
+    "topk_sparse",
+]
+
+SIMILARITIES = ("abs_cosine", "cosine")
+NORMALIZATIONS = ("row", "legacy_broadcast", "none")
+INTRA_MODES = ("soft", "hard")
+
+
+# --------------------------------------------------------------------------- Eq. 10
+def inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, *,
+                        similarity: str = "abs_cosine", normalize: str = "row",
+                        temperature: Optional[float] = None,
+                        self_weight: Optional[float] = None) -> torch.Tensor:
+    """Inter-modal weights of Eq. 10: teacher ``i`` x student ``j`` similarity, normalised.
+
+    Args:
+        teacher_z: teacher latents ``[n, d]`` (need not be unit length).
+        student_z: student latents ``[m, d]``.
+        similarity: ``"abs_cosine"`` (``|cos|``, the official code, default) or ``"cosine"``
+            (cosine clamped at 0, so negative matches get weight 0; the paper's raw dot
+            product can be negative, which is not a valid mixing weight).
+        normalize: ``"row"`` (Eq. 10: each teacher row sums to 1), ``"legacy_broadcast"``
+            (the official code's ``C / C.sum(1)``, which divides column ``j`` by the sum of
+            row ``j``; needs ``n == m``) or ``"none"`` (raw scores).
+        temperature: if given, a row softmax of ``score / temperature`` (an opt-in
+            extension; ``normalize`` must then be ``"row"``).
+        self_weight: if given, the diagonal of the score matrix is set to this value before
+            normalising (code parity: 1 or 10; needs ``n == m``).
+
+    Returns:
+        ``[n, m]`` weights in the dtype of ``teacher_z`` (computed in float32 or float64).
+        A row whose scores are all zero becomes uniform (never NaN).
+
+    Examples:
+        >>> t = torch.tensor([[0.0, 1.0]])
+        >>> s = torch.tensor([[0.0, 2.0], [1.0, -1.0], [3.0, 0.0]])
+        >>> inter_modal_weights(t, s).round(decimals=4)
+        tensor([[0.5858, 0.4142, 0.0000]])
+        >>> inter_modal_weights(t, s, similarity="cosine").round(decimals=4)
+        tensor([[1., 0., 0.]])
+    """
+    check_option("similarity", similarity, SIMILARITIES)
+    check_option("normalize", normalize, NORMALIZATIONS)
+    temperature = check_positive_float("temperature", temperature, allow_none=True)
+    self_weight = check_positive_float("self_weight", self_weight, allow_zero=True, allow_none=True)
+    _check_latents("teacher_z", teacher_z)
+    _check_latents("student_z", student_z)
+    _check_same_device("teacher_z", teacher_z, "student_z", student_z)
+    check_same_size("teacher_z", teacher_z.shape[1], "student_z", student_z.shape[1],
+                    what="latent dimension")
+    n, m = teacher_z.shape[0], student_z.shape[0]
+    if m == 0:
+        fail("student_z", "at least one student sample", student_z, ShapeError)
+    if temperature is not None and normalize != "row":
+        fail("normalize", "'row' when temperature is given (the softmax normalises each row)",
+             normalize)
+    if normalize == "legacy_broadcast" and n != m:
+        fail("student_z", f"{n} samples to match teacher_z (normalize='legacy_broadcast' "
+             "needs a square matrix)", f"{m} samples", ShapeError, raw=True)
+    if self_weight is not None and n != m:
+        fail("student_z", f"{n} samples to match teacher_z (self_weight needs a square matrix)",
+             f"{m} samples", ShapeError, raw=True)
+
+    dtype = _compute_dtype(teacher_z, student_z)
+    scores = _unit_rows(teacher_z, dtype) @ _unit_rows(student_z, dtype).T
+    scores = scores.abs() if similarity == "abs_cosine" else scores.clamp_min(0)
+    if self_weight is not None:
+        scores.diagonal().fill_(self_weight)
+    if temperature is not None:
+        # subtract the row max first: the logits are then <= 0 and the max is exactly 0
+        logits = (scores - scores.amax(1, keepdim=True)) / temperature
+        weights = torch.softmax(logits, dim=1)
+    elif normalize == "none":
+        weights = scores
+    else:
+        scores = _uniform_if_empty(scores)
+        sums = scores.sum(1)
+        weights = scores / (sums[:, None] if normalize == "row" else sums[None, :])
+    return weights.to(teacher_z.dtype)
+
+
+# --------------------------------------------------------------------------- Eq. 11
+def intra_modal_weights(resp: torch.Tensor, partner_resp: Optional[torch.Tensor] = None, *,
+                        mode: str = "soft") -> torch.Tensor:
+    """Intra-modal weights of Eq. 11 from Gaussian-mixture responsibilities.
+
+    With ``c(i) = argmax resp[i]``:
+
+    * ``"soft"`` (Eq. 11): ``w_ij = resp[i, c(j)] + resp[i, c(i)]``. For two components the
+      values lie in ``[1, 2]`` (1 across clusters, ``2 * max resp[i]`` within a cluster).
+    * ``"hard"`` (the official code's mask): ``w_ij = 1[c(i) == c(j)]``; the diagonal is 1
+      when ``partner_resp`` is None.
+
+    Args:
+        resp: responsibilities of the rows ``[n, M]`` (rows sum to 1).
+        partner_resp: responsibilities of the partners ``[m, M]``; defaults to ``resp``.
+        mode: ``"soft"`` or ``"hard"``.
+
+    Returns:
+        ``[n, m]`` weights in the dtype of ``resp``.
+
+    Examples:
+        >>> gamma = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+        >>> intra_modal_weights(gamma)
+        tensor([[1.8000, 1.0000],
+                [1.0000, 1.4000]])
+        >>> intra_modal_weights(gamma, mode="hard")
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+    check_option("mode", mode, INTRA_MODES)
+    _check_resp("resp", resp)
+    if partner_resp is None:
+        partner_resp = resp
+    else:
+        _check_resp("partner_resp", partner_resp)
+        _check_same_device("resp", resp, "partner_resp", partner_resp)
+        check_same_size("resp", resp.shape[1], "partner_resp", partner_resp.shape[1],
+                        what="number of components")
+    dtype = _compute_dtype(resp, partner_resp)
+    rows = resp.to(dtype)
+    c_rows = rows.argmax(1)
+    c_cols = partner_resp.to(dtype).argmax(1)
+    if mode == "soft":
+        weights = rows.index_select(1, c_cols) + rows.gather(1, c_rows[:, None])
+    else:
+        weights = (c_rows[:, None] == c_cols[None, :]).to(dtype)
+    return weights.to(resp.dtype)
+
+
+# --------------------------------------------------------------------------- Alg. 1
+def dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor] = None, *,
+                top_k: Optional[int] = None, exclude_self: bool = False,
+                renormalize: bool = True) -> torch.Tensor:
+    """Combine inter- and intra-modal weights (Double Cross-Attention, Alg. 1 line 12).
+
+    Steps: ``w = inter * intra``; ``exclude_self`` zeroes the diagonal (a row left empty keeps
+    weight 1 on itself); a row that is all zero becomes uniform; ``top_k`` keeps the ``k``
+    largest entries per row (``k > m`` is clamped to ``m``); ``renormalize`` divides each row
+    by its sum. Alg. 1 does *not* renormalise: ``renormalize=False`` reproduces it and rows
+    then sum to between 1 and 2 for soft two-component weights.
+
+    Args:
+        inter: ``[n, m]`` non-negative weights (e.g. :func:`inter_modal_weights`).
+        intra: ``[n, m]`` non-negative weights (e.g. :func:`intra_modal_weights`) or None.
+        top_k: keep only the ``k`` largest weights of each row.
+        exclude_self: never mix a sample with itself (needs ``n == m``).
+        renormalize: make every row sum to 1.
+
+    Returns:
+        Dense ``[n, m]`` weights in the dtype of ``inter``.
+
+    Examples:
+        >>> inter = torch.tensor([[0.5, 0.25, 0.25]])
+        >>> intra = torch.tensor([[2.0, 1.0, 1.0]])
+        >>> dca_weights(inter, intra)
+        tensor([[0.6667, 0.1667, 0.1667]])
+        >>> dca_weights(inter, intra, renormalize=False)
+        tensor([[1.0000, 0.2500, 0.2500]])
+        >>> dca_weights(inter, intra, top_k=1)
+        tensor([[1., 0., 0.]])
+    """
+    _check_matrix("inter", inter)
+    if intra is not None:
+        _check_matrix("intra", intra)
+        _check_same_device("inter", inter, "intra", intra)
+        if intra.shape != inter.shape:
+            fail("intra", f"shape {tuple(inter.shape)} to match inter", intra, ShapeError)
+    top_k = check_int("top_k", top_k, minimum=1, allow_none=True)
+    _check_bool("exclude_self", exclude_self)
+    _check_bool("renormalize", renormalize)
+    n, m = inter.shape
+    if m == 0:
+        fail("inter", "at least one column (partner)", inter, ShapeError)
+    if exclude_self and n != m:
+        fail("inter", "a square [n, n] matrix when exclude_self=True", inter, ShapeError)
+
+    dtype = _compute_dtype(inter, *(() if intra is None else (intra,)))
+    w = inter.to(dtype)
+    w = w * intra.to(dtype) if intra is not None else w.clone()
+    fallback = torch.zeros(n, dtype=torch.bool, device=w.device)
+    if exclude_self:
+        w.diagonal().zero_()
+        alone = w.sum(1) <= 0
+        w.diagonal().copy_(alone.to(dtype))
+        fallback = fallback | alone
+    empty = w.sum(1) <= 0
+    w = torch.where(empty[:, None], torch.full_like(w, 1.0 / m), w)
+    fallback = fallback | empty
+    if top_k is not None and top_k < m:
+        values, index = w.topk(top_k, dim=1)
+        w = torch.zeros_like(w).scatter_(1, index, values)
+    if renormalize:
+        w = _normalize_rows(w)
+    else:  # degenerate (fallback) rows always sum to 1
+        w = torch.where(fallback[:, None], _normalize_rows(w), w)
+    return w.to(inter.dtype)
+
+
+def topk_sparse(weights: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest weights of each row, renormalised to sum 1.
+
+    Args:
+        weights: ``[n, m]`` non-negative weights.
+        k: partners per row (``k > m`` is clamped to ``m``).
+
+    Returns:
+        ``(index [n, k] int64, values [n, k])`` sorted by decreasing weight; ``values`` in the
+        dtype of ``weights``. A row that is all zero gets ``1/k`` on its first ``k`` columns.
+
+    Examples:
+        >>> index, values = topk_sparse(torch.tensor([[0.1, 0.6, 0.3]]), 2)
+        >>> index, values
+        (tensor([[1, 2]]), tensor([[0.6667, 0.3333]]))
+    """
+    _check_matrix("weights", weights)
+    k = check_int("k", k, minimum=1)
+    if weights.shape[1] == 0:
+        fail("weights", "at least one column (partner)", weights, ShapeError)
+    k = min(k, weights.shape[1])
+    w = weights.to(_compute_dtype(weights))
+    values, index = w.topk(k, dim=1)
+    return index, _normalize_rows(values).to(weights.dtype)
+
+
+# --------------------------------------------------------------------------- mixing
+def mix(weights: torch.Tensor, samples: torch.Tensor, *,
+        index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """New samples as weighted sums of real ones: ``out[i] = sum_j W[i, j] * samples[j]``.
+
+    Dense: ``weights`` is ``[n, m]`` and the result is one matrix product over the flattened
+    samples. Sparse: ``index [n, k]`` holds positions into ``samples`` and ``weights [n, k]``
+    their weights; only the chosen partners are read (the dense ``[n, m]`` matrix is never
+    built). Convex weights (non-negative, rows summing to 1) give convex combinations.
+
+    Args:
+        weights: ``[n, m]`` (dense) or ``[n, k]`` (with ``index``), finite.
+        samples: ``[m, *S]`` floating-point samples of any trailing shape ``S`` (images,
+            vectors, ...). Integer token ids cannot be interpolated: mix embeddings instead.
+        index: ``[n, k]`` int64 positions into ``samples`` (sparse mixing).
+
+    Returns:
+        ``[n, *S]`` in the dtype (and memory layout) of ``samples``. float16 / bfloat16 are
+        accumulated in float32. Gradients flow to ``samples`` and ``weights``.
+
+    Examples:
+        >>> x = torch.arange(6.0).reshape(3, 2)
+        >>> mix(torch.tensor([[0.5, 0.5, 0.0]]), x)
+        tensor([[1., 2.]])
+        >>> mix(torch.tensor([[0.25, 0.75]]), x, index=torch.tensor([[0, 2]]))
+        tensor([[3., 4.]])
+    """
+    _check_samples(samples)
+    _check_float("weights", weights)
+    check_rank("weights", weights, 2)
+    _check_same_device("samples", samples, "weights", weights)
+    m = samples.shape[0]
+    if index is None:
+        if weights.shape[1] != m:
+            fail("samples", f"{weights.shape[1]} samples along dim 0 to match the columns of "
+                 f"weights {tuple(weights.shape)}", samples, ShapeError)
+    else:
+        _check_index(index, weights, m, samples)
+    _check_float("samples", samples)  # one reduction pass, no [m, *S] temporary
+    flat, restore = _flatten_trailing(samples)
+    if index is not None:
+        out = _mix_sparse(index, weights.to(flat.dtype), flat)
+    elif flat.dtype in _LOW_PRECISION and flat.device.type != "cpu":
+        # CPU kernels accumulate half/bfloat16 products in float32; elsewhere make sure
+        out = torch.mm(weights.float(), flat.float()).to(flat.dtype)
+    else:
+        out = torch.mm(weights.to(flat.dtype), flat)
+    return restore(out)
+
+
+# --------------------------------------------------------------------------- labels
+def mix_targets(weights: torch.Tensor, targets: torch.Tensor, num_classes: Optional[int] = None,
+                label_smoothing: float = 0.0, *,
+                index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Soft labels of mixed samples: the same weights applied to (smoothed) one-hot targets.
+
+    Each weight row is first divided by its sum, so the labels are distributions even for
+    ``renormalize=False`` weights.
+
+    Args:
+        weights: ``[n, m]`` (dense) or ``[n, k]`` (with ``index``), non-negative, rows with a
+            positive sum.
+        targets: class indices ``[m]`` (needs ``num_classes``) or a float ``[m, C]`` tensor of
+            one-hot, multi-hot (normalised to sum 1 first) or probability rows.
+        num_classes: number of classes ``C``.
+        label_smoothing: ``eps`` in ``[0, 1)``: ``y * (1 - eps) + eps / C``.
+        index: ``[n, k]`` positions into ``targets`` (sparse mixing).
+
+    Returns:
+        ``[n, C]`` float32 rows that sum to 1.
+
+    Examples:
+        >>> mix_targets(torch.tensor([[0.75, 0.25]]), torch.tensor([0, 2]), num_classes=3)
+        tensor([[0.7500, 0.0000, 0.2500]])
+    """
+    if isinstance(label_smoothing, bool):
+        fail("label_smoothing", "a number in [0, 1)", label_smoothing)
+    try:
+        label_smoothing = float(label_smoothing)
+    except (TypeError, ValueError):
+        fail("label_smoothing", "a number in [0, 1)", label_smoothing)
+    if not 0.0 <= label_smoothing < 1.0:
+        fail("label_smoothing", "a number in [0, 1)", label_smoothing)
+    num_classes = check_int("num_classes", num_classes, minimum=1, allow_none=True)
+    _check_matrix("weights", weights)
+    probs = _targets_as_probabilities(targets, num_classes, label_smoothing)
+    _check_same_device("weights", weights, "targets", probs)
+    m = probs.shape[0]
+    if index is None:
+        if weights.shape[1] != m:
+            fail("targets", f"{weights.shape[1]} rows to match the columns of weights "
+                 f"{tuple(weights.shape)}", targets, ShapeError)
+    else:
+        _check_index(index, weights, m, probs)
+    sums = weights.sum(1, keepdim=True)
+    if weights.numel() and bool((sums <= 0).any()):
+        fail("weights", "every row to have a positive sum", f"{int((sums <= 0).sum())} all-zero rows",
+             raw=True)
+    work = _compute_dtype(weights)
+    w = _normalize_rows(weights.to(work))
+    probs = probs.to(work)
+    if index is None:
+        out = w @ probs
+    else:
+        out = torch.bmm(w.unsqueeze(1), probs[index.long()]).squeeze(1)
+    return _normalize_rows(out).float()
