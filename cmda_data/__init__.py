@@ -30,14 +30,37 @@ _EXPORTS = {
     "make_plan": ".plan",
     "GaussianMixture": ".mixture",
     "select_n_components": ".mixture",
+    "Aligner": ".aligners",
+    "CLIPAligner": ".aligners",
+    "ContrastiveAligner": ".aligners",
+    "PrecomputedAligner": ".aligners",
+    "create_aligner": ".aligners",
+    "list_aligners": ".aligners",
+    "load_aligner": ".aligners",
+    "register_aligner": ".aligners",
+    "BankRows": ".bank",
+    "EmbeddingBank": ".bank",
+    "CrossModalAugmentedDataset": ".dataset",
+    "IndexedDataset": ".dataset",
+    "CMDACollate": ".collate",
+    "CMDAugment": ".module",
+    "CandidateBuffer": ".streaming",
+    "SafeDecoder": ".streaming",
+    "SkipCounter": ".streaming",
+    "cmda_mix": ".streaming",
+    "read_shards": ".streaming",
+    "write_shards": ".streaming",
+    "build_bank_distributed": ".distributed",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__", "functional"])
+_SUBMODULES = ("datasets", "distributed", "functional", "losses", "streaming")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
-    if name == "functional":
-        return importlib.import_module(".functional", __name__)
+    if name in _SUBMODULES:
+        return importlib.import_module("." + name, __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'cmda_data' has no attribute {name!r}")

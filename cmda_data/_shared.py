@@ -1,0 +1,179 @@
+"""Batch-level plumbing shared by CMDACollate and CMDAugment (private).
+
+A collated batch is a dict (fields are keys) or a tuple/list (fields are positions).
+:func:`mix_batch` applies one :class:`~cmda_data.MixPlan` to the student field and the
+target, adds the ``mix_info`` record and returns a new batch (the input is not modified).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from . import functional as Fn
+from ._fields import TOKEN_ID_HINT, Field, check_targets_batch, get_field
+from ._planner import mix_info
+from ._validation import check_int, check_positive_float, fail
+from .exceptions import FieldError
+
+__all__ = ["batch_index", "batch_student", "check_label_smoothing", "mix_batch", "pack", "pack_batch"]
+
+
+def check_label_smoothing(value: Any) -> float:
+    """``label_smoothing`` in [0, 1)."""
+    number = check_positive_float("label_smoothing", value, allow_zero=True)
+    if number >= 1.0:
+        fail("label_smoothing", "a number in [0, 1)", value)
+    return number
+
+
+def batch_field(batch: Any, field: Field, what: str = "batch") -> Any:
+    """``batch[field]`` for dict or tuple batches, with a :class:`FieldError` naming the field."""
+    return get_field(batch, field, what)
+
+
+def batch_index(batch: Any, index_field: Optional[Field]) -> Optional[torch.Tensor]:
+    """The dataset indices ``[B]`` carried by a batch (None when ``index_field`` is None).
+
+    For tuple batches a string ``index_field`` means the last position (the rule of
+    :class:`~cmda_data.IndexedDataset`).
+    """
+    if index_field is None:
+        return None
+    field = -1 if isinstance(index_field, str) and not isinstance(batch, Mapping) else index_field
+    value = get_field(batch, field, "batch")
+    if not isinstance(value, torch.Tensor) or value.ndim != 1 or value.is_floating_point() or \
+            value.dtype == torch.bool:
+        fail(f"field {index_field!r} of the batch", "integer dataset indices [B] (wrap the dataset in "
+             "IndexedDataset so every sample carries its index)", value, FieldError)
+    return value.long()
+
+
+def batch_student(batch: Any, field: Field) -> torch.Tensor:
+    """The student field of a batch: a floating-point tensor ``[B, ...]``."""
+    value = get_field(batch, field, "batch")
+    if not isinstance(value, torch.Tensor):
+        fail(f"field {field!r} of the batch", "a floating-point tensor [B, ...]", value, FieldError)
+    if not value.is_floating_point():
+        fail(f"field {field!r} of the batch", TOKEN_ID_HINT, value, FieldError)
+    return value
+
+
+def pack(tensors: Sequence[torch.Tensor], *, shared: bool = False) -> List[torch.Tensor]:
+    """Copies of CPU ``tensors`` that are views of ONE storage (in shared memory if ``shared``).
+
+    A DataLoader worker sends every storage of a batch to the main process separately (a
+    shared-memory segment and a file descriptor passed over a socket each): for small
+    batches that costs more than collating. One storage per batch crosses as one segment.
+    The same tensor object given twice gives one view. Dtypes and shapes are kept.
+
+    Examples:
+        >>> a, b, c = pack([torch.arange(3), torch.tensor([0.5, 1.5]), torch.tensor([True])])
+        >>> a.tolist(), b.tolist(), c.tolist()
+        ([0, 1, 2], [0.5, 1.5], [True])
+        >>> a.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()
+        True
+    """
+    unique: Dict[int, torch.Tensor] = {}
+    for tensor in tensors:
+        unique.setdefault(id(tensor), tensor)
+    order = sorted(unique, key=lambda key: -unique[key].element_size())  # widest first: aligned offsets
+    offsets, total = {}, 0
+    for key in order:
+        size = unique[key].element_size()
+        total = (total + size - 1) // size * size
+        offsets[key] = total
+        total += unique[key].numel() * size
+    storage = torch.UntypedStorage(max(total, 1))
+    if shared:
+        storage.share_memory_()
+    views: Dict[int, torch.Tensor] = {}
+    for key, tensor in unique.items():
+        view = torch.empty(0, dtype=tensor.dtype)
+        view.set_(storage, offsets[key] // tensor.element_size(), tuple(tensor.shape))
+        views[key] = view.copy_(tensor)
+    return [views[id(tensor)] for tensor in tensors]
+
+
+def pack_batch(batch: Any, info_key: str, *, shared: bool) -> Any:
+    """``batch`` with its CPU tensors (top level and the ``mix_info`` record) packed by :func:`pack`."""
+    is_dict = isinstance(batch, Mapping)
+    items = dict(batch) if is_dict else dict(enumerate(batch))
+    info_at = info_key if is_dict else len(items) - 1
+    info = dict(items[info_at]) if isinstance(items.get(info_at), Mapping) else {}
+    places = [(None, k) for k, v in items.items() if _packable(v)] + [(info_at, k) for k, v in info.items()
+                                                                       if _packable(v)]
+    tensors = [items[k] if where is None else info[k] for where, k in places]
+    for (where, key), view in zip(places, pack(tensors, shared=shared)):
+        if where is None:
+            items[key] = view
+        else:
+            info[key] = view
+    if info:
+        items[info_at] = info
+    return items if is_dict else tuple(items[i] for i in range(len(items)))
+
+
+def _packable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == "cpu" and not value.is_sparse and \
+        not value.is_nested and not value.requires_grad
+
+
+def mix_rows_inplace(plan: Any, samples: torch.Tensor) -> torch.Tensor:
+    """``plan.apply(samples)`` written into ``samples`` (a square plan: row r's own sample is r).
+
+    Only the mixed rows are computed (rows that are not mixed are already the originals);
+    they are all computed before any is written. For tensors the caller owns (a batch it
+    collated itself), never user input.
+    """
+    rows = plan.mixed.nonzero().reshape(-1)
+    if rows.numel() == 0:
+        return samples
+    index, weights = plan.index[rows], plan.weights[rows]
+    m = samples.shape[0]
+    if index.shape[1] * 8 <= m:  # a few partners per row: gather them (MixPlan.apply's rule)
+        out = Fn.mix(weights, samples, index=index)
+    else:
+        dense = torch.zeros(rows.numel(), m, dtype=torch.float32, device=samples.device)
+        out = Fn.mix(dense.scatter_add_(1, index, weights), samples)
+    return samples.index_copy_(0, rows.to(samples.device), out)
+
+
+def mix_batch(batch: Any, plan: Any, *, student: Field, target: Optional[Field], num_classes: Optional[int],
+              label_smoothing: float, index: Optional[torch.Tensor], info_key: str = "mix_info",
+              reuse_student: bool = False) -> Any:
+    """A new batch: mixed student, soft targets ``[B, C]`` and ``mix_info`` added.
+
+    Dict batches get ``batch[info_key]``; tuple batches get the record appended last.
+    ``reuse_student`` (only for a batch the caller just collated itself, never user input)
+    writes the mixed student into the collated student tensor instead of a new one.
+    """
+    samples = batch_student(batch, student)
+    if reuse_student and plan.num_outputs == samples.shape[0] and bool(
+            torch.equal(plan.teacher_index, torch.arange(samples.shape[0], device=plan.device))):
+        mixed = mix_rows_inplace(plan, samples)
+    else:
+        mixed = plan.apply(samples)
+    updates = {student: mixed}
+    if target is not None:
+        targets = check_targets_batch(get_field(batch, target, "batch"), target, num_classes)
+        updates[target] = plan.apply_targets(targets, num_classes, label_smoothing)
+    info = dict(mix_info(plan, index))
+    if index is not None and bool(torch.equal(plan.teacher_index, torch.arange(len(index), device=index.device))):
+        info["index"] = index  # the batch's own tensor
+    if isinstance(batch, Mapping):
+        out = dict(batch)
+        out.update(updates)
+        out[info_key] = info
+        return out
+    items = list(batch)
+    for position, value in updates.items():
+        items[position] = value
+    items.append(info)
+    return tuple(items)
+
+
+def check_num_classes(value: Any) -> Optional[int]:
+    return check_int("num_classes", value, minimum=1, allow_none=True)

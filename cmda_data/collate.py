@@ -1,0 +1,184 @@
+"""CMDACollate: CMDA inside ``collate_fn`` (CPU, DataLoader workers, webdataset).
+
+The per-batch form of the paper (the pool m' is the batch): ``default_collate`` first, then
+each row's teacher latent (looked up in an :class:`~cmda_data.EmbeddingBank` by the
+sample's dataset index) weights the student samples of the batch (Eq. 10/11), and rows
+drawn with probability ``p`` are replaced by the mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+from torch.utils.data import default_collate, get_worker_info
+
+from ._fields import Field, as_student, as_target, check_field_name, check_targets_batch, get_field
+from ._planner import PlanOptions, bank_plan
+from ._seeding import SharedEpoch
+from ._shared import batch_index, batch_student, check_label_smoothing, check_num_classes, mix_batch, pack_batch
+from ._validation import fail
+from .exceptions import DeviceError
+
+__all__ = ["CMDACollate"]
+
+try:  # documented extension point of default_collate (torch >= 1.13)
+    from torch.utils.data._utils.collate import collate as _collate_with, default_collate_fn_map
+except ImportError:  # pragma: no cover - older torch: default_collate as is
+    _collate_with = default_collate_fn_map = None
+
+
+def _stack_plain(batch: Sequence[torch.Tensor], *, collate_fn_map: Any = None) -> torch.Tensor:
+    """Stack tensors in ordinary memory (the batch is packed into one shared segment later)."""
+    return torch.stack(list(batch), 0)
+
+
+def _collate_plain(samples: list) -> Any:
+    """``default_collate``, except that tensors are stacked in ordinary memory inside workers."""
+    if _collate_with is None or get_worker_info() is None:
+        return default_collate(samples)
+    return _collate_with(samples, collate_fn_map={**default_collate_fn_map, torch.Tensor: _stack_plain})
+
+
+class CMDACollate:
+    """A ``collate_fn`` that mixes the student field of each batch with CMDA weights.
+
+    Samples must carry their dataset index (wrap the dataset in
+    :class:`~cmda_data.IndexedDataset`): the bank rows of those indices give the teacher and
+    student latents and the GMM responsibilities. The output is the collated batch with the
+    student field mixed, the target turned into soft targets ``[B, C]`` (float32, rows sum
+    to 1; also for rows that are not mixed) and ``mix_info``: ``"index"`` [B],
+    ``"partners"`` [B, k] dataset indices, ``"weights"`` [B, k] (rows sum to 1),
+    ``"mixed"`` [B] and ``"teacher"`` [B]. Dict batches get a ``"mix_info"`` key; tuple
+    batches get the record appended after the index.
+
+    Randomness: row ``r`` is mixed with probability ``p`` and its teacher chosen by
+    draws that depend on ``(seed, epoch, rank, dataset index)`` only, so batches do not
+    depend on ``num_workers``. :meth:`set_epoch` writes the epoch to shared memory, which
+    worker processes read, also persistent ones: call it before ``iter(loader)``.
+
+    It never uses CUDA inside a worker process (a CUDA bank there raises
+    :class:`DeviceError`; mix on the GPU with :class:`~cmda_data.CMDAugment`). It pickles
+    cleanly, takes batches of any size (a sample with no other partner keeps itself) and
+    serves as webdataset's ``collation_fn`` (it takes a list of samples).
+
+    Args:
+        bank: the :class:`~cmda_data.EmbeddingBank` (CPU; call ``bank.share_memory_()`` or
+            load it with ``mmap=True`` so workers share one copy).
+        student: student modality (default ``bank.student``); teachers: teacher
+            modality/modalities (default ``bank.teachers``); with several, each row's teacher
+            is drawn uniformly.
+        target: field of the class index / class scores (None: no target).
+        num_classes: number of classes C (needed for class-index targets).
+        top_k: keep the k largest weights per row (None: the whole batch).
+        p: probability that a row is replaced by a generated sample. Default 0.5: half the
+            batch stays original (the paper adds the B generated samples to the B real ones;
+            use ``p=1.0`` and your own real batch for that).
+        intra: ``"soft"`` (Eq. 11), ``"hard"`` (official code's mask) or None (Eq. 10 only).
+        similarity, normalize, temperature, self_weight, renormalize: see
+            :func:`cmda_data.functional.inter_modal_weights` and ``dca_weights``.
+        exclude_self: a row never uses its own sample (a row with no other partner keeps itself).
+        label_smoothing: epsilon of the soft targets.
+        seed: the seed; rank: the distributed rank (part of the seed).
+        fields: modality -> field of the sample (default: the modality name; ints for tuples).
+        index_field: field holding the dataset index (tuples: the last position).
+        info_key: name of the mix record in dict batches.
+
+    Examples:
+        >>> from cmda_data.bank import EmbeddingBank
+        >>> from cmda_data.dataset import IndexedDataset
+        >>> z = torch.nn.functional.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+        >>> bank = EmbeddingBank({"image": z, "text": z}, student="image", teachers="text")
+        >>> data = IndexedDataset([{"image": torch.full((3,), float(i)), "label": i % 2} for i in range(8)])
+        >>> collate = CMDACollate(bank, target="label", num_classes=2, intra=None, p=1.0)
+        >>> batch = collate([data[i] for i in range(4)])
+        >>> batch["image"].shape, batch["label"].shape, batch["mix_info"]["weights"].sum(1)
+        (torch.Size([4, 3]), torch.Size([4, 2]), tensor([1., 1., 1., 1.]))
+    """
+
+    def __init__(self, bank: Any, *, student: Optional[str] = None,
+                 teachers: Optional[Union[str, Sequence[str]]] = None, target: Optional[Field] = None,
+                 num_classes: Optional[int] = None, top_k: Optional[int] = None, p: float = 0.5,
+                 intra: Optional[str] = "soft", similarity: str = "abs_cosine", normalize: str = "row",
+                 temperature: Optional[float] = None, self_weight: Optional[float] = None,
+                 exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
+                 seed: int = 0, rank: int = 0, fields: Optional[Mapping[str, Field]] = None,
+                 index_field: Field = "index", info_key: str = "mix_info") -> None:
+        from .bank import EmbeddingBank
+
+        if not isinstance(bank, EmbeddingBank):
+            fail("bank", "an EmbeddingBank", bank)
+        self.bank = bank
+        self.options = PlanOptions.create(
+            student=student or bank.student, teachers=teachers or bank.teachers, bank=bank, p=p, intra=intra,
+            top_k=top_k, similarity=similarity, normalize=normalize, temperature=temperature,
+            self_weight=self_weight, exclude_self=exclude_self, renormalize=renormalize, seed=seed, rank=rank)
+        self.student_field = check_field_name("fields", dict(fields or {}).get(self.options.student,
+                                                                             self.options.student))
+        self.target = None if target is None else check_field_name("target", target)
+        self.num_classes = check_num_classes(num_classes)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.index_field = check_field_name("index_field", index_field)
+        self.info_key = check_field_name("info_key", info_key)
+        self._epoch = SharedEpoch(0)
+
+    # -- epoch -----------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """The epoch used by the draws (shared with worker processes)."""
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch of the draws; reaches existing (persistent) workers."""
+        self._epoch.set(epoch)
+
+    def __repr__(self) -> str:
+        o = self.options
+        return (f"CMDACollate(student={o.student!r}, teachers={list(o.teachers)}, p={o.p}, intra={o.intra!r}, "
+                f"top_k={o.top_k}, seed={o.seed}, epoch={self.epoch})")
+
+    # -- collation -------------------------------------------------------------------------
+    def _check_samples(self, samples: Sequence[Any]) -> None:
+        """Per-sample checks, so errors name the field and the dataset index."""
+        tuple_index = -1 if isinstance(self.index_field, str) else self.index_field
+        for position, sample in enumerate(samples):
+            index_key = self.index_field if isinstance(sample, Mapping) else tuple_index
+            index = get_field(sample, index_key, f"{position} of the batch")
+            as_student(get_field(sample, self.student_field, index), self.student_field, index)
+            if self.target is not None:
+                as_target(get_field(sample, self.target, index), self.target, index)
+
+    def __call__(self, samples: Sequence[Any]) -> Any:
+        if isinstance(samples, (str, bytes, Mapping)) or not isinstance(samples, Sequence) or not samples:
+            fail("samples", "a non-empty list of samples", samples)
+        bank = self.bank
+        if bank.device.type != "cpu" and get_worker_info() is not None:
+            fail("CMDACollate bank", "a CPU bank inside DataLoader worker processes (CUDA cannot run in "
+                 "workers): use bank.to('cpu'), or mix on the GPU after the loader with CMDAugment",
+                 f"a bank on {bank.device}", DeviceError, raw=True)
+        batch, index = self._collate(list(samples))
+        plan = bank_plan(bank, index, index, self.options, self.epoch)
+        if plan.device.type != "cpu":
+            plan = plan.to("cpu")
+        out = mix_batch(batch, plan, student=self.student_field, target=self.target,
+                        num_classes=self.num_classes, label_smoothing=self.label_smoothing, index=index,
+                        info_key=self.info_key, reuse_student=True)
+        if get_worker_info() is not None:  # one shared-memory segment per batch instead of one per tensor
+            out = pack_batch(out, self.info_key, shared=True)
+        return out
+
+    def _collate(self, samples: list) -> tuple:
+        """``default_collate`` + checks of the batch; on a problem, find the sample at fault."""
+        try:
+            batch = _collate_plain(samples)
+            if not isinstance(batch, Mapping):
+                batch = tuple(batch)
+            index = batch_index(batch, self.index_field)
+            batch_student(batch, self.student_field)
+            if self.target is not None:
+                check_targets_batch(get_field(batch, self.target, "batch"), self.target, self.num_classes)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
+            self._check_samples(samples)  # raises a FieldError naming the field and the sample
+            raise
+        return batch, index

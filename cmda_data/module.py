@@ -1,0 +1,216 @@
+"""CMDAugment: CMDA as an ``nn.Module`` after the DataLoader, on any device.
+
+Two sources of latents:
+
+* **online CMDA** (``aligner=...``): the batch's student and teacher fields are embedded
+  with the current aligner (no gradient), so the weights follow the latent space trained
+  with the task (Eq. 9). The GMM of the intra-modal weights comes from ``gmm``, from the
+  bank, or is fitted on the device on the batch's embeddings (every ``refit_every`` calls).
+* **lookup** (``bank=...`` and no aligner): rows are looked up by the batch's dataset
+  indices, exactly as :class:`~cmda_data.CMDACollate` does (same seed, same result).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ._bank_build import embeds_by_index
+from ._fields import Field, check_field_name, get_field, resolve_fields
+from ._planner import PlanOptions, bank_plan, build_plan, row_draws
+from ._seeding import hash_ints
+from ._shared import batch_index, batch_student, check_label_smoothing, check_num_classes, mix_batch
+from ._validation import check_int, fail
+from .exceptions import FieldError
+
+__all__ = ["CMDAugment"]
+
+
+class CMDAugment(nn.Module):
+    """Mix the student field of a batch with CMDA weights: ``forward(batch) -> (batch, plan)``.
+
+    The returned batch is a new dict (or tuple) with the student field mixed, the target
+    turned into soft targets ``[B, C]`` and a ``mix_info`` record (see
+    :class:`~cmda_data.CMDACollate`); the input batch is not modified. The weights carry no
+    gradient; gradients still flow to the student samples themselves.
+
+    Randomness: row ``r`` is mixed with probability ``p`` and its teacher chosen by
+    draws that depend on ``(seed, epoch, rank, dataset index)`` when the batch carries
+    ``index_field``, else by ``(seed, call number, epoch, rank, position in the batch)``.
+
+    Args:
+        aligner: anything with ``embed(modality, batch) -> [n, d]`` (online CMDA). It is
+            not registered as a submodule: train and move it yourself.
+        gmm: a fitted :class:`~cmda_data.GaussianMixture` giving the responsibilities of the
+            ``fit_on`` latents (online mode).
+        bank: an :class:`~cmda_data.EmbeddingBank`: lookup mode without an aligner; with
+            an aligner, only its GMM (and PCA) is used when ``gmm`` is None.
+        student, teachers: modalities (default: the bank's; required without a bank).
+        target, num_classes, top_k, p, intra, similarity, normalize, temperature,
+        self_weight, exclude_self, renormalize, label_smoothing, seed, rank, index_field,
+        info_key: as in :class:`~cmda_data.CMDACollate`.
+        refit_every: online mode without ``gmm``/bank GMM: refit the GMM on the batch's
+            ``fit_on`` latents every N calls (1: every batch, as the official code). None
+            fits it once, on the first batch.
+        n_components: M of the GMM the module fits; covariance_type: its covariance
+            ("diag" by default: a batch has fewer samples than dimensions); gmm_options:
+            more GaussianMixture settings.
+        fit_on: ``"teacher"`` (the first teacher), ``"student"`` or a modality name.
+        fields: modality -> batch field (default: the modality name; ints for tuples).
+
+    Examples:
+        >>> from cmda_data.bank import EmbeddingBank
+        >>> z = torch.nn.functional.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+        >>> bank = EmbeddingBank({"image": z, "text": z}, student="image", teachers="text")
+        >>> aug = CMDAugment(bank=bank, intra=None, p=1.0)
+        >>> batch = {"image": torch.eye(4), "index": torch.arange(4)}
+        >>> out, plan = aug(batch)
+        >>> out["image"].sum(1)
+        tensor([1., 1., 1., 1.])
+    """
+
+    def __init__(self, aligner: Any = None, gmm: Any = None, *, bank: Any = None, student: Optional[str] = None,
+                 teachers: Optional[Union[str, Sequence[str]]] = None, target: Optional[Field] = None,
+                 num_classes: Optional[int] = None, top_k: Optional[int] = None, p: float = 0.5,
+                 intra: Optional[str] = "soft", refit_every: Optional[int] = None, n_components: int = 2,
+                 covariance_type: str = "diag", gmm_options: Optional[Mapping[str, Any]] = None,
+                 fit_on: str = "teacher", similarity: str = "abs_cosine", normalize: str = "row",
+                 temperature: Optional[float] = None, self_weight: Optional[float] = None,
+                 exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
+                 seed: int = 0, rank: int = 0, fields: Optional[Mapping[str, Field]] = None,
+                 index_field: Optional[Field] = "index", info_key: str = "mix_info") -> None:
+        super().__init__()
+        from .bank import EmbeddingBank
+
+        if aligner is None and bank is None:
+            fail("aligner", "an aligner (online CMDA) or bank=EmbeddingBank (lookup)", None)
+        if aligner is not None and not callable(getattr(aligner, "embed", None)):
+            fail("aligner", "an object with embed(modality, batch) (see cmda_data.aligners)", aligner)
+        if bank is not None and not isinstance(bank, EmbeddingBank):
+            fail("bank", "an EmbeddingBank", bank)
+        student = student or (bank.student if bank is not None else None)
+        teachers = teachers or (bank.teachers if bank is not None else None)
+        if not isinstance(student, str) or not student:
+            fail("student", "the student modality name", student)
+        if not teachers:
+            fail("teachers", "one or more teacher modality names", teachers)
+        self.__dict__["aligner"] = aligner  # not a submodule: the user trains and moves it
+        self.bank = bank
+        self.gmm = gmm
+        lookup = aligner is None
+        self.options = PlanOptions.create(
+            student=student, teachers=teachers, bank=bank if lookup else None, p=p, intra=intra, top_k=top_k,
+            similarity=similarity, normalize=normalize, temperature=temperature, self_weight=self_weight,
+            exclude_self=exclude_self, renormalize=renormalize, seed=seed, rank=rank)
+        modalities = (self.options.student, *self.options.teachers)
+        self.fields: Dict[str, Field] = resolve_fields(modalities, fields)
+        if fit_on == "teacher":
+            fit_on = self.options.teachers[0]
+        elif fit_on == "student":
+            fit_on = self.options.student
+        if fit_on not in modalities:
+            fail("fit_on", "'teacher', 'student' or one of " + ", ".join(map(repr, modalities)), fit_on)
+        self.fit_on = fit_on
+        self.target = None if target is None else check_field_name("target", target)
+        self.num_classes = check_num_classes(num_classes)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.index_field = None if index_field is None else check_field_name("index_field", index_field)
+        self.info_key = check_field_name("info_key", info_key)
+        self.refit_every = check_int("refit_every", refit_every, minimum=1, allow_none=True)
+        self.n_components = check_int("n_components", n_components, minimum=1)
+        self.gmm_options = dict(gmm_options or {}, covariance_type=covariance_type)
+        if lookup and gmm is not None:
+            fail("gmm", "None in lookup mode (the bank's responsibilities are used)", gmm)
+        self.epoch = 0
+        self.calls = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch of the draws."""
+        self.epoch = check_int("epoch", epoch, minimum=0)
+
+    def extra_repr(self) -> str:
+        o = self.options
+        mode = "lookup" if self.aligner is None else "online"
+        return (f"mode={mode}, student={o.student!r}, teachers={list(o.teachers)}, p={o.p}, intra={o.intra!r}, "
+                f"top_k={o.top_k}, refit_every={self.refit_every}, seed={o.seed}")
+
+    # -- the GMM of online CMDA ------------------------------------------------------------
+    def _responsibilities(self, latents: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        if self.options.intra is None:
+            return None
+        z = latents[self.fit_on]
+        if self.gmm is None and self.refit_every is None and self.bank is not None and self.bank.gmm is not None:
+            return self.bank.responsibilities_for(z)
+        refit = self.refit_every is not None and self.calls % self.refit_every == 0
+        if self.gmm is None or refit:
+            if z.shape[0] < self.n_components:
+                return None  # too few rows to fit M components: Eq. 10 weights only
+            from .mixture import GaussianMixture
+
+            seed = hash_ints(self.options.seed, self.calls, self.options.rank) >> 1
+            self.gmm = GaussianMixture(self.n_components, random_state=seed, **self.gmm_options).fit(z.detach())
+        return self.gmm.predict_proba(z.detach().float()).float()
+
+    def _embed(self, batch: Any, index: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        by_index = embeds_by_index(self.aligner)
+        if by_index and index is None:
+            fail(f"field {self.index_field!r} of the batch", "dataset indices (the aligner looks rows up by index)",
+                 "a batch without them", FieldError, raw=True)
+        latents = {}
+        with torch.no_grad():
+            for modality, field in self.fields.items():
+                value = index if by_index else get_field(batch, field, "batch")
+                latents[modality] = self.aligner.embed(modality, value).detach()
+        return latents
+
+    # -- forward ---------------------------------------------------------------------------
+    def plan(self, batch: Any) -> Any:
+        """The :class:`~cmda_data.MixPlan` of ``batch`` (draws, weights), on the batch's device."""
+        student = batch_student(batch, self.fields[self.options.student])
+        device = student.device
+        n = student.shape[0]
+        index = self._index(batch, required=self.aligner is None)
+        keys = index.cpu() if index is not None else torch.arange(n)
+        opts = self.options
+        if index is None:  # no dataset index: seed by call number and position
+            from dataclasses import replace
+
+            opts = replace(opts, seed=hash_ints(opts.seed, self.calls) >> 1)
+        with torch.no_grad():
+            if self.aligner is None:
+                plan = bank_plan(self.bank, keys, keys, opts, self.epoch)
+            else:
+                latents = self._embed(batch, index)
+                mixed, choice = row_draws(keys, opts, self.epoch)
+                resp = self._responsibilities(latents)
+                plan = build_plan([latents[t].to(device) for t in opts.teachers],
+                                  latents[opts.student].to(device), opts, mixed=mixed, teacher_choice=choice,
+                                  resp_rows=None if resp is None else resp.to(device),
+                                  resp_cols=None if resp is None else resp.to(device),
+                                  teacher_index=torch.arange(n, device=device))
+        return plan.to(device)
+
+    def _index(self, batch: Any, required: bool) -> Optional[torch.Tensor]:
+        if self.index_field is None:
+            if required:
+                fail("index_field", "the batch field holding dataset indices (lookup mode)", None)
+            return None
+        has = (self.index_field in batch) if isinstance(batch, Mapping) else True
+        if not has and not required:
+            return None
+        return batch_index(batch, self.index_field)
+
+    def forward(self, batch: Any) -> Tuple[Any, Any]:
+        """Mix ``batch`` (a dict or tuple of tensors); returns ``(new_batch, plan)``."""
+        if not isinstance(batch, (Mapping, tuple, list)):
+            fail("batch", "a dict (or tuple) of batched fields", batch)
+        plan = self.plan(batch)
+        index = self._index(batch, required=False)
+        out = mix_batch(batch, plan, student=self.fields[self.options.student], target=self.target,
+                        num_classes=self.num_classes, label_smoothing=self.label_smoothing,
+                        index=None if index is None else index.to(plan.device), info_key=self.info_key)
+        self.calls += 1
+        return out, plan

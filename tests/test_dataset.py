@@ -1,0 +1,283 @@
+"""IndexedDataset and CrossModalAugmentedDataset: sample-level CMDA over a real map-style dataset."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from _entry_data import NUM_CLASSES, CountingDataset, PairedDataset, TokenDataset, TupleDataset, make_bank
+from cmda_data.dataset import CrossModalAugmentedDataset, IndexedDataset
+from cmda_data.exceptions import FieldError, ShapeError, ValidationError
+
+N = 24
+
+
+def snapshot(dataset):
+    return [copy.deepcopy(dataset[i]) for i in range(len(dataset))]
+
+
+def assert_same_samples(before, after):
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key])
+            else:
+                assert a[key] == b[key]
+
+
+def expected_mix(data, info, field="image"):
+    """The mixed student recomputed from the wrapped dataset: sum_k w_k * student[partner_k]."""
+    total = torch.zeros_like(data[0][field])
+    for j, w in zip(info["partners"].tolist(), info["weights"].tolist()):
+        total = total + w * data[j][field]
+    return total
+
+
+def expected_target(data, info, label_smoothing=0.0):
+    total = torch.zeros(NUM_CLASSES)
+    for j, w in zip(info["partners"].tolist(), info["weights"].tolist()):
+        onehot = F.one_hot(torch.tensor(data[j]["label"]), NUM_CLASSES).float()
+        total = total + w * (onehot * (1 - label_smoothing) + label_smoothing / NUM_CLASSES)
+    return total
+
+
+# -- IndexedDataset ---------------------------------------------------------------------------------
+def test_indexed_dataset_rules():
+    data = PairedDataset(4)
+    indexed = IndexedDataset(data)
+    sample = indexed[2]
+    assert sample["index"] == 2 and "index" not in data[2]
+    assert IndexedDataset(TupleDataset(4))[3][-1] == 3 and len(IndexedDataset(TupleDataset(4))[3]) == 4
+    assert IndexedDataset([7, 8])[1] == (8, 1)
+    assert len(indexed) == 4
+
+
+def test_indexed_dataset_refuses_existing_key():
+    with pytest.raises(FieldError, match="field 'index' of sample 0: expected a field name not used"):
+        IndexedDataset([{"index": 5}])[0]
+
+
+# -- mixing -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data():
+    return PairedDataset(N)
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return make_bank(N)
+
+
+def test_mixed_item_is_the_weighted_sum_of_its_partners(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=1.0, pool_size=10,
+                                     top_k=4, seed=5)
+    mixed_count = 0
+    for i in range(N):
+        item = aug[i]
+        info = item["mix_info"]
+        assert info["partners"].shape == (4,) and info["weights"].shape == (4,)
+        assert info["weights"].dtype == torch.float32 and int(info["index"]) == i
+        torch.testing.assert_close(info["weights"].sum(), torch.tensor(1.0))
+        assert bool((info["weights"] >= 0).all())
+        torch.testing.assert_close(item["image"], expected_mix(data, info))
+        assert item["label"].dtype == torch.float32 and item["label"].shape == (NUM_CLASSES,)
+        torch.testing.assert_close(item["label"], expected_target(data, info))
+        torch.testing.assert_close(item["label"].sum(), torch.tensor(1.0))
+        assert item["caption"] == f"sample {i}" and torch.equal(item["text"], data[i]["text"])
+        mixed_count += bool(info["mixed"])
+    assert mixed_count >= N - 2
+
+
+def test_items_that_are_not_mixed_are_the_originals(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=0.0, top_k=3)
+    for i in range(N):
+        item = aug[i]
+        info = item["mix_info"]
+        assert not bool(info["mixed"])
+        assert info["partners"].tolist() == [i, i, i] and info["weights"].tolist() == [1.0, 0.0, 0.0]
+        assert torch.equal(item["image"], data[i]["image"])
+        assert torch.equal(item["label"], F.one_hot(torch.tensor(data[i]["label"]), NUM_CLASSES).float())
+
+
+def test_p_is_the_mixing_rate(bank):
+    data = PairedDataset(200)
+    big_bank = make_bank(200)
+    aug = CrossModalAugmentedDataset(data, big_bank, p=0.3, top_k=4, pool_size=16, intra=None)
+    rate = sum(bool(aug[i]["mix_info"]["mixed"]) for i in range(200)) / 200
+    assert 0.18 < rate < 0.42
+
+
+def test_label_smoothing(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=1.0, top_k=3,
+                                     label_smoothing=0.1)
+    item = aug[4]
+    torch.testing.assert_close(item["label"], expected_target(data, item["mix_info"], 0.1))
+
+
+def test_append_mode(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, mode="append", top_k=3,
+                                     p=0.0)
+    assert len(aug) == 2 * N
+    for i in range(N):
+        original, generated = aug[i], aug[N + i]
+        assert torch.equal(original["image"], data[i]["image"]) and not bool(original["mix_info"]["mixed"])
+        assert int(generated["mix_info"]["index"]) == i
+        torch.testing.assert_close(generated["image"], expected_mix(data, generated["mix_info"]))
+    assert sum(bool(aug[N + i]["mix_info"]["mixed"]) for i in range(N)) >= N - 2
+    assert torch.equal(aug[-1]["image"], aug[2 * N - 1]["image"])
+    with pytest.raises(IndexError):
+        aug[2 * N]
+
+
+def test_exclude_self_and_pool_size(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank, p=1.0, pool_size=6, top_k=None, exclude_self=True, seed=2)
+    for i in range(N):
+        info = aug[i]["mix_info"]
+        partners = info["partners"].tolist()
+        assert len(partners) == 6 and i not in partners and len(set(partners)) == 6
+    keep = CrossModalAugmentedDataset(data, bank, p=1.0, pool_size=6, top_k=None, seed=2)
+    assert all(i in keep[i]["mix_info"]["partners"].tolist() for i in range(N))
+
+
+def test_only_partners_with_weight_are_fetched(bank):
+    inner = PairedDataset(N)
+    counting = CountingDataset(inner)
+    aug = CrossModalAugmentedDataset(counting, bank, p=1.0, pool_size=N, top_k=3, intra="hard", seed=1)
+    for i in range(N):
+        counting.reads.clear()
+        info = aug[i]["mix_info"]
+        needed = {i} | {j for j, w in zip(info["partners"].tolist(), info["weights"].tolist()) if w > 0}
+        assert set(counting.reads) <= needed and counting.reads.count(i) == 1
+
+
+def test_several_teachers_draw_each_teacher():
+    data = PairedDataset(N)
+    bank = make_bank(N, teachers=2)
+    aug = CrossModalAugmentedDataset(data, bank, p=1.0, top_k=3)
+    chosen = {int(aug[i]["mix_info"]["teacher"]) for i in range(N)}
+    assert chosen == {0, 1}
+
+
+def test_tuple_samples_use_positions():
+    data = TupleDataset(N)
+    aug = CrossModalAugmentedDataset(data, make_bank(N), fields={"image": 0}, target=2, num_classes=NUM_CLASSES,
+                                     p=1.0, top_k=3)
+    item = aug[3]
+    assert isinstance(item, tuple) and len(item) == 4
+    info = item[3]
+    total = sum(w * data[j][0] for j, w in zip(info["partners"].tolist(), info["weights"].tolist()))
+    torch.testing.assert_close(item[0], total)
+    assert item[2].shape == (NUM_CLASSES,) and torch.equal(item[1], data[3][1])
+
+
+# -- determinism and workers ---------------------------------------------------------------------------
+def test_draws_depend_on_seed_epoch_and_index_only(data, bank):
+    kwargs = dict(target="label", num_classes=NUM_CLASSES, p=0.5, pool_size=8, top_k=3, seed=11)
+    a = CrossModalAugmentedDataset(data, bank, **kwargs)
+    b = CrossModalAugmentedDataset(data, bank, **kwargs)
+    forward = [a[i]["mix_info"]["partners"] for i in range(N)]
+    backward = [b[i]["mix_info"]["partners"] for i in reversed(range(N))][::-1]
+    assert all(torch.equal(x, y) for x, y in zip(forward, backward))
+    a.set_epoch(1)
+    assert a.epoch == 1
+    epoch1 = [a[i]["mix_info"]["partners"] for i in range(N)]
+    assert any(not torch.equal(x, y) for x, y in zip(forward, epoch1))
+    other_seed = CrossModalAugmentedDataset(data, bank, **{**kwargs, "seed": 12})
+    assert any(not torch.equal(x, other_seed[i]["mix_info"]["partners"]) for i, x in enumerate(forward))
+
+
+def _batches(loader):
+    return [batch for batch in loader]
+
+
+def _assert_batches_equal(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+        for key in x["mix_info"]:
+            assert torch.equal(x["mix_info"][key], y["mix_info"][key])
+
+
+def test_num_workers_do_not_change_batches(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=0.5, top_k=3)
+    single = _batches(DataLoader(aug, batch_size=5, num_workers=0))
+    multi = _batches(DataLoader(aug, batch_size=5, num_workers=2))
+    _assert_batches_equal(single, multi)
+    assert [len(b["image"]) for b in multi] == [5, 5, 5, 5, 4]
+
+
+def test_set_epoch_reaches_persistent_workers(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=0.5, top_k=3, seed=3)
+    loader = DataLoader(aug, batch_size=8, num_workers=2, persistent_workers=True)
+    seen = []
+    for epoch in range(2):
+        aug.set_epoch(epoch)
+        seen.append(_batches(loader))
+    for epoch in range(2):  # each epoch equals the main-process draws of that epoch
+        reference = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=0.5, top_k=3,
+                                               seed=3)
+        reference.set_epoch(epoch)
+        _assert_batches_equal(seen[epoch], _batches(DataLoader(reference, batch_size=8)))
+    assert any(not torch.equal(x["mix_info"]["partners"], y["mix_info"]["partners"])
+               for x, y in zip(seen[0], seen[1]))
+
+
+def test_wrapped_dataset_is_never_mutated(bank):
+    data = PairedDataset(N)
+    before = snapshot(data)
+    aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=0.7, top_k=4,
+                                     mode="append")
+    for _ in DataLoader(aug, batch_size=7, num_workers=0):
+        pass
+    for i in range(len(aug)):
+        aug[i]
+    assert_same_samples(before, snapshot(data))
+
+
+# -- errors -------------------------------------------------------------------------------------------
+def test_missing_field_names_field_and_index(bank):
+    data = [{"img": torch.zeros(2), "label": 0} for _ in range(N)]
+    aug = CrossModalAugmentedDataset(data, bank, p=1.0)
+    with pytest.raises(FieldError, match="field 'image' of sample 7: expected a key of the sample"):
+        aug[7]
+
+
+def test_token_id_student_raises(bank):
+    aug = CrossModalAugmentedDataset(TokenDataset(N), bank, fields={"image": "tokens"}, p=1.0)
+    with pytest.raises(FieldError, match="field 'tokens' of sample 2: .*token ids cannot be interpolated: mix "
+                                         "embeddings instead"):
+        aug[2]
+
+
+def test_bad_target_and_missing_num_classes(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank, target="label", p=1.0)
+    with pytest.raises(ValidationError, match="num_classes: expected an integer"):
+        aug[0]
+    aug = CrossModalAugmentedDataset(data, bank, target="caption", num_classes=3, p=1.0)
+    with pytest.raises(FieldError, match="field 'caption' of sample 0: expected a class index"):
+        aug[0]
+
+
+def test_configuration_errors(data, bank):
+    with pytest.raises(ShapeError, match=r"bank: expected one row per sample of the dataset \(10 rows\)"):
+        CrossModalAugmentedDataset(PairedDataset(10), bank)
+    with pytest.raises(ValidationError, match="mode: expected one of 'replace', 'append'"):
+        CrossModalAugmentedDataset(data, bank, mode="double")
+    with pytest.raises(ValidationError, match=r"p: expected a probability in \[0, 1\]"):
+        CrossModalAugmentedDataset(data, bank, p=2)
+    with pytest.raises(ValidationError, match="pool_size: expected an integer >= 1"):
+        CrossModalAugmentedDataset(data, bank, pool_size=0)
+    with pytest.raises(ValidationError, match="intra: expected one of 'soft', 'hard', None"):
+        CrossModalAugmentedDataset(data, bank, intra="both")
+    with pytest.raises(ValidationError, match="teachers: expected modalities of the bank"):
+        CrossModalAugmentedDataset(data, bank, teachers=["audio"])
+    no_gmm = make_bank(N, fit_gmm=False)
+    with pytest.raises(ValidationError, match="intra: expected None for a bank without a GMM"):
+        CrossModalAugmentedDataset(data, no_gmm)
+    assert CrossModalAugmentedDataset(data, no_gmm, intra=None, p=1.0)[0]["image"].shape == (3, 4, 4)

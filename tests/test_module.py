@@ -1,0 +1,186 @@
+"""CMDAugment: CMDA as an nn.Module after the loader (bank lookup and online aligner modes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+from _entry_data import NUM_CLASSES, PairedDataset, latents, make_bank
+from cmda_data.aligners import ContrastiveAligner, PrecomputedAligner
+from cmda_data.collate import CMDACollate
+from cmda_data.dataset import IndexedDataset
+from cmda_data.exceptions import FieldError, ValidationError
+from cmda_data.mixture import GaussianMixture
+from cmda_data.module import CMDAugment
+from conftest import CPU_AND_CUDA
+
+N = 16
+
+
+@pytest.fixture(scope="module")
+def data():
+    return PairedDataset(N)
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return make_bank(N)
+
+
+def full_batch(data, n=N):
+    return default_collate([IndexedDataset(data)[i] for i in range(n)])
+
+
+def clone_batch(batch):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else list(v) for k, v in batch.items()}
+
+
+def assert_same_inputs(a, b):
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key])
+
+
+def tiny_aligner():
+    return ContrastiveAligner({"image": nn.Flatten(), "text": nn.Identity()}, dim=4, head_hidden=(),
+                              in_features={"image": 48, "text": 6}, seed=0)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_lookup_mode_equals_the_collate(data, bank, device):
+    kwargs = dict(target="label", num_classes=NUM_CLASSES, p=0.6, top_k=4, seed=7)
+    batch = full_batch(data)
+    expected = CMDACollate(bank, **kwargs)([IndexedDataset(data)[i] for i in range(N)])
+    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out, plan = CMDAugment(bank=bank.to(device), **kwargs)(on_device)
+    assert out["image"].device.type == device and plan.device.type == device
+    torch.testing.assert_close(out["image"].cpu(), expected["image"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["label"].cpu(), expected["label"], atol=1e-5, rtol=1e-5)
+    for key in ("partners", "mixed", "teacher", "index"):
+        assert torch.equal(out["mix_info"][key].cpu(), expected["mix_info"][key])
+
+
+def test_online_mode_with_the_bank_aligner_equals_the_collate(data, bank):
+    """Embedding the batch with the aligner the bank was built from gives the bank's weights."""
+    z = latents(N)
+    aligner = PrecomputedAligner({"image": z["image"], "text": z["text"]})
+    kwargs = dict(target="label", num_classes=NUM_CLASSES, p=0.8, seed=1)
+    out, plan = CMDAugment(aligner, gmm=bank.gmm, student="image", teachers="text", **kwargs)(full_batch(data))
+    expected = CMDACollate(bank, **kwargs)([IndexedDataset(data)[i] for i in range(N)])
+    torch.testing.assert_close(out["image"], expected["image"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["mix_info"]["weights"], expected["mix_info"]["weights"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out["mix_info"]["mixed"], expected["mix_info"]["mixed"])
+
+
+def test_online_mode_embeds_the_fields_without_gradient_to_the_weights(data):
+    aligner = tiny_aligner()
+    module = CMDAugment(aligner, student="image", teachers="text", target="label", num_classes=NUM_CLASSES, p=1.0,
+                        top_k=3)
+    batch = full_batch(data)
+    batch["image"] = batch["image"].clone().requires_grad_(True)
+    before = clone_batch({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    out, plan = module(batch)
+    assert not plan.weights.requires_grad
+    assert out["image"].requires_grad  # gradients reach the student samples, not the weights
+    out["image"].sum().backward()
+    assert batch["image"].grad is not None
+    assert_same_inputs(before, {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    # the weights are Eq. 10 x Eq. 11 of the aligner's latents, recomputed with a slow loop
+    z_img, z_txt = aligner.embed("image", batch["image"].detach()), aligner.embed("text", batch["text"])
+    resp = module.gmm.predict_proba(z_txt).float()
+    c = resp.argmax(1)
+    expected_dense = torch.zeros(N, N)
+    for r in range(N):
+        scores = [abs(float(z_txt[r] @ z_img[j])) for j in range(N)]
+        row = [scores[j] / sum(scores) * float(resp[r, c[j]] + resp[r, c[r]]) for j in range(N)]
+        keep = sorted(range(N), key=lambda j: -row[j])[:3]
+        for j in keep:
+            expected_dense[r, j] = row[j] / sum(row[t] for t in keep)
+    torch.testing.assert_close(plan.dense(N), expected_dense, atol=1e-5, rtol=1e-4)
+    for r in range(N):
+        expected = sum(w * batch["image"][j].detach() for j, w in zip(plan.index[r].tolist(), plan.weights[r].tolist()))
+        torch.testing.assert_close(out["image"][r].detach(), expected)
+    assert "text" not in dict(module.named_modules())  # the aligner is not a submodule
+    assert not list(module.parameters())
+
+
+def test_inputs_are_not_modified_in_place(data, bank):
+    batch = full_batch(data)
+    before = clone_batch(batch)
+    out, _ = CMDAugment(bank=bank, target="label", num_classes=NUM_CLASSES, p=1.0)(batch)
+    assert_same_inputs(before, batch)
+    assert out is not batch and out["image"] is not batch["image"]
+
+
+def test_refit_every(data):
+    module = CMDAugment(tiny_aligner(), student="image", teachers="text", p=1.0, refit_every=2)
+    batch = full_batch(data)
+    fitted = []
+    for _ in range(4):
+        module(batch)
+        fitted.append(module.gmm)
+    assert isinstance(fitted[0], GaussianMixture) and fitted[0].covariance_type == "diag"
+    assert fitted[0] is fitted[1] and fitted[1] is not fitted[2] and fitted[2] is fitted[3]
+    once = CMDAugment(tiny_aligner(), student="image", teachers="text", p=1.0)
+    once(batch)
+    first = once.gmm
+    once(batch)
+    assert once.gmm is first
+
+
+def test_batch_of_one_and_without_index(data):
+    module = CMDAugment(tiny_aligner(), student="image", teachers="text", p=1.0, n_components=2)
+    batch = full_batch(data, 1)
+    del batch["index"]
+    out, plan = module(batch)
+    assert torch.equal(out["image"], batch["image"]) and not plan.mixed.any()
+    assert out["mix_info"]["partners"].tolist() == [[0]]
+
+
+def test_without_index_draws_depend_on_the_call_number(data):
+    batch = full_batch(data)
+    del batch["index"]
+    make = lambda: CMDAugment(tiny_aligner(), student="image", teachers="text", p=0.5, intra=None, seed=3)  # noqa: E731
+    a, b = make(), make()
+    first_a, first_b = a(batch)[1], b(batch)[1]
+    assert torch.equal(first_a.mixed, first_b.mixed)
+    second_a = a(batch)[1]
+    assert not torch.equal(first_a.mixed, second_a.mixed) or not torch.equal(first_a.index, second_a.index)
+
+
+def test_set_epoch_changes_lookup_draws(data, bank):
+    module = CMDAugment(bank=bank, p=0.5)
+    batch = full_batch(data)
+    first = module(batch)[1].mixed
+    assert torch.equal(first, module(batch)[1].mixed)  # indexed rows: same epoch, same draws
+    module.set_epoch(1)
+    assert not torch.equal(first, module(batch)[1].mixed)
+
+
+def test_soft_targets(data, bank):
+    out, plan = CMDAugment(bank=bank, target="label", num_classes=NUM_CLASSES, p=1.0, label_smoothing=0.2)(
+        full_batch(data))
+    torch.testing.assert_close(out["label"].sum(1), torch.ones(N))
+    labels = torch.tensor([data[i]["label"] for i in range(N)])
+    onehot = F.one_hot(labels, NUM_CLASSES).float() * 0.8 + 0.2 / NUM_CLASSES
+    torch.testing.assert_close(out["label"], plan.dense(N) @ onehot)
+
+
+def test_errors(data, bank):
+    with pytest.raises(ValidationError, match="aligner: expected an aligner .* or bank=EmbeddingBank"):
+        CMDAugment()
+    with pytest.raises(ValidationError, match="gmm: expected None in lookup mode"):
+        CMDAugment(bank=bank, gmm=bank.gmm)
+    with pytest.raises(ValidationError, match="student: expected the student modality name"):
+        CMDAugment(tiny_aligner(), teachers="text")
+    batch = full_batch(data)
+    del batch["index"]
+    with pytest.raises(FieldError, match="field 'index' of sample batch"):
+        CMDAugment(bank=bank)(batch)
+    tokens = full_batch(data)
+    tokens["image"] = torch.zeros(N, 3, dtype=torch.long)
+    with pytest.raises(FieldError, match="field 'image' of the batch: .*mix embeddings instead"):
+        CMDAugment(bank=bank)(tokens)
