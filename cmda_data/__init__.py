@@ -24,6 +24,7 @@ _EXPORTS = {
     "MissingDependencyError": ".exceptions",
     "NotFittedError": ".exceptions",
     "ShapeError": ".exceptions",
+    "SkippedSamplesWarning": ".exceptions",
     "ValidationError": ".exceptions",
     "MixPlan": ".plan",
     "apply": ".plan",

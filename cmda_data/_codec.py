@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ._validation import check_int, check_option, describe, fail
-from .exceptions import MissingDependencyError, ValidationError
+from .exceptions import MissingDependencyError, SkippedSamplesWarning, ValidationError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -52,10 +52,6 @@ _INT_EXTENSIONS = frozenset({"cls", "cls2", "index", "inx", "id"})
 _TEXT_EXTENSIONS = frozenset({"txt", "text"})
 _JSON_EXTENSIONS = frozenset({"json", "jsn"})
 _GZ_LIMIT = 1 << 30  # 1 GiB per decompressed member
-
-
-class SkippedSamplesWarning(UserWarning):
-    """Corrupt or refused shard members were skipped (see :class:`SkipCounter`)."""
 
 
 # --------------------------------------------------------------------------- encoding

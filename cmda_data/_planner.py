@@ -57,6 +57,10 @@ class PlanOptions:
         teachers = (teachers,) if isinstance(teachers, str) else tuple(teachers)
         if not teachers:
             fail("teachers", "at least one teacher modality", teachers)
+        if options.get("rank", 0) is None:  # None: this process's torch.distributed rank
+            from .distributed import get_rank
+
+            options["rank"] = get_rank()
         opts = cls(student=student, teachers=teachers, **options)
         check_probability("p", opts.p)
         check_option("intra", opts.intra, INTRA)

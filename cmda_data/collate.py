@@ -80,7 +80,8 @@ class CMDACollate:
             :func:`cmda_data.functional.inter_modal_weights` and ``dca_weights``.
         exclude_self: a row never uses its own sample (a row with no other partner keeps itself).
         label_smoothing: epsilon of the soft targets.
-        seed: the seed; rank: the distributed rank (part of the seed).
+        seed: the seed; rank: the distributed rank (part of the seed; None: the rank of
+                the initialised torch.distributed process group, 0 without one).
         fields: modality -> field of the sample (default: the modality name; ints for tuples).
         index_field: field holding the dataset index (tuples: the last position).
         info_key: name of the mix record in dict batches.
@@ -103,7 +104,7 @@ class CMDACollate:
                  intra: Optional[str] = "soft", similarity: str = "abs_cosine", normalize: str = "row",
                  temperature: Optional[float] = None, self_weight: Optional[float] = None,
                  exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
-                 seed: int = 0, rank: int = 0, fields: Optional[Mapping[str, Field]] = None,
+                 seed: int = 0, rank: Optional[int] = 0, fields: Optional[Mapping[str, Field]] = None,
                  index_field: Field = "index", info_key: str = "mix_info") -> None:
         from .bank import EmbeddingBank
 

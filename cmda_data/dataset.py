@@ -98,7 +98,8 @@ class CrossModalAugmentedDataset(Dataset):
         intra: ``"soft"`` (Eq. 11), ``"hard"`` or None.
         similarity, temperature: see :func:`cmda_data.functional.inter_modal_weights`.
         exclude_self: keep the item's own sample out of its pool.
-        seed: the seed; rank: the distributed rank (part of the seed).
+        seed: the seed; rank: the distributed rank (part of the seed; None: the rank of
+                the initialised torch.distributed process group, 0 without one).
         label_smoothing: epsilon of the soft targets.
         fields: modality -> sample field (default: the modality name; ints for tuples).
         info_key: name of the mix record in dict samples (tuples: appended last).
@@ -119,7 +120,7 @@ class CrossModalAugmentedDataset(Dataset):
                  teachers: Optional[Union[str, Sequence[str]]] = None, target: Optional[Field] = None,
                  num_classes: Optional[int] = None, pool_size: int = 32, top_k: Optional[int] = 8, p: float = 0.5,
                  mode: str = "replace", intra: Optional[str] = "soft", similarity: str = "abs_cosine",
-                 temperature: Optional[float] = None, exclude_self: bool = False, seed: int = 0, rank: int = 0,
+                 temperature: Optional[float] = None, exclude_self: bool = False, seed: int = 0, rank: Optional[int] = 0,
                  label_smoothing: float = 0.0, fields: Optional[Mapping[str, Field]] = None,
                  info_key: str = "mix_info") -> None:
         from .bank import EmbeddingBank

@@ -17,6 +17,7 @@ __all__ = [
     "MissingDependencyError",
     "NotFittedError",
     "ShapeError",
+    "SkippedSamplesWarning",
     "ValidationError",
 ]
 
@@ -59,3 +60,7 @@ class MissingDependencyError(CMDAError, ImportError):
 
 class ConvergenceWarning(UserWarning):
     """EM stopped at ``max_iter`` before the lower bound changed by less than ``tol``."""
+
+
+class SkippedSamplesWarning(UserWarning):
+    """A stream skipped corrupt or unsafe members (the message says how many and why)."""

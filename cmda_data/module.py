@@ -80,7 +80,7 @@ class CMDAugment(nn.Module):
                  fit_on: str = "teacher", similarity: str = "abs_cosine", normalize: str = "row",
                  temperature: Optional[float] = None, self_weight: Optional[float] = None,
                  exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
-                 seed: int = 0, rank: int = 0, fields: Optional[Mapping[str, Field]] = None,
+                 seed: int = 0, rank: Optional[int] = 0, fields: Optional[Mapping[str, Field]] = None,
                  index_field: Optional[Field] = "index", info_key: str = "mix_info") -> None:
         super().__init__()
         from .bank import EmbeddingBank

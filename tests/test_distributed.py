@@ -91,7 +91,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                    "emb.image": bank.embeddings["image"], "emb.text": bank.embeddings["text"],
                    "resp": bank.responsibilities, "gmm.means": bank.gmm.means_,
                    "gen": torch.rand(4, generator=rank_generator(7, epoch=1))}
-        results.update(_draws(bank, data, get_rank()))
+        results.update(_draws(bank, data, None))  # rank=None: the process group rank
         for r, part in enumerate(all_gather_rows(torch.full((rank + 1, 2), float(rank)))):
             results[f"gather.{r}"] = part
         copy = broadcast_bank(bank if rank == 0 else None)
@@ -268,3 +268,11 @@ def test_set_epoch_reaches_sampler_dataset_collate_and_pipeline_stages():
         set_epoch(1, [1, 2])
     with pytest.raises(ValidationError, match="epoch: expected an integer >= 0"):
         set_epoch(-1, sampler)
+
+
+def test_rank_none_means_the_process_rank_without_a_process_group():
+    """rank=None resolves to torch.distributed's rank (0 when no group is initialised)."""
+    from cmda_data._planner import PlanOptions
+
+    opts = PlanOptions.create(student="image", teachers=["text"], rank=None)
+    assert opts.rank == 0
