@@ -233,7 +233,10 @@ class MixPlan:
             teacher_index: ``[n]`` pool position of each row's own sample (default
                 ``arange(n)``); rows that are not mixed copy that sample.
             mixed: ``[n]`` bool, which rows are generated (default: all).
-            teacher, teacher_choice, inter, intra: stored as given.
+            teacher: teacher modality names, stored as given.
+            teacher_choice: ``[n]`` index into ``teacher`` per row, stored as given.
+            inter: the dense inter-modal weights that produced the plan, stored as given.
+            intra: the dense intra-modal weights that produced the plan, stored as given.
         """
         _check_matrix("weights", weights)
         n, m = weights.shape
@@ -325,13 +328,17 @@ def make_plan(teacher_z: Union[torch.Tensor, Mapping[str, torch.Tensor]], studen
     Args:
         teacher_z: teacher latents ``[n, d]``, or a mapping ``name -> [n, d]`` of several.
         student_z: student latents ``[m, d]`` (the pool that is mixed).
-        resp_rows, resp_cols: GMM responsibilities ``[n, M]`` / ``[m, M]`` of rows and
-            partners (``resp_cols`` defaults to ``resp_rows``). No intra weights without them.
+        resp_rows: GMM responsibilities ``[n, M]`` of the rows. No intra weights without them.
+        resp_cols: GMM responsibilities ``[m, M]`` of the partners (default ``resp_rows``).
         teacher_index: ``[n]`` pool position of each row's own sample (default ``arange(n)``).
-        similarity, normalize, temperature, self_weight: see
-            :func:`functional.inter_modal_weights`.
+        similarity: see :func:`functional.inter_modal_weights`.
+        normalize: see :func:`functional.inter_modal_weights`.
+        temperature: see :func:`functional.inter_modal_weights`.
+        self_weight: see :func:`functional.inter_modal_weights`.
         intra: ``"soft"`` (Eq. 11), ``"hard"`` (code's mask) or None (ignore responsibilities).
-        top_k, exclude_self, renormalize: see :func:`functional.dca_weights`.
+        top_k: see :func:`functional.dca_weights`.
+        exclude_self: see :func:`functional.dca_weights`.
+        renormalize: see :func:`functional.dca_weights`.
         p: probability that a row is mixed (the others are the original samples).
         generator: the ``torch.Generator`` to draw from. None uses a fresh, randomly seeded
             private generator (the global RNG is never touched); pass one to reproduce plans.
