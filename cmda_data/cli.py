@@ -1,0 +1,371 @@
+"""The ``cmda`` command (also ``python -m cmda_data``).
+
+Subcommands:
+
+* ``cmda demo``: train a small aligner on built-in data, build a bank, mix samples and
+  draw them (PNG + JSON summary);
+* ``cmda bank build``: fit a bank (GMM, M by BIC) on embeddings stored as ``.npy`` files;
+* ``cmda bank info``: describe a saved bank;
+* ``cmda version``: versions of cmda_data, torch and Python.
+
+Errors are reported as one line, ``cmda: error: <message> (hint: <fix>)``, with exit
+status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, List, NoReturn, Optional, Sequence, TextIO
+
+__all__ = ["build_parser", "main"]
+
+PROG = "cmda"
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """A usage error found by the CLI itself (bad option value); carries its own hint."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line with a hint, not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CLIError(message, f"run '{self.prog} --help' to see the options")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the descriptions' line breaks; end every option's help with its default.
+
+    Help texts that already say their default (or that the option is required) are kept
+    as they are; flags say ``(default: off)``.
+    """
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=100)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or "required" in text or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return text
+        if action.const is True and action.default is False:  # store_true flags
+            return f"{text} (default: off)"
+        if action.option_strings and action.default is not None:
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+# -------------------------------------------------------------------------------- commands
+def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    from ._demo import DemoConfig, run_demo
+
+    config = DemoConfig(out=Path(args.out), data=args.data, seed=args.seed, epochs=args.epochs, n=args.n,
+                        device=args.device, rows=args.rows, top_k=args.top_k, pool_size=args.pool_size,
+                        progress=not args.no_progress)
+    run_demo(config, echo=lambda line: print(line, file=out, flush=True))
+    return 0
+
+
+def _load_npy(path: str, option: str) -> Any:
+    import numpy as np
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{option}: expected an existing .npy file, got {path!r} (no such file)")
+    try:
+        array = np.load(file, allow_pickle=False)
+    except ValueError as error:  # pickled object arrays, or not a .npy file
+        raise CLIError(f"{option}: expected a numeric .npy array (saved with numpy.save), got {path!r}: {error}",
+                       "save the embeddings with numpy.save(path, array.astype('float32'))") from error
+    if not isinstance(array, np.ndarray) or array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        shape = getattr(array, "shape", None)
+        raise CLIError(f"{option}: expected a 2-D numeric [N, d] array, got shape {shape} in {path!r}",
+                       "store one embedding per row: numpy.save(path, z) with z of shape [N, d]")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _parse_candidates(text: str) -> List[int]:
+    try:
+        if "-" in text and "," not in text:
+            low, high = (int(part) for part in text.split("-"))
+            values = list(range(low, high + 1))
+        else:
+            values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise CLIError(f"--candidates: expected a range such as 1-6 or a list such as 2,4,8, got {text!r}",
+                       "write the candidate numbers of components as LOW-HIGH or A,B,C (all >= 1)")
+    return values
+
+
+def _cmd_bank_build(args: argparse.Namespace, out: TextIO) -> int:
+    from .bank import EmbeddingBank
+
+    if args.student_name == args.teacher_name:
+        raise CLIError(f"--student-name and --teacher-name: expected two different names, got {args.student_name!r} "
+                       "twice", "name the modalities differently, e.g. --student-name image --teacher-name text")
+    student = _load_npy(args.student, "--student")
+    teacher = _load_npy(args.teacher, "--teacher")
+    candidates = _parse_candidates(args.candidates)
+    bank = EmbeddingBank.from_embeddings(
+        {args.student_name: student, args.teacher_name: teacher}, student=args.student_name,
+        teachers=[args.teacher_name], fit_on=args.fit_on, n_components=args.n_components, candidates=candidates,
+        reduce_dim=args.reduce_dim, random_state=args.seed, covariance_type=args.covariance_type)
+    folder = bank.save(args.out)
+    print(f"built EmbeddingBank: {len(bank)} rows, dim {bank.dim}, student {bank.student!r}, "
+          f"teacher {bank.teachers[0]!r}", file=out)
+    scores = bank.metadata.get("n_components_scores")
+    how = "given" if not scores else "by BIC: " + ", ".join(f"M={m}: {s:.1f}" for m, s in scores.items())
+    print(f"GMM on {bank.fit_on!r} embeddings: M = {bank.n_components} ({how})", file=out)
+    print(f"saved to {folder}", file=out)
+    return 0
+
+
+def _cmd_bank_info(args: argparse.Namespace, out: TextIO) -> int:
+    from .bank import EmbeddingBank
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"DIR: expected a bank folder, got {args.dir!r} (no such folder)")
+    bank = EmbeddingBank.load(folder)
+    meta = bank.metadata
+    facts = {
+        "path": str(folder), "rows": len(bank), "dim": bank.dim, "modalities": list(bank.modalities),
+        "student": bank.student, "teachers": list(bank.teachers), "n_components": bank.n_components,
+        "fit_on": bank.fit_on, "criterion": meta.get("criterion"), "scores": meta.get("n_components_scores"),
+        "reduce_dim": meta.get("reduce_dim"), "gmm_converged": meta.get("gmm_converged"),
+        "subset_of_indices": bank.indices is not None,
+        "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+    }
+    if args.json:
+        print(json.dumps(facts, indent=2), file=out)
+        return 0
+    print(f"EmbeddingBank at {folder}", file=out)
+    print(f"  rows        {facts['rows']}" + (" (a subset of dataset indices)" if facts["subset_of_indices"] else ""),
+          file=out)
+    print(f"  dim         {facts['dim']}", file=out)
+    print(f"  student     {bank.student!r}; teachers {', '.join(map(repr, bank.teachers))}", file=out)
+    if bank.n_components is None:
+        print("  GMM         none (only intra=None plans)", file=out)
+    else:
+        print(f"  GMM         M = {bank.n_components} on {bank.fit_on!r} embeddings"
+              + (f" (PCA to {facts['reduce_dim']} dims)" if facts["reduce_dim"] else "")
+              + ("" if facts["gmm_converged"] in (None, True) else ", did NOT converge"), file=out)
+    if facts["scores"]:
+        best = min(facts["scores"].items(), key=lambda kv: kv[1])[0]
+        table = ", ".join(f"M={m}: {s:.1f}{' *' if m == best else ''}" for m, s in facts["scores"].items())
+        print(f"  {facts['criterion'] or 'score'} table   {table}", file=out)
+    print(f"  size        {facts['bytes'] / 1024:.1f} KiB", file=out)
+    return 0
+
+
+def _cmd_version(args: argparse.Namespace, out: TextIO) -> int:
+    import torch
+
+    from . import __version__
+
+    print(f"cmda-data {__version__} (torch {torch.__version__}, Python {platform.python_version()})", file=out)
+    return 0
+
+
+# -------------------------------------------------------------------------------- parser
+def _add_debug(parser: argparse.ArgumentParser, top: bool) -> None:
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="on error, show the full traceback instead of one line (default: off)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cmda`` argument parser (every subcommand with its options and defaults)."""
+    parser = _Parser(
+        prog=PROG, formatter_class=_Formatter,
+        description="cmda_data: Cross-modal Data Augmentation (CMDA) for PyTorch.\n\n"
+                    "New samples of a student modality (e.g. images) are convex combinations of real\n"
+                    "student samples, weighted by a teacher modality (e.g. captions) in a shared latent space.",
+        epilog="examples:\n"
+               "  cmda demo                         # the main job: built-in shapes, a few minutes on CPU\n"
+               "  cmda demo --data wikipedia        # the same on ../shared/data (or $CMDA_DATA_DIR)\n"
+               "  cmda bank build --student z_img.npy --teacher z_txt.npy --out bank/\n"
+               "  cmda bank info bank/\n\n"
+               "run 'cmda COMMAND --help' for the options of a command.")
+    _add_debug(parser, top=True)
+    parser.add_argument("--version", action="version", version=_version_line(),
+                        help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = commands.add_parser(
+        "demo", formatter_class=_Formatter, help="train, build a bank, mix samples and draw them",
+        description="Run the main job end to end and write what it made to --out:\n"
+                    "  1. train a small ContrastiveAligner (Eq. 7) on the train split, report held-out retrieval;\n"
+                    "  2. build an EmbeddingBank (GMM, M chosen by BIC) and save it;\n"
+                    "  3. generate mixed samples with CrossModalAugmentedDataset;\n"
+                    "  4. write a PNG grid (generated sample, guiding caption, top partners with weights)\n"
+                    "     and a JSON summary of the numbers.\n"
+                    "--data shapes needs no download; wikipedia/webnews read ../shared/data or $CMDA_DATA_DIR.")
+    demo.add_argument("--out", default="cmda_demo_out", metavar="DIR",
+                      help="folder for the PNG, the JSON summary and the saved bank")
+    demo.add_argument("--data", default="shapes", choices=("shapes", "wikipedia", "webnews"),
+                      help="built-in shapes (no download), or a real data set")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the mixing draws")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="aligner training epochs (default: 10 for shapes, 30 for wikipedia and webnews)")
+    demo.add_argument("--n", type=int, default=None,
+                      help="number of samples (default: 2000 for shapes, the whole train split for real data)")
+    demo.add_argument("--device", default="cpu", help="torch device for training and embedding, e.g. cuda:0")
+    demo.add_argument("--rows", type=int, default=8, help="generated samples drawn in the figure (<= 16)")
+    demo.add_argument("--top-k", type=int, default=4, dest="top_k", help="partners kept per generated sample (<= 8)")
+    demo.add_argument("--pool-size", type=int, default=256, dest="pool_size",
+                      help="candidate partners drawn per generated sample (m')")
+    demo.add_argument("--no-progress", action="store_true", dest="no_progress", help="hide the progress bars")
+    _add_debug(demo, top=False)
+    demo.set_defaults(func=_cmd_demo)
+
+    bank = commands.add_parser("bank", formatter_class=_Formatter, help="build or inspect an EmbeddingBank",
+                               description="Build an EmbeddingBank from embedding files, or describe a saved one.")
+    _add_debug(bank, top=False)
+    bank_commands = bank.add_subparsers(dest="bank_command", metavar="ACTION", parser_class=_Parser)
+    bank.set_defaults(func=None, subparser=bank)
+
+    build = bank_commands.add_parser(
+        "build", formatter_class=_Formatter, help="fit the GMM on .npy embeddings and save the bank",
+        description="Build an EmbeddingBank from two .npy files of [N, d] embeddings in one latent space\n"
+                    "(row r of both = sample r), fit the Gaussian mixture (M by BIC unless --n-components)\n"
+                    "and save it as a folder (bank.safetensors + bank.json) that EmbeddingBank.load reads.")
+    build.add_argument("--student", required=True, metavar="FILE",
+                       help="[N, d] .npy embeddings of the student modality (the one that is mixed); required")
+    build.add_argument("--teacher", required=True, metavar="FILE",
+                       help="[N, d] .npy embeddings of the teacher modality (the one that guides); required")
+    build.add_argument("--out", required=True, metavar="DIR", help="folder to write the bank to; required")
+    build.add_argument("--student-name", default="image", dest="student_name", help="name of the student modality")
+    build.add_argument("--teacher-name", default="text", dest="teacher_name", help="name of the teacher modality")
+    build.add_argument("--fit-on", default="teacher", choices=("teacher", "student"), dest="fit_on",
+                       help="whose embeddings the GMM is fitted on")
+    build.add_argument("--n-components", type=int, default=None, dest="n_components",
+                       help="number M of GMM components (default: chosen by BIC over --candidates)")
+    build.add_argument("--candidates", default="1-6", help="values of M tried by BIC: LOW-HIGH or A,B,C")
+    build.add_argument("--covariance-type", default="full", dest="covariance_type",
+                       choices=("full", "diag", "tied", "spherical"), help="GMM covariance type")
+    build.add_argument("--reduce-dim", type=int, default=None, dest="reduce_dim",
+                       help="fit the GMM on the first R principal components (default: no reduction)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the GMM initialisation")
+    _add_debug(build, top=False)
+    build.set_defaults(func=_cmd_bank_build)
+
+    info = bank_commands.add_parser("info", formatter_class=_Formatter, help="describe a saved bank",
+                                    description="Describe a bank folder written by EmbeddingBank.save or "
+                                                "'cmda bank build': rows, modalities, GMM and its BIC table.")
+    info.add_argument("dir", metavar="DIR", help="the bank folder")
+    info.add_argument("--json", action="store_true", help="print the facts as JSON")
+    _add_debug(info, top=False)
+    info.set_defaults(func=_cmd_bank_info)
+
+    version = commands.add_parser("version", formatter_class=_Formatter, help="print the versions",
+                                  description="Print the versions of cmda-data, torch and Python.")
+    _add_debug(version, top=False)
+    version.set_defaults(func=_cmd_version)
+    return parser
+
+
+def _version_line() -> str:
+    from . import __version__
+
+    return f"cmda-data {__version__}"
+
+
+# -------------------------------------------------------------------------------- errors
+def _hint(error: BaseException, command: str) -> str:
+    """The fix to suggest for ``error``."""
+    from .exceptions import DeviceError, MissingDependencyError
+
+    help_line = f"run '{command} --help' to see the options"
+    if isinstance(error, CLIError):
+        return error.hint
+    if isinstance(error, MissingDependencyError):
+        named = re.search(r"pip install [^\s),;]+", str(error))
+        return named.group(0) if named else "pip install cmda-data[bench]"
+    name = type(error).__name__
+    if name == "DataNotFoundError":
+        return "set CMDA_DATA_DIR to the folder that holds wikipedia/ and webnews/, or run 'cmda demo' (shapes)"
+    if isinstance(error, FileNotFoundError):
+        return "check the path"
+    if isinstance(error, DeviceError):
+        return "use --device cpu"
+    if isinstance(error, MemoryError):
+        return "use a smaller --n"
+    if isinstance(error, (ValueError, TypeError, KeyError)):
+        return help_line
+    return "rerun with --debug to see the traceback, and report it if it looks like a bug"
+
+
+def _message(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    from .exceptions import CMDAError
+
+    if not isinstance(error, (CMDAError, CLIError, FileNotFoundError, ValueError)):
+        text = f"{type(error).__name__}: {text}"
+    return text
+
+
+def _command_name(args: Optional[argparse.Namespace]) -> str:
+    if args is None or not getattr(args, "command", None):
+        return PROG
+    sub = getattr(args, "bank_command", None)
+    return " ".join(filter(None, [PROG, args.command, sub]))
+
+
+def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = None,
+         stderr: Optional[TextIO] = None) -> int:
+    """Run the ``cmda`` command line; return the exit status (0 ok, 2 error).
+
+    Examples:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> main(["version"], stdout=out), out.getvalue().startswith("cmda-data ")
+        (0, True)
+        >>> err = io.StringIO()
+        >>> main(["demo", "--data", "mnist"], stderr=err)
+        2
+        >>> err.getvalue().startswith("cmda: error: argument --data: invalid choice: 'mnist'")
+        True
+    """
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args: Optional[argparse.Namespace] = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        debug = debug or bool(getattr(args, "debug", False))
+        func: Optional[Callable[[argparse.Namespace, TextIO], int]] = getattr(args, "func", None)
+        if func is None:  # 'cmda' or 'cmda bank' alone: show what can be run
+            (getattr(args, "subparser", None) or parser).print_help(file=out)
+            return 0
+        return func(args, out)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=err)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # one line for people, the traceback with --debug
+        if debug:
+            traceback.print_exc(file=err)
+        else:
+            print(f"{PROG}: error: {_message(error)} (hint: {_hint(error, _command_name(args))})", file=err)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
