@@ -1,28 +1,43 @@
 """Speed of CMDA mixing against the official code's loop, torchvision MixUp and a clone.
 
 Batch B = 128 student samples of three kinds (1024-d vectors, 3x32x32 and 3x224x224
-images), on the CPU (and CUDA when available, timed with ``torch.cuda.synchronize``):
+images), on the CPU (and CUDA when available, timed with ``torch.cuda.synchronize``), at
+one thread and at torch's default thread count (what a training loop uses); every method
+of one table runs with the same thread count.
 
+Peers (timed *interleaved*: one call of each per round, so machine noise hits all alike):
+
+* ``clone``   -- ``X.clone()``: allocate a fresh batch and copy into it. **The targets
+  compare with this**: ``mix`` also returns a freshly allocated batch, so both pay for the
+  new output pages (on Linux the first touch of fresh pages costs as much as the copy).
 * ``dense``   -- ``functional.mix(W, X)``: one matmul over the flattened samples (weights
   precomputed; ``dense+w`` also times Eq. 10 + Alg. 1 weights from 128-d latents).
 * ``topk``    -- ``functional.mix(values, X, index=index)`` with 8 partners per row (sparse
   path; ``topk+w`` also times the weights and ``topk_sparse``).
-* ``loop``    -- a faithful re-creation of the official code (official-code-notes.md §1.1,
-  §6): for each row ``i``: ``g = zeros_like(x[0])``; for each ``j``: ``g += W[i, j] * X[j]``;
-  then ``torch.stack``.
 * ``mixup``   -- ``torchvision.transforms.v2.MixUp(num_classes=10)`` on the same batch with
   integer labels (vectors are viewed as ``[B, 1, 1, 1024]`` images, which it requires).
-* ``clone``   -- ``X.clone()``: the cost of writing one new batch.
+* floors, not targets: ``clone_out`` copies into a preallocated buffer and ``dense_out``
+  is ``torch.mm(..., out=)`` into one (no fresh pages); ``topk_1bag`` is the sparse path
+  without column blocking (one ``embedding_bag`` over the whole rows).
 
-Diagnostics (not targets): ``dense_out`` / ``clone_out`` write into a preallocated buffer
-(isolating the cost of allocating fresh output pages), ``dense_f64`` runs in float64 and
-``topk_bmm`` is the gather + ``bmm`` formulation of the sparse path.
+Timed apart (slow, few calls): ``loop`` -- a faithful re-creation of the official code
+(official-code-notes.md §1.1, §6: per row ``g = zeros_like(x[0])``; ``g += W[i, j] * X[j]``;
+``torch.stack``), ``dense_f64`` and ``topk_bmm`` (gather + ``bmm``).
+
+Every call records wall time and the process CPU time. On a shared machine other tenants
+steal wall time from long calls more than from short ones; at one thread CPU time (user +
+system, so page faults count) is the contention-free cross-check and is reported next to
+the wall-clock verdict. Medians over the rounds; ``--repeats`` rounds after 2 warmup rounds.
+
+The run also measures the machine: single-thread sgemm GFLOP/s (cache-resident
+128x128 @ 128x3072) and copy bandwidth (256 MiB, preallocated and fresh output), so the
+ratios can be read against physical limits.
 
 Usage::
 
-    python benchmarks/bench_mixing.py            # full run (about 1-3 minutes on 2 cores)
-    python benchmarks/bench_mixing.py --quick    # fewer repeats; loop at 224 extrapolated
-    python benchmarks/bench_mixing.py --threads 2
+    python benchmarks/bench_mixing.py                 # 1 thread and the default threads
+    python benchmarks/bench_mixing.py --quick         # fewer rounds; loop at 224 extrapolated
+    python benchmarks/bench_mixing.py --threads 2     # one table at 2 threads
 
 Writes ``benchmarks/results/bench_mixing.json``.
 """
@@ -44,6 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cmda_data import _kernels as Kn  # noqa: E402
 from cmda_data import functional as Fn  # noqa: E402
 
 try:
@@ -55,11 +71,13 @@ B = 128
 K = 8
 LATENT = 128
 CASES = {"vec1024": (1024,), "img32": (3, 32, 32), "img224": (3, 224, 224)}
-TARGETS = {  # name: (ratio, comparison, bound, text)
+TARGETS = {  # name: (comparison, bound, text)
     "loop/dense": (">=", 15.0, "dense >= 15x faster than loop"),
     "dense/clone": ("<=", 1.5, "dense <= 1.5x clone"),
     "topk/clone": ("<=", 1.2, "topk(8) <= 1.2x clone"),
 }
+INTERLEAVED = ["clone", "dense", "topk", "clone_out", "dense_out", "topk_1bag", "mixup", "dense+w",
+               "topk+w"]
 
 
 def sync(device: torch.device) -> None:
@@ -67,27 +85,55 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timeit(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 2,
-           budget_s: float = 1.0) -> Dict[str, float]:
-    """Median (and spread) of ``repeats`` timed calls after ``warmup`` calls, in ms.
+def _summary(wall: List[float], cpu: List[float]) -> Dict[str, float]:
+    ms, cms = [t * 1e3 for t in wall], [t * 1e3 for t in cpu]
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
+            "cpu_median_ms": statistics.median(cms), "n": len(ms)}
 
-    Stops early once ``budget_s`` is spent (at least 3 timed calls).
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, *, rounds: int,
+                     warmup: int = 2, budget_s: float = 2.0) -> Dict[str, Dict[str, float]]:
+    """Median wall / CPU time (ms) of each function, one call of each per round.
+
+    Interleaving puts every peer under the same machine load. Stops after ``rounds`` rounds,
+    or earlier (at least 5 rounds) once ``budget_s`` is spent.
     """
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     sync(device)
-    times: List[float] = []
-    spent = 0.0
-    while len(times) < repeats and (len(times) < 3 or spent < budget_s):
+    wall: Dict[str, List[float]] = {k: [] for k in fns}
+    cpu: Dict[str, List[float]] = {k: [] for k in fns}
+    spent, done = 0.0, 0
+    while done < rounds and (done < 5 or spent < budget_s):
+        for key, fn in fns.items():
+            sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            sync(device)
+            elapsed = time.perf_counter() - t0
+            cpu[key].append(time.process_time() - c0)
+            wall[key].append(elapsed)
+            spent += elapsed
+        done += 1
+    return {k: _summary(wall[k], cpu[k]) for k in fns}
+
+
+def time_alone(fn: Callable[[], object], device: torch.device, *, repeats: int,
+               budget_s: float = 1.0) -> Dict[str, float]:
+    """Median of ``repeats`` calls after one warmup call (at least 2 timed calls)."""
+    fn()
+    sync(device)
+    wall: List[float] = []
+    cpu: List[float] = []
+    while len(wall) < repeats and (len(wall) < 2 or sum(wall) < budget_s):
         sync(device)
-        start = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         sync(device)
-        elapsed = time.perf_counter() - start
-        times.append(elapsed)
-        spent += elapsed
-    ms = [t * 1e3 for t in times]
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "n": len(ms)}
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return _summary(wall, cpu)
 
 
 def official_loop(W: torch.Tensor, X: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
@@ -99,6 +145,11 @@ def official_loop(W: torch.Tensor, X: torch.Tensor, rows: Optional[int] = None) 
             g += W[i, j] * X[j]
         generated.append(g)
     return torch.stack(generated)
+
+
+def _topk_one_bag(index: torch.Tensor, values: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The sparse path without column blocking: one embedding_bag over whole rows."""
+    return Kn._embedding_bag_sum(index, values, flat)
 
 
 def bench_case(name: str, shape, device: torch.device, args, progress) -> Dict[str, object]:
@@ -129,34 +180,34 @@ def bench_case(name: str, shape, device: torch.device, args, progress) -> Dict[s
     loop_rows = 4 if device.type == "cpu" else 2
     torch.testing.assert_close(official_loop(W, X, loop_rows), reference[:loop_rows], rtol=1e-4, atol=1e-5)
     dense_topk = torch.zeros_like(W).scatter_(1, index, values)
-    torch.testing.assert_close(Fn.mix(values, X, index=index), Fn.mix(dense_topk, X), rtol=1e-4, atol=1e-5)
+    topk = Fn.mix(values, X, index=index)
+    torch.testing.assert_close(topk, Fn.mix(dense_topk, X), rtol=1e-4, atol=1e-5)
+    assert torch.equal(topk.reshape(B, -1), _topk_one_bag(index, values, flat)), "blocking changed results"
 
-    reps = args.repeats
-    budget = 0.25 if args.quick else 1.0
+    budget = 0.5 if args.quick else 6.0
     jobs = {
-        "clone": (lambda: X.clone(), reps),
-        "dense": (lambda: Fn.mix(W, X), reps),
-        "topk": (lambda: Fn.mix(values, X, index=index), reps),
-        "dense+w": (lambda: Fn.mix(weights(), X), reps),
-        "topk+w": (lambda: _topk_with_weights(weights, X), reps),
-        "mixup": (lambda: mixup(X_img, labels), reps),
-        # diagnostics
-        "clone_out": (lambda: clone_buf.copy_(X), reps),
-        "dense_out": (lambda: torch.mm(W, flat, out=out_buf), reps),
-        "dense_f64": (lambda: Fn.mix(W64, X64), max(3, reps // 2)),
-        "topk_bmm": (lambda: Fn._mix_sparse_bmm(index, values, flat), max(3, reps // 2)),
+        "clone": lambda: X.clone(),
+        "dense": lambda: Fn.mix(W, X),
+        "topk": lambda: Fn.mix(values, X, index=index),
+        "clone_out": lambda: clone_buf.copy_(X),
+        "dense_out": lambda: torch.mm(W, flat, out=out_buf),
+        "topk_1bag": lambda: _topk_one_bag(index, values, flat),
+        "mixup": lambda: mixup(X_img, labels),
+        "dense+w": lambda: Fn.mix(weights(), X),
+        "topk+w": lambda: _topk_with_weights(weights, X),
     }
-    timings: Dict[str, Dict[str, float]] = {}
-    for job, (fn, n_rep) in jobs.items():
-        timings[job] = timeit(fn, device, repeats=n_rep, budget_s=budget)
-        progress(f"{device.type}/{name}/{job}")
+    timings = time_interleaved(jobs, device, rounds=args.repeats, budget_s=budget)
+    progress(f"{device.type}/{name}/interleaved")
+    slow = max(3, args.repeats // 4)
+    timings["dense_f64"] = time_alone(lambda: Fn.mix(W64, X64), device, repeats=slow, budget_s=budget)
+    timings["topk_bmm"] = time_alone(lambda: Fn._mix_sparse_bmm(index, values, flat), device,
+                                     repeats=slow, budget_s=budget)
+    progress(f"{device.type}/{name}/slow")
 
     # the loop: full, or a few rows extrapolated linearly when --quick and it is slow
-    rows = B
-    if args.quick and name == "img224":
-        rows = 8
-    loop_reps = 3 if not args.quick else 2
-    t = timeit(lambda: official_loop(W, X, rows), device, repeats=loop_reps, warmup=1, budget_s=budget)
+    rows = 8 if args.quick and name == "img224" else B
+    t = time_alone(lambda: official_loop(W, X, rows), device, repeats=3 if not args.quick else 2,
+                   budget_s=budget)
     if rows != B:
         t = {k: (v * B / rows if k.endswith("_ms") else v) for k, v in t.items()}
         t["extrapolated_from_rows"] = rows
@@ -164,22 +215,37 @@ def bench_case(name: str, shape, device: torch.device, args, progress) -> Dict[s
     progress(f"{device.type}/{name}/loop")
 
     med = {k: v["median_ms"] for k, v in timings.items()}
-    ratios = {
-        "loop/dense": med["loop"] / med["dense"],
-        "loop/topk": med["loop"] / med["topk"],
-        "dense/clone": med["dense"] / med["clone"],
-        "topk/clone": med["topk"] / med["clone"],
-        "mixup/clone": med["mixup"] / med["clone"],
-        # diagnostics: both sides writing into preallocated buffers
-        "dense_out/clone_out": med["dense_out"] / med["clone_out"],
-        "topk_bmm/topk": med["topk_bmm"] / med["topk"],
+    cpu = {k: v["cpu_median_ms"] for k, v in timings.items()}
+    pairs = {"loop/dense": ("loop", "dense"), "loop/topk": ("loop", "topk"),
+             "dense/clone": ("dense", "clone"), "topk/clone": ("topk", "clone"),
+             "mixup/clone": ("mixup", "clone"),
+             # floors: both sides writing into preallocated buffers / blocking off
+             "dense_out/clone_out": ("dense_out", "clone_out"),
+             "topk_1bag/topk": ("topk_1bag", "topk"), "topk_bmm/topk": ("topk_bmm", "topk")}
+    ratios = {k: med[a] / med[b] for k, (a, b) in pairs.items()}
+    cpu_ratios = {k: cpu[a] / cpu[b] for k, (a, b) in pairs.items()}
+    flops_dense = 2.0 * B * B * flat.shape[1]
+    nbytes = X.numel() * X.element_size()
+    rates = {  # achieved rates, from the wall-clock medians (CPU time in parentheses keys)
+        "dense_gflops": flops_dense / med["dense"] / 1e6,
+        "dense_out_gflops": flops_dense / med["dense_out"] / 1e6,
+        "dense_gflops_cpu": flops_dense / cpu["dense"] / 1e6,
+        "clone_gbps": 2 * nbytes / med["clone"] / 1e6,
+        "clone_out_gbps": 2 * nbytes / med["clone_out"] / 1e6,
+        "clone_gbps_cpu": 2 * nbytes / cpu["clone"] / 1e6,
+        # bytes the gather reads (k partner rows per output row) + the output write
+        "topk_gbps": (K + 1) * nbytes / med["topk"] / 1e6,
+        "topk_gbps_cpu": (K + 1) * nbytes / cpu["topk"] / 1e6,
     }
     verdicts = {}
     for key, (op, bound, text) in TARGETS.items():
-        ok = ratios[key] >= bound if op == ">=" else ratios[key] <= bound
-        verdicts[key] = {"target": text, "value": ratios[key], "pass": bool(ok)}
-    return {"case": name, "shape": list(shape), "device": str(device), "timings": timings,
-            "ratios": ratios, "targets": verdicts}
+        def ok(value: float) -> bool:
+            return value >= bound if op == ">=" else value <= bound
+        verdicts[key] = {"target": text, "value": ratios[key], "pass": bool(ok(ratios[key])),
+                         "value_cpu": cpu_ratios[key], "pass_cpu": bool(ok(cpu_ratios[key]))}
+    return {"case": name, "shape": list(shape), "device": str(device),
+            "threads": torch.get_num_threads(), "timings": timings, "ratios": ratios,
+            "cpu_ratios": cpu_ratios, "rates": rates, "targets": verdicts}
 
 
 def _topk_with_weights(weights: Callable[[], torch.Tensor], X: torch.Tensor) -> torch.Tensor:
@@ -187,7 +253,40 @@ def _topk_with_weights(weights: Callable[[], torch.Tensor], X: torch.Tensor) -> 
     return Fn.mix(values, X, index=index)
 
 
-def machine_info(threads: int) -> Dict[str, object]:
+def machine_peaks() -> Dict[str, float]:
+    """Single-thread sgemm rate and copy bandwidths of this machine (CPU time, best of 5)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        W, X = torch.rand(B, B), torch.rand(B, 3072)
+        out = torch.empty_like(X)
+        big = torch.rand(64 << 20)  # 256 MiB: far beyond the caches
+        big_out = torch.empty_like(big)
+        big_out.fill_(0)
+
+        def best(fn: Callable[[], object], calls: int) -> float:
+            fn()
+            times = []
+            for _ in range(5):
+                c0 = time.process_time()
+                for _ in range(calls):
+                    fn()
+                times.append((time.process_time() - c0) / calls)
+            return min(times)
+
+        gemm = best(lambda: torch.mm(W, X, out=out), 20)
+        copy = best(lambda: big_out.copy_(big), 1)
+        fresh = best(lambda: big.clone(), 1)
+        nbytes = big.numel() * big.element_size()
+        return {"sgemm_gflops_1thread": 2.0 * B * B * 3072 / gemm / 1e9,
+                "copy_gbps_1thread": 2 * nbytes / copy / 1e9,
+                "clone_fresh_gbps_1thread": 2 * nbytes / fresh / 1e9,
+                "note": "CPU time, best of 5; GB/s count read + write"}
+    finally:
+        torch.set_num_threads(saved)
+
+
+def machine_info(threads: List[int]) -> Dict[str, object]:
     info = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -196,6 +295,7 @@ def machine_info(threads: int) -> Dict[str, object]:
         "torch": torch.__version__,
         "threads": threads,
         "mkl": torch.backends.mkl.is_available(),
+        "blas": "mkl" if "BLAS_INFO=mkl" in torch.__config__.show() else "other",
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     try:  # other processes on the machine make timings noisy: record the load
@@ -214,44 +314,64 @@ def machine_info(threads: int) -> Dict[str, object]:
 
 
 def print_table(results: List[Dict[str, object]]) -> None:
-    cols = ["clone", "dense", "topk", "dense+w", "topk+w", "loop", "mixup", "dense_out", "clone_out",
-            "dense_f64", "topk_bmm"]
-    print("\nmedian time per batch of B=128, milliseconds")
-    print(f"{'device/case':<16}" + "".join(f"{c:>11}" for c in cols))
+    cols = ["clone", "dense", "topk", "clone_out", "dense_out", "topk_1bag", "dense+w", "topk+w",
+            "mixup", "loop", "dense_f64", "topk_bmm"]
+    label = lambda r: f"{r['device']}/{r['threads']}t/{r['case']}"  # noqa: E731
+    print("\nmedian wall time per batch of B=128, milliseconds (CPU time below at 1 thread)")
+    print(f"{'device/threads/case':<22}" + "".join(f"{c:>11}" for c in cols))
     for r in results:
-        row = f"{r['device'] + '/' + r['case']:<16}"
-        for c in cols:
-            v = r["timings"][c]["median_ms"]
-            star = "*" if c == "loop" and "extrapolated_from_rows" in r["timings"][c] else ""
-            row += f"{v:>10.3f}{star or ' '}"
-        print(row)
+        for metric in ("median_ms", "cpu_median_ms"):
+            if metric == "cpu_median_ms" and (r["threads"] != 1 or r["device"] != "cpu"):
+                continue
+            row = f"{label(r) if metric == 'median_ms' else '  (cpu time)':<22}"
+            for c in cols:
+                v = r["timings"][c][metric]
+                star = "*" if c == "loop" and "extrapolated_from_rows" in r["timings"][c] else ""
+                row += f"{v:>10.3f}{star or ' '}"
+            print(row)
     if any("extrapolated_from_rows" in r["timings"]["loop"] for r in results):
         print("  * loop timed on a few rows and extrapolated linearly to 128 rows (--quick)")
-    keys = ["loop/dense", "loop/topk", "dense/clone", "topk/clone", "mixup/clone",
-            "dense_out/clone_out", "topk_bmm/topk"]
-    print("\nratios")
-    print(f"{'device/case':<16}" + "".join(f"{k:>20}" for k in keys))
+    keys = list(results[0]["ratios"]) if results else []
+    print("\nratios of wall medians [CPU-time ratio at 1 thread]")
+    print(f"{'device/threads/case':<22}" + "".join(f"{k:>21}" for k in keys))
     for r in results:
-        print(f"{r['device'] + '/' + r['case']:<16}" + "".join(f"{r['ratios'][k]:>20.2f}" for k in keys))
-    print("\ntargets")
+        cells = []
+        for k in keys:
+            cell = f"{r['ratios'][k]:.2f}"
+            if r["threads"] == 1 and r["device"] == "cpu":
+                cell += f" [{r['cpu_ratios'][k]:.2f}]"
+            cells.append(f"{cell:>21}")
+        print(f"{label(r):<22}" + "".join(cells))
+    print("\nachieved rates (wall): dense GFLOP/s, clone GB/s (read+write), topk GB/s ((k+1) x batch)")
+    for r in results:
+        q = r["rates"]
+        print(f"  {label(r):<22} dense {q['dense_gflops']:7.1f} (out= {q['dense_out_gflops']:7.1f}, "
+              f"cpu {q['dense_gflops_cpu']:7.1f})  clone {q['clone_gbps']:6.1f} (out= "
+              f"{q['clone_out_gbps']:6.1f})  topk {q['topk_gbps']:6.1f}")
+    print("\ntargets (verdict on wall medians; [cpu] = on CPU-time medians, 1 thread)")
     for r in results:
         for key, v in r["targets"].items():
             flag = "PASS" if v["pass"] else "FAIL"
-            print(f"  {flag}  {r['device'] + '/' + r['case']:<16} {v['target']:<32} (measured {key} = {v['value']:.2f})")
+            extra = ""
+            if r["threads"] == 1 and r["device"] == "cpu":
+                extra = f"  [cpu {'PASS' if v['pass_cpu'] else 'FAIL'} {v['value_cpu']:.2f}]"
+            print(f"  {flag}  {label(r):<22} {v['target']:<32} (measured {key} = {v['value']:.2f}){extra}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    default_threads = torch.get_num_threads()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats; loop at 224 extrapolated")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per method")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds; loop at 224 extrapolated")
+    parser.add_argument("--threads", type=int, nargs="*", default=None,
+                        help=f"thread counts, one table each (default: 1 and {default_threads})")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds per case")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_mixing.json")
     args = parser.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 7 if args.quick else 21
-    torch.set_num_threads(args.threads)
+        args.repeats = 9 if args.quick else 31
+    threads = args.threads or sorted({1, default_threads})
     devices = [torch.device("cpu")]
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
@@ -260,7 +380,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.device == "cpu":
         devices = [torch.device("cpu")]
 
-    total = len(devices) * len(args.cases) * 11
+    total = len(threads) * len(devices) * len(args.cases) * 3
     bar = tqdm(total=total, desc="bench_mixing", leave=False, file=sys.stderr) if tqdm else None
 
     def progress(label: str) -> None:
@@ -269,15 +389,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             bar.update(1)
 
     started = time.perf_counter()
-    results = [bench_case(name, CASES[name], device, args, progress)
-               for device in devices for name in args.cases]
+    info = machine_info(threads)
+    info["peaks"] = machine_peaks() if "cpu" in [d.type for d in devices] else {}
+    results = []
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        results += [bench_case(name, CASES[name], device, args, progress)
+                    for device in devices for name in args.cases]
+    torch.set_num_threads(default_threads)
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - started
     print_table(results)
-    print(f"\nwall time {wall:.1f} s, torch {torch.__version__}, threads {args.threads}")
+    peaks = info["peaks"]
+    if peaks:
+        print(f"\nmachine (1 thread, CPU time): sgemm {peaks['sgemm_gflops_1thread']:.0f} GFLOP/s, "
+              f"copy {peaks['copy_gbps_1thread']:.1f} GB/s, fresh clone "
+              f"{peaks['clone_fresh_gbps_1thread']:.1f} GB/s (256 MiB)")
+    print(f"wall time {wall:.1f} s, torch {torch.__version__}, threads {threads}")
     payload = {"benchmark": "bench_mixing", "batch": B, "top_k": K, "quick": args.quick,
-               "machine": machine_info(args.threads), "wall_s": wall, "results": results}
+               "machine": info, "wall_s": wall, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))

@@ -162,15 +162,79 @@ def _mix_sparse_bmm(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tens
     return torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
 
 
+# Column blocking of the CPU sparse path: when the ``m`` partner rows do not fit in the L2
+# cache, every output row re-reads its ``k`` partners from memory (k x the traffic of a
+# copy). Mixing one block of columns at a time keeps that block of all ``m`` rows in L2, so
+# memory traffic approaches one read of the samples and one write of the output. 2 MiB per
+# block measured best on a 2 MiB-L2 Xeon (3x224x224, B=128: 1.2-1.35x faster than unblocked);
+# tables below _BLOCK_MIN_BYTES are cache resident and gain nothing from blocking. Only at
+# one thread: each block is two parallel regions, and with more threads than free cores
+# (a shared machine) every region waits for a descheduled thread -- measured 3x slower
+# than one call at 2 threads on a loaded 2-core VM; unmeasured on a quiet multi-core one.
+_BLOCK_BYTES = 2 << 20
+_BLOCK_MIN_BYTES = 4 << 20
+_BLOCK_MIN_COLUMNS = 256
+
+
+def _sparse_block_columns(m: int, n: int, size: int, itemsize: int) -> int:
+    """Columns per block of the blocked sparse path, or ``size`` (one block) when not worth it.
+
+    A block of the ``m`` partner rows (and of the ``n`` output rows it produces) should fit
+    in ``_BLOCK_BYTES``; blocks are whole cache lines and at least ``_BLOCK_MIN_COLUMNS`` wide.
+    """
+    if m * size * itemsize <= _BLOCK_MIN_BYTES:
+        return size
+    columns = _BLOCK_BYTES // max(max(m, n) * itemsize, 1)
+    columns = max(_BLOCK_MIN_COLUMNS, columns - columns % 64)  # whole cache lines per row
+    return size if columns >= size else columns
+
+
+def _embedding_bag_sum(index: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[i] = sum_t weights[i, t] * table[index[i, t]]`` (flattened bags; fixed-size bags)."""
+    n, k = index.shape
+    offsets = torch.arange(0, n * k, k, device=index.device)
+    return F.embedding_bag(index.reshape(-1), table, offsets, mode="sum",
+                           per_sample_weights=weights.reshape(-1))
+
+
+def _mix_sparse_blocked(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor,
+                        columns: int) -> torch.Tensor:
+    """:func:`_mix_sparse` one block of ``columns`` columns at a time, into one preallocated output.
+
+    Every output element is computed by the same ``embedding_bag`` arithmetic as the unblocked
+    path, so the results are bitwise identical. No autograd support (callers check).
+    """
+    n, size = index.shape[0], flat.shape[1]
+    out = torch.empty((n, size), dtype=flat.dtype, device=flat.device)
+    n_k = index.shape[0] * index.shape[1]
+    bags = index.reshape(-1)
+    offsets = torch.arange(0, n_k, index.shape[1], device=index.device)
+    per_sample = weights.reshape(-1)
+    for start in range(0, size, columns):
+        stop = min(start + columns, size)
+        out[:, start:stop] = F.embedding_bag(bags, flat[:, start:stop], offsets, mode="sum",
+                                             per_sample_weights=per_sample)
+    return out
+
+
 def _mix_sparse(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """``out[i] = sum_t weights[i, t] * flat[index[i, t]]`` without the dense ``[n, m]``.
 
     ``embedding_bag(mode="sum", per_sample_weights=...)`` computes exactly this weighted sum
     of gathered rows without materialising the ``[n, k, P]`` gather (6x faster than gather +
     bmm on CPU, accumulating half/bfloat16 in float32); other backends use gather + bmm.
+    On the CPU at one thread, large inputs without autograd are mixed in L2-sized column
+    blocks (:func:`_mix_sparse_blocked`, same results).
     """
     if flat.device.type in ("cpu", "cuda"):
-        return F.embedding_bag(index.long(), flat, per_sample_weights=weights, mode="sum")
+        index = index.long()
+        if (flat.device.type == "cpu" and torch.get_num_threads() == 1 and flat.stride(1) == 1
+                and not (torch.is_grad_enabled() and (flat.requires_grad or weights.requires_grad))):
+            columns = _sparse_block_columns(flat.shape[0], index.shape[0], flat.shape[1],
+                                            flat.element_size())
+            if columns < flat.shape[1]:
+                return _mix_sparse_blocked(index, weights, flat, columns)
+        return _embedding_bag_sum(index, weights, flat)
     work = torch.float32 if flat.dtype in _LOW_PRECISION else flat.dtype
     return _mix_sparse_bmm(index.long(), weights.to(work), flat.to(work)).to(flat.dtype)
 

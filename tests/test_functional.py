@@ -581,3 +581,91 @@ def test_bad_input_raises_a_clear_error(call, error, message):
 def test_mixed_devices_raise_device_error():
     with pytest.raises(DeviceError, match=r"samples: expected a tensor on cuda:0 like weights|weights: expected a tensor on cpu like samples"):
         Fn.mix(W33.cuda(), X3)
+
+
+# ------------------------------------------------------------------------------------
+# The column-blocked CPU sparse path (_kernels._mix_sparse_blocked): large inputs are mixed
+# one L2-sized block of columns at a time. Small block constants make it run on small data.
+# ------------------------------------------------------------------------------------
+def _sparse_loop(index, weights, samples):
+    """out[i] = sum_t weights[i, t] * samples[index[i, t]], a float64 Python loop."""
+    out = torch.zeros((index.shape[0], *samples.shape[1:]), dtype=torch.float64)
+    for i in range(index.shape[0]):
+        for t in range(index.shape[1]):
+            out[i] += float(weights[i, t]) * samples[int(index[i, t])].double()
+    return out
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    from cmda_data import _kernels as Kn
+    monkeypatch.setattr(Kn, "_BLOCK_MIN_BYTES", 0)
+    monkeypatch.setattr(Kn, "_BLOCK_BYTES", 64)
+    monkeypatch.setattr(Kn, "_BLOCK_MIN_COLUMNS", 3)  # odd widths, a partial last block
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the blocked path runs at one thread only
+    calls = []
+    blocked = Kn._mix_sparse_blocked
+    monkeypatch.setattr(Kn, "_mix_sparse_blocked", lambda *a: calls.append(a[-1]) or blocked(*a))
+    Kn.blocked_calls = calls
+    yield Kn
+    del Kn.blocked_calls
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n, m, shape, k", [(5, 7, (11,), 3), (1, 1, (1, 7), 1),
+                                            (9, 4, (3, 5, 2), 4), (3, 6, (64,), 6)])
+def test_blocked_sparse_mix_equals_a_loop_and_the_unblocked_kernel(tiny_blocks, n, m, shape, k):
+    g = torch.Generator().manual_seed(n * 100 + m)
+    x = torch.randn(m, *shape, generator=g)
+    index = torch.randint(0, m, (n, k), generator=g)
+    w = torch.rand(n, k, generator=g)
+    size = int(np.prod(shape))
+    columns = tiny_blocks._sparse_block_columns(m, n, size, 4)
+    assert columns < size or size == 1  # the blocked path really runs
+    out = Fn.mix(w, x, index=index)
+    assert tiny_blocks.blocked_calls == ([columns] if columns < size else [])
+    torch.testing.assert_close(out.double(), _sparse_loop(index, w, x), rtol=1e-6, atol=1e-6)
+    # bitwise: every element comes from the same embedding_bag arithmetic
+    assert torch.equal(out.reshape(n, -1), tiny_blocks._embedding_bag_sum(index, w, x.reshape(m, -1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_blocked_sparse_mix_other_dtypes_and_layouts(tiny_blocks, dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 4, 5, generator=g).to(dtype)
+    index = torch.randint(0, 6, (4, 3), generator=g)
+    w = torch.rand(4, 3, generator=g).to(dtype)
+    plain = tiny_blocks._embedding_bag_sum(index, w, x.reshape(6, -1)).reshape(4, 3, 4, 5)
+    assert torch.equal(Fn.mix(w, x, index=index), plain)
+    # channels_last stays channels_last; a strided (non-permutation) view is copied first
+    cl = x.contiguous(memory_format=torch.channels_last)
+    out = Fn.mix(w, cl, index=index)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, plain)
+    strided = x[:, :, ::2]
+    torch.testing.assert_close(Fn.mix(w, strided, index=index).double(),
+                               _sparse_loop(index, w, strided), rtol=1e-2, atol=1e-2)
+
+
+def test_blocked_sparse_mix_keeps_gradients(tiny_blocks):
+    xs = torch.rand(4, 10, requires_grad=True)
+    ws = torch.tensor([[0.25, 0.75], [0.5, 0.5]], requires_grad=True)
+    index = torch.tensor([[0, 1], [2, 3]])
+    Fn.mix(ws, xs, index=index).sum().backward()
+    assert tiny_blocks.blocked_calls == []  # autograd: the one-call path
+    expected = torch.tensor([[0.25], [0.75], [0.5], [0.5]]).expand(4, 10)
+    torch.testing.assert_close(xs.grad, expected)
+    torch.testing.assert_close(ws.grad, xs.detach()[index].sum(-1))
+    with torch.no_grad():  # inference: blocked, same numbers
+        assert torch.equal(Fn.mix(ws, xs, index=index),
+                           tiny_blocks._embedding_bag_sum(index, ws, xs))
+    assert len(tiny_blocks.blocked_calls) == 1
+
+
+def test_sparse_block_columns_choice():
+    from cmda_data import _kernels as Kn
+    assert Kn._sparse_block_columns(128, 128, 1024, 4) == 1024  # cache resident: one block
+    assert Kn._sparse_block_columns(128, 128, 150528, 4) == 4096  # 2 MiB of partner rows
+    assert Kn._sparse_block_columns(128, 100_000, 150528, 4) == Kn._BLOCK_MIN_COLUMNS
+    assert Kn._sparse_block_columns(1, 1, 2_000_003, 4) % 64 == 0
