@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ._validation import check_int, check_option, fail
+from ._validation import check_int, check_option, check_positive_float, fail
 from .exceptions import DeviceError
 
 __all__ = ["DATA_CHOICES", "DemoConfig", "run_demo"]
@@ -50,6 +50,7 @@ class DemoConfig:
     rows: int = 8
     top_k: int = 4
     pool_size: int = 256
+    temperature: Optional[float] = None  # None: the paper's ratio weights (Eq. 10)
     progress: bool = True
 
     def validate(self) -> "DemoConfig":
@@ -66,6 +67,7 @@ class DemoConfig:
         if self.top_k > 8:
             fail("--top-k", "at most 8 partners per row (the figure gets too wide)", self.top_k)
         check_int("--pool-size", self.pool_size, minimum=2)
+        self.temperature = check_positive_float("--temperature", self.temperature, allow_none=True)
         self.device = check_device(self.device)
         self.out = Path(self.out)
         if self.out.exists() and not self.out.is_dir():
@@ -215,7 +217,8 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[st
     tick = time.perf_counter()
     aug = CrossModalAugmentedDataset(task.mix_dataset, bank, student="image", teachers=["text"], target="label",
                                      num_classes=task.num_classes, p=1.0, pool_size=config.pool_size,
-                                     top_k=config.top_k, exclude_self=True, seed=config.seed)
+                                     top_k=config.top_k, exclude_self=True, seed=config.seed,
+                                     temperature=config.temperature)
     pool = min(config.pool_size, len(task.mix_dataset) - 1)  # exclude_self: the others at most
     info = generate(aug, limit=task.generate_limit)
     top_weight = info["weights"].max(dim=1).values.mean().item()
@@ -249,7 +252,7 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[st
                  "reduce_dim": bank.metadata.get("reduce_dim")},
         "generation": {"entry_point": "CrossModalAugmentedDataset",
                        "options": {"p": 1.0, "pool_size": pool, "top_k": aug.k, "intra": "soft",
-                                   "exclude_self": True, "seed": config.seed},
+                                   "temperature": config.temperature, "exclude_self": True, "seed": config.seed},
                        "samples": len(info["index"]), "mean_top_partner_weight": top_weight,
                        "partner_agreement": agree},
         "figure": {"png": str(png), "rows": min(config.rows, len(aug)), "notes": task.notes},

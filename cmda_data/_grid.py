@@ -203,7 +203,7 @@ def render_mix_grid(rows: Sequence[GridRow], path: Union[str, Path], *, title: s
             ax = axes(left, top + 0.4, thumb, thumb)
             if partner.image is not None:
                 ax.imshow(to_rgb(partner.image), interpolation="nearest")
-            ax.set_title(f"w = {partner.weight:.2f}", fontsize=9, pad=3)
+            ax.set_title(f"w = {partner.weight:.3f}", fontsize=9, pad=3)
             ax.text(0.5, -0.06, _wrap(partner.caption, 24, 3), transform=ax.transAxes, ha="center", va="top",
                     fontsize=7.5, color=_colour(partner), **props)
     if footnote:
@@ -253,7 +253,7 @@ def render_mix_table(rows: Sequence[TableRow], path: Union[str, Path], *, title:
             x = 0.3 + guide_w + c * cell_w
             figure.text(*at(x, top + 0.08), _wrap(partner.caption, 18, 2), fontsize=8.5, va="top",
                         color=_colour(partner))
-            figure.text(*at(x, top + 0.52), f"w = {partner.weight:.2f}", fontsize=8.5, va="top")
+            figure.text(*at(x, top + 0.52), f"w = {partner.weight:.3f}", fontsize=8.5, va="top")
     if footnote:
         figure.text(0.5, 0.12 / height, footnote, ha="center", va="bottom", fontsize=8.5, color="#333333")
     return _save(figure, canvas_type, path, dpi)

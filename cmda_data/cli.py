@@ -74,7 +74,7 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
     config = DemoConfig(out=Path(args.out), data=args.data, seed=args.seed, epochs=args.epochs, n=args.n,
                         device=args.device, rows=args.rows, top_k=args.top_k, pool_size=args.pool_size,
-                        progress=not args.no_progress)
+                        temperature=args.temperature, progress=not args.no_progress)
     run_demo(config, echo=lambda line: print(line, file=out, flush=True))
     return 0
 
@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--top-k", type=int, default=4, dest="top_k", help="partners kept per generated sample (<= 8)")
     demo.add_argument("--pool-size", type=int, default=256, dest="pool_size",
                       help="candidate partners drawn per generated sample (m')")
+    demo.add_argument("--temperature", type=float, default=None,
+                      help="softmax temperature of the weights (default: none, the paper's Eq. 10 ratio of |cos|, "
+                           "nearly uniform among close partners; e.g. 0.05 sharpens them)")
     demo.add_argument("--no-progress", action="store_true", dest="no_progress", help="hide the progress bars")
     _add_debug(demo, top=False)
     demo.set_defaults(func=_cmd_demo)
