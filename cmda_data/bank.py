@@ -106,7 +106,8 @@ class EmbeddingBank:
 
         Args:
             embeddings: modality -> ``[N, d]`` tensors in one latent space.
-            student: the student modality; teachers: the teacher modality/modalities.
+            student: the student modality.
+            teachers: the teacher modality or modalities.
             fit_on: ``"teacher"`` (the first teacher; default, as the paper's experiments),
                 ``"student"`` or a modality name: whose embeddings the GMM is fitted on.
             n_components: M; None chooses it by BIC over ``candidates``
@@ -155,7 +156,8 @@ class EmbeddingBank:
             aligner: anything with ``embed(modality, batch) -> [n, d]`` (see
                 :mod:`cmda_data.aligners`). Aligners that look rows up by dataset index
                 (``PrecomputedAligner``) receive the index tensor instead of the fields.
-            student, teachers: modality names (as the aligner knows them).
+            student: the student modality name (as the aligner knows it).
+            teachers: the teacher modality name or names.
             fields: modality -> sample field (key or tuple position); default: the modality name.
             batch_size: samples per ``embed`` call.
             device: where batches go (default: the aligner's parameters' device, else CPU).

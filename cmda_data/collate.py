@@ -76,12 +76,16 @@ class CMDACollate:
             batch stays original (the paper adds the B generated samples to the B real ones;
             use ``p=1.0`` and your own real batch for that).
         intra: ``"soft"`` (Eq. 11), ``"hard"`` (official code's mask) or None (Eq. 10 only).
-        similarity, normalize, temperature, self_weight, renormalize: see
-            :func:`cmda_data.functional.inter_modal_weights` and ``dca_weights``.
+        similarity: see :func:`cmda_data.functional.inter_modal_weights`.
+        normalize: see :func:`cmda_data.functional.inter_modal_weights`.
+        temperature: see :func:`cmda_data.functional.inter_modal_weights`.
+        self_weight: see :func:`cmda_data.functional.inter_modal_weights`.
+        renormalize: see :func:`cmda_data.functional.dca_weights`.
         exclude_self: a row never uses its own sample (a row with no other partner keeps itself).
         label_smoothing: epsilon of the soft targets.
-        seed: the seed; rank: the distributed rank (part of the seed; None: the rank of
-                the initialised torch.distributed process group, 0 without one).
+        seed: the seed of the draws.
+        rank: the distributed rank (part of the seed; None: the rank of the initialised
+            torch.distributed process group, 0 without one).
         fields: modality -> field of the sample (default: the modality name; ints for tuples).
         index_field: field holding the dataset index (tuples: the last position).
         info_key: name of the mix record in dict batches.

@@ -87,7 +87,8 @@ class CrossModalAugmentedDataset(Dataset):
     Args:
         dataset: the map-style dataset (dict or tuple samples); never modified.
         bank: an :class:`~cmda_data.EmbeddingBank` with one row per sample of ``dataset``.
-        student, teachers: modalities (default: the bank's).
+        student: the student modality (default: the bank's).
+        teachers: the teacher modality or modalities (default: the bank's).
         target: field of the class index / class scores (None: none).
         num_classes: C, needed for class-index targets.
         pool_size: candidates per item (m').
@@ -96,10 +97,12 @@ class CrossModalAugmentedDataset(Dataset):
         mode: ``"replace"`` (length N) or ``"append"`` (length 2N: the N originals unchanged,
             then N generated samples, always mixed).
         intra: ``"soft"`` (Eq. 11), ``"hard"`` or None.
-        similarity, temperature: see :func:`cmda_data.functional.inter_modal_weights`.
+        similarity: see :func:`cmda_data.functional.inter_modal_weights`.
+        temperature: see :func:`cmda_data.functional.inter_modal_weights`.
         exclude_self: keep the item's own sample out of its pool.
-        seed: the seed; rank: the distributed rank (part of the seed; None: the rank of
-                the initialised torch.distributed process group, 0 without one).
+        seed: the seed of the draws.
+        rank: the distributed rank (part of the seed; None: the rank of the initialised
+            torch.distributed process group, 0 without one).
         label_smoothing: epsilon of the soft targets.
         fields: modality -> sample field (default: the modality name; ints for tuples).
         info_key: name of the mix record in dict samples (tuples: appended last).

@@ -341,8 +341,14 @@ def build_bank_distributed(dataset: Any, aligner: Any, *, student: str, teachers
     Call it on every rank with the same arguments (a collective call).
 
     Args:
-        dataset, aligner, student, teachers, fields, batch_size, device, progress: as in
-            :meth:`EmbeddingBank.build` (``device``: where this rank's batches go).
+        dataset: as in :meth:`EmbeddingBank.build`.
+        aligner: as in :meth:`EmbeddingBank.build`.
+        student: as in :meth:`EmbeddingBank.build`.
+        teachers: as in :meth:`EmbeddingBank.build`.
+        fields: as in :meth:`EmbeddingBank.build`.
+        batch_size: as in :meth:`EmbeddingBank.build`.
+        device: where this rank's batches go (as in :meth:`EmbeddingBank.build`).
+        progress: as in :meth:`EmbeddingBank.build`.
         src: the (global) rank that fits the GMM.
         group: the process group (default: the world).
         **options: :meth:`EmbeddingBank.from_embeddings` options (``n_components``,

@@ -48,9 +48,24 @@ class CMDAugment(nn.Module):
             ``fit_on`` latents (online mode).
         bank: an :class:`~cmda_data.EmbeddingBank`: lookup mode without an aligner; with
             an aligner, only its GMM (and PCA) is used when ``gmm`` is None.
-        student, teachers: modalities (default: the bank's; required without a bank).
-        target, num_classes, top_k, p, intra, similarity, normalize, temperature,
-        self_weight, exclude_self, renormalize, label_smoothing, seed, rank, index_field,
+        student: the student modality (default: the bank's; required without a bank).
+        teachers: the teacher modality or modalities (default: the bank's; required
+            without a bank).
+        target: as in :class:`~cmda_data.CMDACollate`.
+        num_classes: as in :class:`~cmda_data.CMDACollate`.
+        top_k: as in :class:`~cmda_data.CMDACollate`.
+        p: as in :class:`~cmda_data.CMDACollate`.
+        intra: as in :class:`~cmda_data.CMDACollate`.
+        similarity: as in :class:`~cmda_data.CMDACollate`.
+        normalize: as in :class:`~cmda_data.CMDACollate`.
+        temperature: as in :class:`~cmda_data.CMDACollate`.
+        self_weight: as in :class:`~cmda_data.CMDACollate`.
+        exclude_self: as in :class:`~cmda_data.CMDACollate`.
+        renormalize: as in :class:`~cmda_data.CMDACollate`.
+        label_smoothing: as in :class:`~cmda_data.CMDACollate`.
+        seed: as in :class:`~cmda_data.CMDACollate`.
+        rank: as in :class:`~cmda_data.CMDACollate`.
+        index_field: as in :class:`~cmda_data.CMDACollate`.
         info_key: as in :class:`~cmda_data.CMDACollate`.
         refit_every: online mode without ``gmm``/bank GMM: refit the GMM on the batch's
             ``fit_on`` latents every N calls (1: every batch, as the official code). None

@@ -225,16 +225,20 @@ class CandidateBuffer:
 
     Args:
         bank: the :class:`~cmda_data.EmbeddingBank` (rows of the samples' indices).
-        student, teachers: modalities (default: the bank's).
+        student: the student modality (default: the bank's).
+        teachers: the teacher modality or modalities (default: the bank's).
         target: field of the class index / class scores (None: none).
         num_classes: C, needed for class-index targets.
         buffer_size: how many recent samples are candidates.
         top_k: partners kept per sample (None: the whole pool).
         p: probability that a sample is replaced by a generated one.
-        intra, similarity, temperature, exclude_self: see
-            :class:`~cmda_data.CrossModalAugmentedDataset`.
+        intra: see :class:`~cmda_data.CrossModalAugmentedDataset`.
+        similarity: see :class:`~cmda_data.CrossModalAugmentedDataset`.
+        temperature: see :class:`~cmda_data.CrossModalAugmentedDataset`.
+        exclude_self: see :class:`~cmda_data.CrossModalAugmentedDataset`.
         label_smoothing: epsilon of the soft targets.
-        seed, rank: parts of the draws' seed.
+        seed: part of the draws' seed.
+        rank: the distributed rank, part of the draws' seed.
         fields: modality -> sample field (default: the modality name).
         index_field: the field with the dataset index (``"index"``, as written by
             :func:`write_shards`).

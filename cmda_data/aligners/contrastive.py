@@ -276,12 +276,17 @@ class ContrastiveAligner(Aligner):
         Args:
             data: a dataset of dict samples, a mapping of equally long tensors
                 (``{"image": X, "text": T, "label": y}``) or a DataLoader of dict batches.
-            epochs, batch_size, lr, weight_decay, momentum: SGD settings (paper defaults).
+            epochs: passes over the data (paper: 30).
+            batch_size: samples per SGD step (paper: 128).
+            lr: SGD learning rate (paper: 0.01).
+            weight_decay: SGD weight decay (paper: 1e-4).
+            momentum: SGD momentum (paper: 0.9).
             target: label field for ``loss="eq8"`` (optional for ``"supcon"``).
             fields: ``{modality: sample field}``; defaults to the modality names.
             num_workers: DataLoader workers (datasets only).
             shuffle: reshuffle every epoch (not used for a DataLoader).
-            generator, seed: shuffling randomness; default ``seed`` = the aligner's seed.
+            generator: the shuffling randomness (takes precedence over ``seed``).
+            seed: seed of the shuffling when ``generator`` is None; default: the aligner's seed.
             progress: show a tqdm bar.
             device: move the aligner there first (default: where it is).
 

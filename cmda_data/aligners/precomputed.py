@@ -39,7 +39,10 @@ class PrecomputedAligner(Aligner):
         projection: ``None`` (use the rows as they are; all tables must share ``d``) or an
             int ``dim``: a learned linear projection per modality, trained with :meth:`fit`.
         head_hidden: hidden widths of the projection (``()`` = linear; only with ``projection``).
-        loss, tau, seed, **kwargs: passed to the inner :class:`ContrastiveAligner`.
+        loss: passed to the inner :class:`ContrastiveAligner`.
+        tau: passed to the inner :class:`ContrastiveAligner`.
+        seed: passed to the inner :class:`ContrastiveAligner`.
+        **kwargs: more :class:`ContrastiveAligner` settings.
 
     Examples:
         >>> images = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
