@@ -68,8 +68,8 @@ def test_minilm_reproduces_the_wikipedia_embeddings(minilm):
     reference = np.load(root / "derived_minilm_l6_text_emb.npy")
     # The shipped file embeds the <text> element verbatim: HTML entities such as &ndash;
     # were NOT decoded (wikipedia_article decodes them; 379 of the 2,866 rows differ).
-    raw = [_XML_TEXT.search((root / "texts" / f"{table[r][0]}.xml").read_text(encoding="utf-8")).group(1).strip()
-           for r in WIKI_ROWS]
+    raw = [wikipedia_article(table[r][0], root.parent, unescape=False) for r in WIKI_ROWS]
+    assert raw[0] == _XML_TEXT.search((root / "texts" / f"{table[0][0]}.xml").read_text(encoding="utf-8")).group(1)
     assert all(len(minilm.tokenizer(t)["input_ids"]) > 256 for t in raw)  # truncation is exercised
     decoded = [wikipedia_article(table[r][0], root.parent) for r in WIKI_ROWS[:3]]
     with torch.no_grad():
