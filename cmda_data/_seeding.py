@@ -172,6 +172,21 @@ class SharedEpoch:
         """Set the epoch (an integer >= 0); seen by all processes sharing the counter."""
         self._value[0] = check_int("epoch", epoch, minimum=0)
 
+
+class SharedEpochMixin:
+    """``epoch`` and ``set_epoch`` backed by a :class:`SharedEpoch` in ``self._epoch``."""
+
+    _epoch: SharedEpoch
+
+    @property
+    def epoch(self) -> int:
+        """The epoch used by the draws (shared with worker processes)."""
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch of the draws; reaches existing (persistent) workers."""
+        self._epoch.set(epoch)
+
     def __repr__(self) -> str:
         return f"SharedEpoch({self.get()})"
 

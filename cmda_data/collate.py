@@ -16,7 +16,7 @@ from torch.utils.data import default_collate, get_worker_info
 
 from ._fields import Field, as_student, as_target, check_field_name, check_targets_batch, get_field
 from ._planner import PlanOptions, bank_plan
-from ._seeding import SharedEpoch
+from ._seeding import SharedEpoch, SharedEpochMixin
 from ._shared import batch_index, batch_student, check_label_smoothing, check_num_classes, mix_batch, pack_batch
 from ._validation import fail
 from .exceptions import DeviceError
@@ -41,7 +41,7 @@ def _collate_plain(samples: list) -> Any:
     return _collate_with(samples, collate_fn_map={**default_collate_fn_map, torch.Tensor: _stack_plain})
 
 
-class CMDACollate:
+class CMDACollate(SharedEpochMixin):
     """A ``collate_fn`` that mixes the student field of each batch with CMDA weights.
 
     Samples must carry their dataset index (wrap the dataset in
@@ -127,16 +127,6 @@ class CMDACollate:
         self.index_field = check_field_name("index_field", index_field)
         self.info_key = check_field_name("info_key", info_key)
         self._epoch = SharedEpoch(0)
-
-    # -- epoch -----------------------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        """The epoch used by the draws (shared with worker processes)."""
-        return self._epoch.get()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the draws; reaches existing (persistent) workers."""
-        self._epoch.set(epoch)
 
     def __repr__(self) -> str:
         o = self.options

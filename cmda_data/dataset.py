@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from . import functional as Fn
 from ._fields import Field, as_student, as_target, check_field_name, get_field, replace_fields
 from ._planner import PlanOptions, bank_plan
-from ._seeding import SharedEpoch, draw_row, row_generator
+from ._seeding import SharedEpoch, SharedEpochMixin, draw_row, row_generator
 from ._shared import check_label_smoothing, check_num_classes
 from ._validation import check_int, check_option, fail
 from .exceptions import FieldError, ShapeError
@@ -66,7 +66,7 @@ class IndexedDataset(Dataset):
         return (sample, index)
 
 
-class CrossModalAugmentedDataset(Dataset):
+class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
     """A map-style dataset whose items are, with probability ``p``, CMDA-generated samples.
 
     Item ``i``'s draws depend on ``(seed, epoch, rank, i)`` only (not on the worker that
@@ -156,16 +156,6 @@ class CrossModalAugmentedDataset(Dataset):
             fail("exclude_self", "False for a dataset of one sample (no other partner)", exclude_self)
         self.k = self._pool_len if self.options.top_k is None else min(self.options.top_k, self._pool_len)
         self._epoch = SharedEpoch(0)
-
-    # -- epoch -----------------------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        """The epoch used by the draws (shared with worker processes)."""
-        return self._epoch.get()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the draws; reaches existing (persistent) workers."""
-        self._epoch.set(epoch)
 
     def __len__(self) -> int:
         n = len(self.dataset)

@@ -34,7 +34,7 @@ from . import functional as Fn
 from ._codec import UNSAFE_EXTENSIONS, SafeDecoder, SkipCounter, SkippedSamplesWarning, encode_field
 from ._fields import Field, as_student, as_target, check_field_name, get_field, replace_fields
 from ._planner import PlanOptions, bank_plan, row_draws
-from ._seeding import SharedEpoch
+from ._seeding import SharedEpoch, SharedEpochMixin
 from ._shared import check_label_smoothing, check_num_classes
 from ._validation import check_int, fail
 from .exceptions import FieldError, MissingDependencyError, ShapeError
@@ -203,7 +203,7 @@ def read_shards(urls: Union[str, Sequence[str]], *, decoder: Optional[SafeDecode
 
 
 # --------------------------------------------------------------------------- mixing
-class CandidateBuffer:
+class CandidateBuffer(SharedEpochMixin):
     """CMDA within a buffer of recent samples: a webdataset pipeline stage.
 
     Like ``wds.shuffle``'s buffer it keeps up to ``buffer_size`` recent samples (first in,
@@ -282,15 +282,6 @@ class CandidateBuffer:
         pool = self.buffer_size + (0 if exclude_self else 1)
         self.k = pool if self.options.top_k is None else min(self.options.top_k, pool)
         self._epoch = SharedEpoch(0)
-
-    @property
-    def epoch(self) -> int:
-        """The epoch used by the draws (shared with worker processes)."""
-        return self._epoch.get()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the draws; reaches existing (persistent) workers."""
-        self._epoch.set(epoch)
 
     def __repr__(self) -> str:
         o = self.options
