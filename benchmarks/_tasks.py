@@ -1,0 +1,175 @@
+"""Data and CMDA wiring shared by the task benchmarks (private to ``benchmarks/``).
+
+* :func:`load_features`: the real paired features of a data set, z-scored with train
+  statistics (an affine map, so convex mixing commutes with it).
+* :class:`MixConfig`: the open choices of CMDA (top-k, p, temperature, self weight, M, intra
+  form). :data:`FAITHFUL` is the paper's configuration.
+* :func:`fit_offline_aligner`, :func:`build_bank`, :class:`RealAndMixed`: offline CMDA with the
+  library's entry points (ContrastiveAligner.fit -> EmbeddingBank -> CMDACollate).
+* :func:`make_augment`, :func:`refit_gmm`: online CMDA (CMDAugment over the aligner trained
+  jointly with the task, GMM refitted on the current latents every epoch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from cmda_data.aligners import ContrastiveAligner
+from cmda_data.bank import EmbeddingBank
+from cmda_data.collate import CMDACollate
+from cmda_data.datasets import load_webnews, load_wikipedia
+from cmda_data.mixture import GaussianMixture
+from cmda_data.module import CMDAugment
+
+DATASETS = ("wikipedia", "webnews")
+STUDENTS = ("image", "text")
+FEATURE_NAMES = {"wikipedia": {"image": "SIFT-128 BoVW", "text": "all-MiniLM-L6-v2 (384)"},
+                 "webnews": {"image": "EfficientNet-Lite0 (1280)", "text": "multilingual-e5-small (384)"}}
+LATENT_DIM = 128
+HEAD_HIDDEN = (256,)  # CPU-sized heads (the paper's are 2048 / 4096x2); see the README
+
+
+def other(student: str) -> str:
+    return "text" if student == "image" else "image"
+
+
+class ColumnDataset(Dataset):
+    """Dict samples ``{name: column[i]}`` over equally long tensors."""
+
+    def __init__(self, columns: Mapping[str, torch.Tensor]) -> None:
+        self.columns = dict(columns)
+        self.n = len(next(iter(self.columns.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return {k: (v[i] if v[i].ndim else int(v[i])) for k, v in self.columns.items()}
+
+
+def load_table(dataset: str):
+    """The full table (train rows then test rows) of ``dataset`` as features."""
+    if dataset == "wikipedia":
+        return load_wikipedia(split="all", text_features="minilm384")
+    if dataset == "webnews":
+        return load_webnews(split="all", image="features", captions=False)
+    raise SystemExit(f"--dataset: expected one of {DATASETS}, got {dataset!r}")
+
+
+def zscore(train: torch.Tensor, *others: torch.Tensor) -> tuple:
+    mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True) + 1e-6
+    return tuple((x - mean) / std for x in (train, *others))
+
+
+def columns(table: Any, rows: Sequence[int], stats_rows: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """``{"image", "text", "label"}`` of ``rows``, features z-scored with ``stats_rows``' statistics."""
+    rows_t, stats_t = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(stats_rows, dtype=torch.long)
+    out = {}
+    for modality in STUDENTS:
+        full = table.features(modality).float()
+        out[modality] = zscore(full[stats_t], full[rows_t])[1].contiguous()
+    out["label"] = table.labels[rows_t].clone()
+    return out
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """The CMDA choices the paper leaves open (defaults = the paper's / faithful)."""
+
+    top_k: Optional[int] = None        # None: the whole batch (paper)
+    p: float = 1.0                     # share of generated samples (paper: B new per batch)
+    temperature: Optional[float] = None
+    self_weight: Optional[float] = None
+    intra: Optional[str] = "soft"      # Eq. 11
+    n_components: Optional[int] = 2    # M (paper: 2 by BIC); None: BIC over 1..6 (offline)
+    similarity: str = "abs_cosine"
+
+    def options(self) -> Dict[str, Any]:
+        """Keyword arguments of CMDACollate / CMDAugment."""
+        return {"top_k": self.top_k, "p": self.p, "temperature": self.temperature,
+                "self_weight": self.self_weight, "intra": self.intra if self.n_components != 1 else None,
+                "similarity": self.similarity}
+
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in asdict(self).items() if v != getattr(FAITHFUL, k)]
+        return "faithful" if not parts else ",".join(parts)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+FAITHFUL = MixConfig()
+#: the grid studied on the validation split (one change from the faithful configuration each)
+STUDY_GRID = (FAITHFUL, replace(FAITHFUL, top_k=2), replace(FAITHFUL, top_k=8), replace(FAITHFUL, temperature=0.05),
+              replace(FAITHFUL, self_weight=10.0), replace(FAITHFUL, p=0.5), replace(FAITHFUL, n_components=1),
+              replace(FAITHFUL, top_k=2, temperature=0.05))
+
+
+def make_aligner(student: str, student_encoder: nn.Module, student_width: int, teacher_width: int,
+                 *, loss: str, seed: int, teacher_encoder: Optional[nn.Module] = None) -> ContrastiveAligner:
+    """A ContrastiveAligner whose student encoder is ``student_encoder`` (shared with the task)."""
+    teacher = other(student)
+    return ContrastiveAligner({student: student_encoder, teacher: teacher_encoder or nn.Identity()},
+                              dim=LATENT_DIM, loss=loss, head_hidden=HEAD_HIDDEN, seed=seed,
+                              in_features={student: student_width, teacher: teacher_width})
+
+
+def fit_offline_aligner(train: Mapping[str, torch.Tensor], student: str, *, loss: str, epochs: int, seed: int,
+                        progress: bool = False) -> ContrastiveAligner:
+    """Offline CMDA step 1: learn the latent space on the train pairs (Eq. 8 or Eq. 7)."""
+    aligner = make_aligner(student, nn.Identity(), int(train[student].shape[1]),
+                           int(train[other(student)].shape[1]), loss=loss, seed=seed)
+    data = {"image": train["image"], "text": train["text"], "label": train["label"]}
+    aligner.fit(data, epochs=epochs, batch_size=128, lr=0.01, target="label" if loss == "eq8" else None,
+                seed=seed, progress=progress)
+    return aligner
+
+
+def build_bank(aligner: Any, dataset: Dataset, student: str, cfg: MixConfig, seed: int) -> EmbeddingBank:
+    """Offline CMDA step 2: embed every train sample; GMM on the language latents (paper IV-C)."""
+    return EmbeddingBank.build(dataset, aligner, student=student, teachers=other(student), fit_on="text",
+                               n_components=cfg.n_components, fit_gmm=cfg.intra is not None and cfg.n_components != 1,
+                               progress=False, random_state=seed, covariance_type="full", reg_covar=1e-4)
+
+
+class RealAndMixed:
+    """collate_fn giving ``(real_batch, generated_batch)``: the paper adds B generated samples
+    to the B real ones, so CMDACollate runs with ``p`` and the real batch is kept beside it."""
+
+    def __init__(self, cmda_collate: CMDACollate) -> None:
+        self.cmda = cmda_collate
+
+    def __call__(self, samples: Sequence[Any]) -> tuple:
+        return default_collate(list(samples)), self.cmda(samples)
+
+
+def make_collate(bank: EmbeddingBank, cfg: MixConfig, *, num_classes: Optional[int], seed: int,
+                 target: Optional[str] = "label") -> CMDACollate:
+    return CMDACollate(bank, target=target, num_classes=num_classes, seed=seed, **cfg.options())
+
+
+def refit_gmm(aligner: Any, teacher_text: torch.Tensor, cfg: MixConfig, seed: int, device: Any) -> Optional[Any]:
+    """Online CMDA: the GMM of Eq. 11 on the current language latents of the whole train set."""
+    if cfg.intra is None or cfg.n_components == 1:
+        return None
+    with torch.no_grad():
+        z = torch.cat([aligner.embed("text", chunk.to(device)) for chunk in teacher_text.split(512)])
+    cov = "full" if z.shape[0] > 5 * z.shape[1] else "diag"
+    return GaussianMixture(cfg.n_components or 2, covariance_type=cov, reg_covar=1e-4, random_state=seed).fit(z)
+
+
+def make_augment(aligner: Any, student: str, cfg: MixConfig, *, num_classes: Optional[int], seed: int,
+                 target: Optional[str] = "label") -> CMDAugment:
+    """Online CMDA: weights from the aligner's current latents, GMM set by :func:`refit_gmm`."""
+    options = cfg.options()
+    return CMDAugment(aligner, student=student, teachers=other(student), target=target, num_classes=num_classes,
+                      fit_on="text", seed=seed, **options)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()

@@ -1,0 +1,331 @@
+"""Supervised classification with Base / Mixup / CMDA / CMDA (offline) (paper Tables II and VI).
+
+Student = the modality that is classified and augmented; teacher = the other one.
+
+* Features (default, ``--student-space features``): Wikipedia SIFT-128 image histograms /
+  all-MiniLM-L6 text embeddings, Web News EfficientNet-Lite0 / multilingual-e5-small, an MLP
+  trunk (``in-512-ReLU-256-ReLU``) and a linear classifier, z-scored inputs.
+* Pixels (``--student-space pixels``, Web News only): the photos at 64 px, a torchvision
+  ResNet-18 trained from scratch (random crop + flip), text e5 as the teacher.
+
+Methods (all see the same real batches; the generated batches are *added*, as the paper adds
+B generated samples to the B real ones; every loss uses soft targets):
+
+* ``base``: cross-entropy on the real batch.
+* ``mixup``: + a Mixup batch (lambda ~ Beta(0.25, 0.25) as the paper, random partner).
+* ``cmda``: online CMDA (Eq. 9): the student trunk is the aligner's student encoder, the loss
+  is ``L_task + 0.1 * L_align`` (Eq. 8), and :class:`~cmda_data.CMDAugment` mixes every batch
+  with weights from the current latents; the Eq. 11 GMM (M = 2) is refitted every epoch on
+  the language latents of the train set.
+* ``cmda_offline``: ContrastiveAligner trained first (Eq. 8, 30 epochs), an EmbeddingBank
+  (GMM with M = 2, the paper's BIC choice, on the language latents) and :class:`~cmda_data.CMDACollate`.
+* ``cmda_tuned`` / ``cmda_offline_tuned``: the same with the configuration chosen on the
+  validation split by ``--study`` (read from ``study-classification-<dataset>-<student>.json``).
+
+Model selection never looks at the test split: ``--study`` trains on train minus a
+stratified 20 % validation split and scores the validation split.
+
+Run: ``python benchmarks/classification.py --dataset all --student all`` (full, 5 seeds),
+``--quick`` (2 seeds, few epochs), ``--study`` (validation study of the CMDA choices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+import _tasks as T  # noqa: E402
+from cmda_data.dataset import IndexedDataset  # noqa: E402
+from cmda_data.datasets import classification_split, load_webnews, validation_split  # noqa: E402
+
+METHODS = ("base", "mixup", "cmda", "cmda_offline")
+MIXUP_ALPHA = 0.25
+LAMBDA = 0.1  # Eq. 9
+
+
+# ------------------------------------------------------------------------------------ models
+def mlp_trunk(in_dim: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # module init only (nn.Linear has no generator argument)
+    return nn.Sequential(nn.Linear(in_dim, 512), nn.ReLU(), nn.Dropout(0.2), nn.Linear(512, 256), nn.ReLU())
+
+
+class PixelTrunk(nn.Module):
+    """torchvision ResNet-18 from scratch (no pretrained weights) -> 512 features; ImageNet-style
+    stem kept (64 px inputs give 2x2 maps at the last stage)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        from torchvision.models import resnet18
+
+        torch.manual_seed(seed)
+        self.net = resnet18(weights=None)
+        self.net.fc = nn.Identity()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def augment_pixels(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Basic augmentation of the paper's Base: random crop (pad 4) + horizontal flip."""
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    dx, dy = torch.randint(0, 9, (2, n), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+# ------------------------------------------------------------------------------------ data
+def prepare(dataset: str, student: str, space: str, *, study: bool, quick_pixels: Optional[int] = None) -> Dict[str, Any]:
+    """Train / eval sets: (train, test) or, for --study, (train minus validation, validation)."""
+    table = T.load_table(dataset)
+    split = classification_split(table.is_train.numpy())
+    train_rows, eval_rows = split["train"], split["test"]
+    if study:
+        train_rows, eval_rows = validation_split(train_rows, table.labels.numpy(), fraction=0.2, seed=0)
+    if space == "pixels" and quick_pixels:
+        gen = torch.Generator().manual_seed(0)
+        train_rows = np.sort(train_rows[torch.randperm(len(train_rows), generator=gen)[:quick_pixels].numpy()])
+        eval_rows = np.sort(eval_rows[torch.randperm(len(eval_rows), generator=gen)[:quick_pixels // 2].numpy()])
+    train = T.columns(table, train_rows, train_rows)
+    evaluation = T.columns(table, eval_rows, train_rows)
+    info = {"train_rows": train_rows, "eval_rows": eval_rows, "num_classes": table.num_classes}
+    if space == "pixels":
+        photos = load_webnews(split="all", image="pixels", image_size=64, captions=False, cache=True)
+        gen_rows = lambda rows: torch.stack([photos[int(r)]["image"] for r in rows])  # noqa: E731
+        info["train_features"] = train["image"]  # EfficientNet features: the offline aligner's image view
+        train["image"], evaluation["image"] = gen_rows(train_rows), gen_rows(eval_rows)
+    info.update(train=train, eval=evaluation)
+    return info
+
+
+# ------------------------------------------------------------------------------------ training
+def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: int, epochs: int,
+            cfg: T.MixConfig, device: torch.device, *, batch_size: int = 128,
+            aligner_epochs: int = 30) -> List[float]:
+    """Train one model; return the eval-set accuracy after every epoch."""
+    train, evaluation, num_classes = data["train"], data["eval"], data["num_classes"]
+    teacher = T.other(student)
+    gen = C.generator(seed, 1)
+    trunk = PixelTrunk(seed) if space == "pixels" else mlp_trunk(train[student].shape[1], seed)
+    width = 512 if space == "pixels" else 256
+    torch.manual_seed(seed + 7)
+    classifier = nn.Linear(width, num_classes)
+    params = list(trunk.parameters()) + list(classifier.parameters())
+    aligner = augment = collate = None
+    base_cols = {"image": train["image"], "text": train["text"], "label": train["label"]}
+    dataset = IndexedDataset(T.ColumnDataset(base_cols))
+
+    if method.startswith("cmda_offline"):
+        # latent space learned first, on the train pairs (pixels: on the photos' EfficientNet features)
+        feat_cols = dict(base_cols, image=data.get("train_features", train["image"]))
+        off = T.fit_offline_aligner(feat_cols, student, loss="eq8", epochs=aligner_epochs, seed=seed)
+        bank = T.build_bank(off, IndexedDataset(T.ColumnDataset(feat_cols)), student, cfg, seed)
+        collate = T.RealAndMixed(T.make_collate(bank, cfg, num_classes=num_classes, seed=seed))
+    elif method.startswith("cmda"):
+        aligner = T.make_aligner(student, trunk, width, train[teacher].shape[1], loss="eq8", seed=seed)
+        params = list(aligner.parameters()) + list(classifier.parameters())
+        augment = T.make_augment(aligner, student, cfg, num_classes=num_classes, seed=seed)
+    trunk.to(device), classifier.to(device)
+    if aligner is not None:
+        aligner.to(device)
+    opt = torch.optim.SGD(params, lr=0.01 if space == "features" else 0.05, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=C.generator(seed, 2),
+                        collate_fn=collate, drop_last=False)
+    rng = np.random.default_rng(seed)
+    curve = []
+    for epoch in range(epochs):
+        trunk.train(), classifier.train()
+        if collate is not None:
+            collate.cmda.set_epoch(epoch)
+        if augment is not None:
+            augment.set_epoch(epoch)
+            augment.gmm = T.refit_gmm(aligner, train["text"], cfg, seed + epoch, device)
+        for batch in loader:
+            mixed = None
+            if collate is not None:
+                batch, mixed = batch
+            x = batch[student].to(device)
+            y = batch["label"].to(device)
+            if space == "pixels":
+                x = augment_pixels(x.cpu(), gen).to(device)
+            inputs, targets = [x], [nn.functional.one_hot(y, num_classes).float()]
+            if method == "mixup" and len(x) > 1:
+                lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA))
+                perm = torch.randperm(len(x), generator=gen).to(device)
+                inputs.append(lam * x + (1 - lam) * x[perm])
+                targets.append(lam * targets[0] + (1 - lam) * targets[0][perm])
+            elif augment is not None and len(x) > 1:
+                real = {student: x, teacher: batch[teacher].to(device), "label": y,
+                        "index": batch["index"].to(device)}
+                out, _ = augment(real)
+                inputs.append(out[student])
+                targets.append(out["label"])
+            elif mixed is not None:
+                xm = mixed[student].to(device)
+                if space == "pixels":
+                    xm = augment_pixels(xm.cpu(), gen).to(device)
+                inputs.append(xm)
+                targets.append(mixed["label"].to(device))
+            logits = classifier(trunk(torch.cat(inputs)))
+            loss = T.soft_cross_entropy(logits, torch.cat(targets))
+            if aligner is not None and len(x) > 1:
+                loss = aligner.joint_loss(loss, {student: x, teacher: batch[teacher].to(device), "label": y},
+                                          lam=LAMBDA, target="label")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        curve.append(accuracy(trunk, classifier, evaluation[student], evaluation["label"], device))
+    return curve
+
+
+@torch.no_grad()
+def accuracy(trunk: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    trunk.eval(), classifier.eval()
+    pred = torch.cat([classifier(trunk(chunk.to(device))).argmax(1).cpu() for chunk in x.split(256)])
+    return float((pred == y).float().mean())
+
+
+# ------------------------------------------------------------------------------------ drivers
+def study_path(out: Path, dataset: str, student: str, space: str) -> Path:
+    suffix = "" if space == "features" else "-pixels"
+    return Path(out) / f"study-classification-{dataset}-{student}{suffix}.json"
+
+
+def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
+    """Validation study of the open CMDA choices (online CMDA), train minus validation only."""
+    data = prepare(dataset, student, args.student_space, study=True, quick_pixels=args.pixel_subset)
+    seeds = list(range(args.study_seeds))
+    rows = []
+    grid = T.STUDY_GRID[:3] if args.smoke else T.STUDY_GRID
+    for cfg in C.progress(grid, desc=f"study {dataset}/{student}", enabled=not args.no_progress):
+        curves = [run_one(args.study_method, data, student, args.student_space, s, args.epochs, cfg, args.device,
+                          aligner_epochs=args.aligner_epochs)
+                  for s in seeds]
+        last = [c[-1] for c in curves]
+        mean, ci = C.mean_ci95(last)
+        rows.append({"config": cfg.as_dict(), "label": cfg.label(), "val_accuracy": mean, "ci95": ci,
+                     "per_seed": last})
+        print(f"  {dataset}/{student} {args.study_method} {cfg.label():28s} val acc {100 * mean:.2f} ± {100 * ci:.2f}",
+              flush=True)
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    payload = {"task": "classification", "dataset": dataset, "student": student, "split": "validation",
+               "method": args.study_method, "seeds": seeds, "epochs": args.epochs, "quick": bool(args.quick),
+               "rows": rows, "best": best}
+    path = study_path(Path(args.out), dataset, student, args.student_space)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def tuned_config(args: argparse.Namespace, dataset: str, student: str) -> Optional[T.MixConfig]:
+    path = study_path(Path(args.out), dataset, student, args.student_space)
+    if not path.is_file():
+        return None
+    return T.MixConfig(**json.loads(path.read_text())["best"]["config"])
+
+
+def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
+    data = prepare(dataset, student, args.student_space, study=False, quick_pixels=args.pixel_subset)
+    seeds = list(range(args.seeds))
+    methods: Dict[str, Any] = {}
+    configs: Dict[str, Any] = {}
+    suffix = "" if args.student_space == "features" else "pixels"
+    path = C.result_path(args.out, "classification", dataset, student, suffix)
+    plan = [] if args.add_tuned else [(m, T.FAITHFUL) for m in args.methods]
+    tuned = tuned_config(args, dataset, student)
+    if tuned is not None and not args.no_tuned:
+        plan += [(m + "_tuned", tuned) for m in args.methods if m.startswith("cmda")]
+    previous = json.loads(path.read_text()) if args.add_tuned and path.is_file() else None
+    if previous is not None:  # merge the tuned methods into the existing result file
+        methods.update(previous["methods"])
+        configs.update(previous.get("cmda_configs", {}))
+    timings = dict(previous.get("seconds", {})) if previous else {}
+    for name, cfg in plan:
+        start = time.time()
+        method = name.replace("_tuned", "")
+        curves = [run_one(method, data, student, args.student_space, s, args.epochs, cfg, args.device,
+                          aligner_epochs=args.aligner_epochs)
+                  for s in C.progress(seeds, desc=f"{dataset}/{student} {name}", enabled=not args.no_progress)]
+        methods[name] = C.summarise_method(curves)
+        if method.startswith("cmda"):
+            configs[name] = cfg.as_dict()
+        timings[name] = round(time.time() - start, 1)
+        rec = methods[name]
+        print(f"  {dataset}/{student} {name:20s} acc {100 * rec['mean']:.2f} ± {100 * rec['ci95']:.2f} "
+              f"({timings[name]} s)", flush=True)
+    payload = {
+        "task": "classification", "dataset": dataset, "student": student, "teacher": T.other(student),
+        "student_space": args.student_space,
+        "student_features": "photos 64px, ResNet-18 from scratch" if args.student_space == "pixels"
+        else T.FEATURE_NAMES[dataset][student],
+        "teacher_features": T.FEATURE_NAMES[dataset][T.other(student)],
+        "metric": "accuracy", "quick": bool(args.quick), "seeds": seeds, "epochs": args.epochs,
+        "aligner_epochs": args.aligner_epochs,
+        "split": {"train": int(len(data["train_rows"])), "test": int(len(data["eval_rows"]))},
+        "methods": methods, "cmda_configs": configs, "seconds": timings,
+        "protocol": "last epoch on the official test split; tuned configs chosen on a validation split carved "
+                    "from train (see the study file)",
+    }
+    C.write_result(path, payload, plot=not args.no_plot)
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="all", choices=(*T.DATASETS, "all"))
+    parser.add_argument("--student", default="all", choices=(*T.STUDENTS, "all"))
+    parser.add_argument("--student-space", default="features", choices=("features", "pixels"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--study", action="store_true", help="validation study of the CMDA choices")
+    parser.add_argument("--study-seeds", type=int, default=2)
+    parser.add_argument("--study-method", default="cmda", choices=("cmda", "cmda_offline"))
+    parser.add_argument("--no-tuned", action="store_true", help="skip the *_tuned methods")
+    parser.add_argument("--add-tuned", action="store_true",
+                        help="only run the *_tuned methods and merge them into the existing result file")
+    parser.add_argument("--pixel-subset", type=int, default=None, help="pixels: train on this many photos")
+    parser.add_argument("--aligner-epochs", type=int, default=None,
+                        help="offline aligner epochs (default 30; quick 10; smoke 2)")
+    C.add_common_args(parser, default_epochs=50)
+    args = parser.parse_args(argv)
+    C.env_threads()
+    C.resolve_preset(args, default_epochs=50 if args.student_space == "features" else 60,
+                     quick_epochs=12 if args.student_space == "features" else 2, smoke_epochs=2)
+    if args.student_space == "pixels":
+        args.dataset = "webnews" if args.dataset == "all" else args.dataset
+        if args.dataset != "webnews":
+            raise SystemExit("--student-space pixels: expected --dataset webnews (Wikipedia has no photos)")
+        args.student = "image"
+        if args.quick and args.pixel_subset is None:
+            args.pixel_subset = 96 if args.smoke else 400
+        if args.smoke:
+            args.methods = [m for m in args.methods if m in ("base", "cmda_offline")]
+    args.aligner_epochs = args.aligner_epochs or (2 if args.smoke else 10 if args.quick else 30)
+    args.device = C.resolve_device(args.device)
+    datasets = T.DATASETS if args.dataset == "all" else (args.dataset,)
+    students = T.STUDENTS if args.student == "all" else (args.student,)
+    for dataset in datasets:
+        for student in students:
+            path = run_study(args, dataset, student) if args.study else run_benchmark(args, dataset, student)
+            print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
