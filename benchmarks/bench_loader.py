@@ -35,7 +35,10 @@ Two figures per loader:
 
 Target: ``cmda`` >= 0.8x ``default`` in samples/s (wall clock, median paired ratio) on both
 datasets; the CPU-time ratios are printed beside it. On a loaded machine the wall-clock
-quartiles are wide: read them before trusting a single figure.
+quartiles are wide: read them before trusting a single figure. Between runs a few minutes
+apart the load of a shared machine can move both ratios by 0.2 or more (other jobs slow the
+main process, which receives default_collate's four shared-memory segments per batch, or the
+workers, which do CMDA's work): run it more than once.
 
 Usage::
 
@@ -185,6 +188,10 @@ def run_dataset(name: str, dataset: Dataset, collates: Dict[str, Any], rounds: i
         "ratio_to_default": {key: v["median"] for key, v in wall_ratio.items()},
         "ratio_to_default_quartiles": wall_ratio,
         "cpu_us_per_sample": {key: 1e6 * statistics.median(v) for key, v in costs.items()},
+        "cpu_us_per_sample_main_workers": {  # where the CPU time goes: main process vs worker processes
+            key: [1e6 * statistics.median(e["main_cpu"] / e["samples"] for e in values),
+                  1e6 * statistics.median(e["worker_cpu"] / e["samples"] for e in values)]
+            for key, values in stats.items()},
         "per_epoch_cpu_us_per_sample": {key: [1e6 * c for c in v] for key, v in costs.items()},
         # a CPU-bound loader on `cores` free cores delivers cores / cost samples/s
         "cpu_bound_samples_per_s": {key: cores / statistics.median(v) for key, v in costs.items()},

@@ -89,6 +89,9 @@ def _normalize_rows(w: torch.Tensor) -> torch.Tensor:
     """Rows divided by their sum; all-zero rows become uniform. Safe for subnormal rows."""
     top = w.amax(1, keepdim=True)
     ok = top > 0
+    if w.device.type == "cpu" and bool(ok.all()):  # the common case, same arithmetic (no sync on CPU)
+        w = w / top
+        return w / w.sum(1, keepdim=True)
     w = w / torch.where(ok, top, torch.ones_like(top))  # row max is now exactly 1
     w = w / torch.where(ok, w.sum(1, keepdim=True), torch.ones_like(top))
     return torch.where(ok, w, torch.full_like(w, 1.0 / max(w.shape[1], 1)))
@@ -257,7 +260,9 @@ def _targets_as_probabilities(targets: object, num_classes: Optional[int],
             if low < 0 or high >= num_classes:
                 fail("targets", f"class indices in [0, {num_classes})",
                      f"values from {low} to {high}", raw=True)
-        probs = F.one_hot(targets.long(), num_classes).float()
+        # F.one_hot(targets, num_classes).float(), without its second range check
+        probs = torch.zeros(targets.shape[0], num_classes, dtype=torch.float32, device=targets.device)
+        probs.scatter_(1, targets.long()[:, None], 1.0)
     elif targets.ndim == 2:
         if targets.is_complex():
             fail("targets", "a real [m, C] tensor", targets)

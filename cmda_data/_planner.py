@@ -12,16 +12,23 @@ samples whenever the candidate pool is the same:
    applied afterwards) builds the Eq. 10/11 weights, then rows that are not mixed become
    the identity (own position, weight 1, zero-weight padding) and rows whose weights keep
    all mass on the sample itself are marked as not mixed.
-3. :func:`bank_plan`: the same with latents and responsibilities looked up in a bank.
+3. :func:`bank_plan`: the same with latents and responsibilities looked up in a bank. For a
+   square pool (the rows are the candidates, as in :class:`~cmda_data.CMDACollate`) it takes
+   a trusted path (:func:`_square_plan`): the bank's tensors were checked when the bank was
+   built, so the same functional math runs without re-checking them, and the plan is built
+   directly in its final layout.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import functional as Fn
+from ._kernels import _check_resp
 from ._seeding import draw_rows
 from ._validation import check_int, check_option, check_positive_float, check_probability, fail
 
@@ -91,8 +98,8 @@ class PlanOptions:
 
 def row_draws(indices: torch.Tensor, opts: PlanOptions, epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(mixed [n] bool, teacher_choice [n] long)`` on the CPU, from each row's key."""
-    return draw_rows(indices.reshape(-1).tolist(), seed=opts.seed, epoch=epoch, rank=opts.rank, p=opts.p,
-                     n_teachers=len(opts.teachers))
+    return draw_rows(indices.reshape(-1).long().cpu().numpy(), seed=opts.seed, epoch=epoch, rank=opts.rank,
+                     p=opts.p, n_teachers=len(opts.teachers))
 
 
 def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, opts: PlanOptions, *,
@@ -143,8 +150,10 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, opts:
         fail("mixed", "all rows mixed when the rows' own samples are not candidates", mixed)
     else:
         own = base.teacher_index
-    return MixPlan(index=index, weights=weights, teacher_index=own, mixed=keep, teacher=tuple(opts.teachers),
-                   teacher_choice=choice, inter=base.inter, intra=base.intra)
+    # valid by construction: `base` was checked by make_plan, the rest are the library's own draws
+    return MixPlan._trusted(index=index, weights=weights, teacher_index=own, mixed=keep,
+                            teacher=tuple(opts.teachers), teacher_choice=choice, inter=base.inter,
+                            intra=base.intra)
 
 
 def bank_plan(bank: Any, rows: torch.Tensor, pool: torch.Tensor, opts: PlanOptions, epoch: int, *,
@@ -155,12 +164,15 @@ def bank_plan(bank: Any, rows: torch.Tensor, pool: torch.Tensor, opts: PlanOptio
     ``square`` (default: ``rows`` and ``pool`` are equal) means row ``r``'s own sample is
     candidate ``r``: ``teacher_index`` is then ``arange(n)`` and ``exclude_self`` applies.
     """
+    same = pool is rows
     rows = torch.as_tensor(rows).reshape(-1).long().cpu()
-    pool = torch.as_tensor(pool).reshape(-1).long().cpu()
+    pool = rows if same else torch.as_tensor(pool).reshape(-1).long().cpu()
     if square is None:
-        square = rows.shape == pool.shape and bool(torch.equal(rows, pool))
+        square = same or (rows.shape == pool.shape and bool(torch.equal(rows, pool)))
     if mixed is None or teacher_choice is None:
         mixed, teacher_choice = row_draws(rows, opts, epoch)
+    if square and (same or bool(torch.equal(rows, pool))):
+        return _square_plan(bank, rows, opts, mixed=mixed, teacher_choice=teacher_choice)
     row_pos, pool_pos = bank.positions(rows), bank.positions(pool)
     teacher_z = [bank.embeddings[t][row_pos] for t in opts.teachers]
     student_z = bank.embeddings[opts.student][pool_pos]
@@ -176,6 +188,95 @@ def bank_plan(bank: Any, rows: torch.Tensor, pool: torch.Tensor, opts: PlanOptio
                       resp_rows=resp_rows, resp_cols=resp_cols,
                       teacher_index=None if teacher_index is None else teacher_index.to(bank.device),
                       exclude_self=opts.exclude_self if square else False)
+
+
+#: id(responsibility table) -> (weak reference, tensor version) of tables whose every row passed _check_resp
+_VALID_RESP: Dict[int, Tuple[Any, int]] = {}
+
+
+def _all_rows_valid(resp: torch.Tensor) -> bool:
+    """Whether every row of the bank's responsibilities passes ``_check_resp`` (checked once per table).
+
+    A table with an invalid row returns False, so each batch's rows are checked (and a batch
+    that uses such a row raises, as before). In-place changes of the table bump its version.
+    """
+    from .exceptions import CMDAError
+
+    entry = _VALID_RESP.get(id(resp))
+    if entry is not None and entry[0]() is resp and entry[1] == resp._version:
+        return True
+    version = resp._version
+    try:
+        _check_resp("responsibilities", resp)
+    except (CMDAError, ValueError):
+        return False
+    for key in [key for key, (ref, _) in _VALID_RESP.items() if ref() is None]:
+        del _VALID_RESP[key]
+    _VALID_RESP[id(resp)] = (weakref.ref(resp), version)
+    return True
+
+
+def _square_plan(bank: Any, rows: torch.Tensor, opts: PlanOptions, *, mixed: torch.Tensor,
+                 teacher_choice: torch.Tensor):
+    """:func:`bank_plan` for a square pool (candidate ``r`` is row ``r``'s own sample), trusted path.
+
+    The same math as :func:`build_plan` + :func:`cmda_data.plan.make_plan` (the private
+    functional kernels they call, in the same order, so the plan is bit-identical), without
+    re-checking what the library itself built and checked: the bank's embeddings (finite
+    float32, checked when the bank was built), the options (:meth:`PlanOptions.create`) and
+    the intermediate weight matrices. The dataset indices are still checked
+    (``bank.positions``) and so are the looked-up responsibilities (rows of a GMM posterior).
+    One bank lookup serves rows and candidates, and the plan is written directly in its
+    final layout (rows that are not mixed: own position, weight 1, zero-weight padding).
+    """
+    device = bank.device
+    pos = bank.positions(rows)
+    n = int(pos.shape[0])
+    tables = bank.embeddings
+    student_z = tables[opts.student].index_select(0, pos)
+    choice = teacher_choice.to(device)
+    if len(opts.teachers) == 1:
+        rows_z = tables[opts.teachers[0]].index_select(0, pos)
+    else:
+        stacked = torch.stack([tables[t].index_select(0, pos) for t in opts.teachers])
+        rows_z = stacked[choice, torch.arange(n, device=device)]
+    intra_w = None
+    if opts.intra is not None:
+        resp = bank.responsibilities
+        if resp is None:
+            fail("intra", "None for a bank without a GMM (or build the bank with fit_gmm=True)", opts.intra)
+        resp_rows = resp.index_select(0, pos)
+        if not _all_rows_valid(resp):  # only then can the rows of this batch be invalid
+            _check_resp("resp_rows", resp_rows)
+        intra_w = Fn._intra_modal_weights(resp_rows, None, opts.intra).float()
+    temperature = None if opts.temperature is None else float(opts.temperature)
+    self_weight = None if opts.self_weight is None else float(opts.self_weight)
+    inter = Fn._inter_modal_weights(rows_z, student_z, opts.similarity, opts.normalize, temperature,
+                                    self_weight).float()
+    dense = Fn._dca_weights(inter, intra_w, opts.top_k, opts.exclude_self, opts.renormalize)
+    own = torch.arange(n, device=device)
+    if opts.top_k is not None:  # MixPlan.from_dense(top_k=..., renormalize=False)
+        values, index = dense.topk(min(opts.top_k, n), dim=1)
+    else:
+        values, index = dense, own.expand(n, n)
+    values = values.float()
+    empty = values.sum(1, keepdim=True) <= 0
+    if device.type != "cpu" or bool(empty.any()):  # (never for dca_weights' rows; a CPU sync is free)
+        values = torch.where(empty, torch.full_like(values, 1.0 / values.shape[1]), values)
+    if opts.top_k is None:  # (values * (index == own)).sum(1): the diagonal, exactly
+        self_mass = values.diagonal()
+    else:
+        self_mass = (values * (index == own[:, None])).sum(1)
+    keep = mixed.to(device=device, dtype=torch.bool) & (self_mass < 1.0 - 1e-6)
+    identity_weights = torch.zeros_like(values)
+    identity_weights[:, 0] = 1.0
+    keep_rows = keep[:, None]
+    index = torch.where(keep_rows, index, own[:, None].expand_as(index))
+    weights = torch.where(keep_rows, values, identity_weights)
+    from .plan import MixPlan
+
+    return MixPlan._trusted(index=index, weights=weights, teacher_index=own, mixed=keep,
+                            teacher=tuple(opts.teachers), teacher_choice=choice, inter=inter, intra=intra_w)
 
 
 def mix_info(plan: Any, index: Optional[torch.Tensor]) -> Mapping[str, torch.Tensor]:

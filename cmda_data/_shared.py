@@ -14,6 +14,7 @@ import torch
 
 from . import functional as Fn
 from ._fields import TOKEN_ID_HINT, Field, check_targets_batch, get_field
+from ._kernels import _targets_as_probabilities
 from ._planner import mix_info
 from ._validation import check_int, check_positive_float, fail
 from .exceptions import FieldError
@@ -86,9 +87,8 @@ def pack(tensors: Sequence[torch.Tensor], *, shared: bool = False) -> List[torch
         total = (total + size - 1) // size * size
         offsets[key] = total
         total += unique[key].numel() * size
-    storage = torch.UntypedStorage(max(total, 1))
-    if shared:
-        storage.share_memory_()
+    # allocated in shared memory directly (share_memory_() would allocate, then copy into a new segment)
+    storage = torch.UntypedStorage._new_shared(max(total, 1)) if shared else torch.UntypedStorage(max(total, 1))
     views: Dict[int, torch.Tensor] = {}
     for key, tensor in unique.items():
         view = torch.empty(0, dtype=tensor.dtype)
@@ -121,48 +121,78 @@ def _packable(value: Any) -> bool:
         not value.is_nested and not value.requires_grad
 
 
-def mix_rows_inplace(plan: Any, samples: torch.Tensor) -> torch.Tensor:
+def mix_rows_inplace(plan: Any, samples: torch.Tensor, *, arange_partners: bool = False) -> torch.Tensor:
     """``plan.apply(samples)`` written into ``samples`` (a square plan: row r's own sample is r).
 
     Only the mixed rows are computed (rows that are not mixed are already the originals);
     they are all computed before any is written. For tensors the caller owns (a batch it
-    collated itself), never user input.
+    collated itself), never user input. The plan is the library's own (trusted): only the
+    samples are checked (finite values, as :func:`cmda_data.functional.mix` does).
+    ``arange_partners``: the partners of every mixed row are ``0..m-1`` in order (a square
+    plan without ``top_k``), so the weight rows already are the dense rows.
     """
     rows = plan.mixed.nonzero().reshape(-1)
     if rows.numel() == 0:
         return samples
-    index, weights = plan.index[rows], plan.weights[rows]
+    index, weights = plan.index.index_select(0, rows), plan.weights.index_select(0, rows)
     m = samples.shape[0]
+    Fn._check_float("samples", samples)  # user data: finite values (one reduction pass)
     if index.shape[1] * 8 <= m:  # a few partners per row: gather them (MixPlan.apply's rule)
-        out = Fn.mix(weights, samples, index=index)
+        out = Fn._mix(weights, samples, index)
+    elif arange_partners:  # zeros(r, m).scatter_add_(1, index, weights) would be `weights` itself
+        out = Fn._mix(weights, samples)
     else:
         dense = torch.zeros(rows.numel(), m, dtype=torch.float32, device=samples.device)
-        out = Fn.mix(dense.scatter_add_(1, index, weights), samples)
+        out = Fn._mix(dense.scatter_add_(1, index, weights), samples)
     return samples.index_copy_(0, rows.to(samples.device), out)
+
+
+def _square_targets(plan: Any, targets: torch.Tensor, num_classes: Optional[int],
+                    label_smoothing: float) -> torch.Tensor:
+    """``plan.apply_targets(...)`` for the library's own square plan: only the targets are checked."""
+    probs = _targets_as_probabilities(targets, num_classes, label_smoothing)
+    return Fn._mix_targets(plan.weights, probs, plan.index)
 
 
 def mix_batch(batch: Any, plan: Any, *, student: Field, target: Optional[Field], num_classes: Optional[int],
               label_smoothing: float, index: Optional[torch.Tensor], info_key: str = "mix_info",
-              reuse_student: bool = False) -> Any:
+              reuse_student: bool = False, square: bool = False, arange_partners: bool = False) -> Any:
     """A new batch: mixed student, soft targets ``[B, C]`` and ``mix_info`` added.
 
     Dict batches get ``batch[info_key]``; tuple batches get the record appended last.
     ``reuse_student`` (only for a batch the caller just collated itself, never user input)
     writes the mixed student into the collated student tensor instead of a new one.
+    ``square`` (only for a plan the library just built with ``bank_plan(bank, index, index,
+    ...)``: ``B`` rows, row ``r``'s own sample is ``r``, the batch's ``index`` on the plan's
+    device) skips the re-checks of the plan; the batch's samples and targets are still checked.
+    ``arange_partners`` (such a plan made without ``top_k``): see :func:`mix_rows_inplace`.
     """
     samples = batch_student(batch, student)
-    if reuse_student and plan.num_outputs == samples.shape[0] and bool(
-            torch.equal(plan.teacher_index, torch.arange(samples.shape[0], device=plan.device))):
-        mixed = mix_rows_inplace(plan, samples)
+    if square:
+        own = True
+    else:
+        own = plan.num_outputs == samples.shape[0] and bool(
+            torch.equal(plan.teacher_index, torch.arange(samples.shape[0], device=plan.device)))
+    if reuse_student and own:
+        mixed = mix_rows_inplace(plan, samples, arange_partners=square and arange_partners)
     else:
         mixed = plan.apply(samples)
     updates = {student: mixed}
     if target is not None:
         targets = check_targets_batch(get_field(batch, target, "batch"), target, num_classes)
-        updates[target] = plan.apply_targets(targets, num_classes, label_smoothing)
-    info = dict(mix_info(plan, index))
-    if index is not None and bool(torch.equal(plan.teacher_index, torch.arange(len(index), device=index.device))):
-        info["index"] = index  # the batch's own tensor
+        if square:
+            updates[target] = _square_targets(plan, targets, num_classes, label_smoothing)
+        else:
+            updates[target] = plan.apply_targets(targets, num_classes, label_smoothing)
+    if square and index is not None:  # mix_info(plan, index) without the [B] gather it replaces
+        k = plan.index.shape[1]
+        info = {"index": index, "partners": index.index_select(0, plan.index.reshape(-1)).view(-1, k),
+                "weights": plan.weights, "mixed": plan.mixed, "teacher": plan.teacher_choice}
+    else:
+        info = dict(mix_info(plan, index))
+        if index is not None and bool(torch.equal(plan.teacher_index, torch.arange(len(index),
+                                                                                   device=index.device))):
+            info["index"] = index  # the batch's own tensor
     if isinstance(batch, Mapping):
         out = dict(batch)
         out.update(updates)

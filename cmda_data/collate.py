@@ -158,7 +158,8 @@ class CMDACollate(SharedEpochMixin):
             plan = plan.to("cpu")
         out = mix_batch(batch, plan, student=self.student_field, target=self.target,
                         num_classes=self.num_classes, label_smoothing=self.label_smoothing, index=index,
-                        info_key=self.info_key, reuse_student=True)
+                        info_key=self.info_key, reuse_student=True, square=True,
+                        arange_partners=self.options.top_k is None)
         if get_worker_info() is not None:  # one shared-memory segment per batch instead of one per tensor
             out = pack_batch(out, self.info_key, shared=True)
         return out

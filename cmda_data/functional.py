@@ -124,7 +124,12 @@ def inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, *,
     if self_weight is not None and n != m:
         fail("student_z", f"{n} samples to match teacher_z (self_weight needs a square matrix)",
              f"{m} samples", ShapeError, raw=True)
+    return _inter_modal_weights(teacher_z, student_z, similarity, normalize, temperature, self_weight)
 
+
+def _inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, similarity: str, normalize: str,
+                         temperature: Optional[float], self_weight: Optional[float]) -> torch.Tensor:
+    """:func:`inter_modal_weights` without argument checks (trusted, already checked inputs)."""
     dtype = _compute_dtype(teacher_z, student_z)
     scores = _unit_rows(teacher_z, dtype) @ _unit_rows(student_z, dtype).T
     scores = scores.abs() if similarity == "abs_cosine" else scores.clamp_min(0)
@@ -137,8 +142,11 @@ def inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, *,
     elif normalize == "none":
         weights = scores
     else:
-        scores = _uniform_if_empty(scores)
         sums = scores.sum(1)
+        # CPU: the all-zero-row fix only when a row needs it (same values; a sync is free on the CPU)
+        if scores.device.type != "cpu" or bool((sums <= torch.finfo(scores.dtype).tiny).any()):
+            scores = _uniform_if_empty(scores)
+            sums = scores.sum(1)
         weights = scores / (sums[:, None] if normalize == "row" else sums[None, :])
     return weights.to(teacher_z.dtype)
 
@@ -181,10 +189,15 @@ def intra_modal_weights(resp: torch.Tensor, partner_resp: Optional[torch.Tensor]
         _check_same_device("resp", resp, "partner_resp", partner_resp)
         check_same_size("resp", resp.shape[1], "partner_resp", partner_resp.shape[1],
                         what="number of components")
-    dtype = _compute_dtype(resp, partner_resp)
+    return _intra_modal_weights(resp, partner_resp, mode)
+
+
+def _intra_modal_weights(resp: torch.Tensor, partner_resp: Optional[torch.Tensor], mode: str) -> torch.Tensor:
+    """:func:`intra_modal_weights` without argument checks (trusted, already checked inputs)."""
+    dtype = _compute_dtype(resp, *(() if partner_resp is None else (partner_resp,)))
     rows = resp.to(dtype)
     c_rows = rows.argmax(1)
-    c_cols = partner_resp.to(dtype).argmax(1)
+    c_cols = c_rows if partner_resp is None else partner_resp.to(dtype).argmax(1)
     if mode == "soft":
         weights = rows.index_select(1, c_cols) + rows.gather(1, c_rows[:, None])
     else:
@@ -238,25 +251,33 @@ def dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor] = None, *,
         fail("inter", "at least one column (partner)", inter, ShapeError)
     if exclude_self and n != m:
         fail("inter", "a square [n, n] matrix when exclude_self=True", inter, ShapeError)
+    return _dca_weights(inter, intra, top_k, exclude_self, renormalize)
 
+
+def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Optional[int], exclude_self: bool,
+                 renormalize: bool) -> torch.Tensor:
+    """:func:`dca_weights` without argument checks (trusted, already checked inputs)."""
+    n, m = inter.shape
     dtype = _compute_dtype(inter, *(() if intra is None else (intra,)))
     w = inter.to(dtype)
     w = w * intra.to(dtype) if intra is not None else w.clone()
-    fallback = torch.zeros(n, dtype=torch.bool, device=w.device)
+    alone = None
     if exclude_self:
         w.diagonal().zero_()
         alone = w.sum(1) <= 0
         w.diagonal().copy_(alone.to(dtype))
-        fallback = fallback | alone
     empty = w.sum(1) <= 0
-    w = torch.where(empty[:, None], torch.full_like(w, 1.0 / m), w)
-    fallback = fallback | empty
+    # CPU: skip the selections that would change nothing (same values; a sync is free on the CPU)
+    cpu = w.device.type == "cpu"
+    if not cpu or bool(empty.any()):
+        w = torch.where(empty[:, None], torch.full_like(w, 1.0 / m), w)
+    fallback = empty if alone is None else alone | empty  # rows that fell back to a fixed row
     if top_k is not None and top_k < m:
         values, index = w.topk(top_k, dim=1)
         w = torch.zeros_like(w).scatter_(1, index, values)
     if renormalize:
         w = _normalize_rows(w)
-    else:  # degenerate (fallback) rows always sum to 1
+    elif not cpu or bool(fallback.any()):  # degenerate (fallback) rows always sum to 1
         w = torch.where(fallback[:, None], _normalize_rows(w), w)
     return w.to(inter.dtype)
 
@@ -326,6 +347,11 @@ def mix(weights: torch.Tensor, samples: torch.Tensor, *,
     else:
         _check_index(index, weights, m, samples)
     _check_float("samples", samples)  # one reduction pass, no [m, *S] temporary
+    return _mix(weights, samples, index)
+
+
+def _mix(weights: torch.Tensor, samples: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`mix` without argument checks (trusted weights; callers check the samples)."""
     flat, restore = _flatten_trailing(samples)
     if index is not None:
         out = _mix_sparse(index, weights.to(flat.dtype), flat)
@@ -385,11 +411,18 @@ def mix_targets(weights: torch.Tensor, targets: torch.Tensor, num_classes: Optio
     if weights.numel() and bool((sums <= 0).any()):
         fail("weights", "every row to have a positive sum", f"{int((sums <= 0).sum())} all-zero rows",
              raw=True)
+    return _mix_targets(weights, probs, index)
+
+
+def _mix_targets(weights: torch.Tensor, probs: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`mix_targets` on checked probability rows (``_targets_as_probabilities``), trusted weights."""
     work = _compute_dtype(weights)
     w = _normalize_rows(weights.to(work))
     probs = probs.to(work)
     if index is None:
         out = w @ probs
     else:
-        out = torch.bmm(w.unsqueeze(1), probs[index.long()]).squeeze(1)
+        n, k = index.shape  # probs[index] as one index_select (same values, 3x faster on the CPU)
+        gathered = probs.index_select(0, index.reshape(-1).long()).view(n, k, probs.shape[1])
+        out = torch.bmm(w.unsqueeze(1), gathered).squeeze(1)
     return _normalize_rows(out).float()

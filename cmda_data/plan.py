@@ -137,6 +137,21 @@ class MixPlan:
                 fail("weights", "rows that are not mixed to be the original: index[r, 0] == "
                      "teacher_index[r] with weight 1, then weight 0", "other values", raw=True)
 
+    @classmethod
+    def _trusted(cls, index: torch.Tensor, weights: torch.Tensor, teacher_index: torch.Tensor,
+                 mixed: torch.Tensor, teacher: Tuple[str, ...] = (), teacher_choice: Optional[torch.Tensor] = None,
+                 inter: Optional[torch.Tensor] = None, intra: Optional[torch.Tensor] = None) -> "MixPlan":
+        """A plan from tensors the library built itself from checked inputs: no :meth:`__post_init__` checks.
+
+        Private: only for plans whose fields are valid by construction (never user input).
+        """
+        plan = object.__new__(cls)
+        for name, value in (("index", index), ("weights", weights), ("teacher_index", teacher_index),
+                            ("mixed", mixed), ("teacher", tuple(teacher)), ("teacher_choice", teacher_choice),
+                            ("inter", inter), ("intra", intra)):
+            object.__setattr__(plan, name, value)
+        return plan
+
     # ------------------------------------------------------------------ properties
     @property
     def num_outputs(self) -> int:
