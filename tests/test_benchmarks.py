@@ -102,3 +102,14 @@ def test_captioning_smoke(tmp_path):
                          methods=("base", "cmda"))
     assert (tmp_path / "captioning-webnews-image-box.png").is_file()
     assert "attenuation" in payload
+
+
+def test_generated_result_tables_are_current():
+    """README and docs tables are regenerated from benchmarks/results by report.py --write."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
