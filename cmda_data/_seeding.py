@@ -10,10 +10,14 @@ main process and in any DataLoader worker, whatever ``num_workers`` or
 The epoch lives in :class:`SharedEpoch`, a one-element ``int64`` tensor in shared memory:
 ``set_epoch`` in the main process is seen by worker processes that already exist
 (``persistent_workers=True``), because forked or spawned workers map the same memory.
+The mixing probability lives in :class:`SharedProbability` the same way (``set_p``: a
+share of mixed rows that changes during training, e.g. the paper's attenuation
+coefficient); a row's draws are then a function of ``(seed, epoch, rank, index, p)``.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterable, Tuple
 
 import numpy as np
@@ -21,7 +25,7 @@ import torch
 
 from ._validation import check_int, check_probability
 
-__all__ = ["SharedEpoch", "draw_row", "draw_rows", "hash_ints", "row_generator", "splitmix64"]
+__all__ = ["SharedEpoch", "SharedProbability", "draw_row", "draw_rows", "hash_ints", "row_generator", "splitmix64"]
 
 _MASK = (1 << 64) - 1
 
@@ -172,11 +176,72 @@ class SharedEpoch:
         """Set the epoch (an integer >= 0); seen by all processes sharing the counter."""
         self._value[0] = check_int("epoch", epoch, minimum=0)
 
+    def __repr__(self) -> str:
+        return f"SharedEpoch({self.get()})"
+
+
+class SharedProbability:
+    """A probability that DataLoader worker processes share with the main process.
+
+    A one-element ``float64`` tensor in shared memory, like :class:`SharedEpoch`: :meth:`set`
+    in the main process reaches persistent workers before the next ``iter(loader)``. A
+    Python float round-trips exactly, so :meth:`get` returns the value given to :meth:`set`.
+
+    Examples:
+        >>> p = SharedProbability(0.5)
+        >>> p.set(0.25)
+        >>> p.get()
+        0.25
+    """
+
+    def __init__(self, p: float = 1.0) -> None:
+        self._value = torch.zeros(1, dtype=torch.float64)
+        try:
+            self._value.share_memory_()
+        except RuntimeError:  # pragma: no cover - no shared memory: a private value still works
+            pass
+        self.set(p)
+
+    def get(self) -> float:
+        """The current probability."""
+        return float(self._value[0])
+
+    def set(self, p: Any) -> None:
+        """Set the probability (a number in [0, 1]); seen by all processes sharing it."""
+        self._value[0] = check_p(p)
+
+    def __repr__(self) -> str:
+        return f"SharedProbability({self.get()})"
+
 
 class SharedEpochMixin:
-    """``epoch`` and ``set_epoch`` backed by a :class:`SharedEpoch` in ``self._epoch``."""
+    """``epoch``/``set_epoch`` and ``p``/``set_p``, backed by ``self._epoch`` and ``self._p``.
+
+    ``self._p`` is a :class:`SharedProbability`; the plan options' ``p`` is its initial value.
+    """
 
     _epoch: SharedEpoch
+    _p: SharedProbability
+
+    @property
+    def p(self) -> float:
+        """The probability that a row is mixed (shared with worker processes)."""
+        return self._p.get()
+
+    def set_p(self, p: float) -> None:
+        """Set the probability that a row is mixed; reaches existing (persistent) workers.
+
+        For a share of generated samples that changes during training (the paper's
+        attenuation coefficient): call it between epochs, before ``iter(loader)``. The draws
+        stay a function of ``(seed, epoch, rank, index, p)``: a row mixed under ``p`` is also
+        mixed under any larger ``p``.
+        """
+        self._p.set(p)
+
+    def _current_options(self) -> Any:
+        """``self.options`` with the current ``p`` (the same object while ``p`` is unchanged)."""
+        p = self._p.get()
+        return self.options if p == self.options.p else replace(self.options, p=p)
 
     @property
     def epoch(self) -> int:
@@ -186,9 +251,6 @@ class SharedEpochMixin:
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch of the draws; reaches existing (persistent) workers."""
         self._epoch.set(epoch)
-
-    def __repr__(self) -> str:
-        return f"SharedEpoch({self.get()})"
 
 
 def check_seed(seed: Any) -> int:

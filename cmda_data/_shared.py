@@ -19,7 +19,8 @@ from ._planner import mix_info
 from ._validation import check_int, check_positive_float, fail
 from .exceptions import FieldError
 
-__all__ = ["batch_index", "batch_student", "check_label_smoothing", "mix_batch", "pack", "pack_batch"]
+__all__ = ["batch_index", "batch_student", "check_label_smoothing", "keep_real_batch", "mix_batch", "pack",
+           "pack_batch", "with_field"]
 
 
 def check_label_smoothing(value: Any) -> float:
@@ -203,6 +204,73 @@ def mix_batch(batch: Any, plan: Any, *, student: Field, target: Optional[Field],
         items[position] = value
     items.append(info)
     return tuple(items)
+
+
+def with_field(batch: Any, field: Field, value: Any) -> Any:
+    """A shallow copy of a dict or tuple batch with ``batch[field] = value``."""
+    if isinstance(batch, Mapping):
+        out = dict(batch)
+        out[field] = value
+        return out
+    items = list(batch)
+    items[field] = value
+    return tuple(items)
+
+
+def _cat_rows(real: Any, generated: Any, rows: torch.Tensor, b: int) -> Any:
+    """``real`` followed by ``generated[rows]`` for one batched field (tensor, list or dict of them)."""
+    if isinstance(real, torch.Tensor) and real.ndim >= 1 and real.shape[0] == b:
+        return torch.cat([real, generated.index_select(0, rows.to(generated.device))])
+    if isinstance(real, Mapping):
+        return {key: _cat_rows(value, generated[key], rows, b) for key, value in real.items()}
+    if isinstance(real, (list, tuple)) and len(real) == b:
+        return type(real)([*real, *(generated[r] for r in rows.tolist())])
+    return real  # not batched: kept as is
+
+
+def keep_real_batch(real: Any, mixed: Any, plan: Any, *, target: Optional[Field], num_classes: Optional[int],
+                    label_smoothing: float, info_key: str = "mix_info") -> Any:
+    """The ``keep_real`` batch: the ``B`` real rows, then the ``G`` rows the plan mixed.
+
+    ``real`` is the collated batch (student not mixed) and ``mixed`` the output of
+    :func:`mix_batch` for it and ``plan`` (``B`` rows, row ``r``'s own sample is ``r``).
+    Every field gets ``B + G`` rows: the real rows as collated, then ``mixed``'s rows
+    ``plan.mixed.nonzero()`` in batch order. The target is soft ``[B + G, C]`` in both
+    parts (real rows: one-hot with label smoothing); ``mix_info`` describes all ``B + G``
+    rows (real rows: the identity, ``"mixed"`` False; appended rows: ``"mixed"`` True),
+    plus ``"source"`` ``[B + G]``: the position in the real part of the row each row comes
+    from (``arange(B)``, then the positions of the mixed rows).
+    """
+    rows = plan.mixed.nonzero().reshape(-1)
+    is_dict = isinstance(real, Mapping)
+    info = mixed[info_key] if is_dict else mixed[-1]
+    b = int(plan.mixed.shape[0])
+    out: Dict[Any, Any] = {}
+    for key in (list(real.keys()) if is_dict else range(len(real))):
+        if is_dict and key == info_key:
+            continue
+        if target is not None and key == target:
+            targets = check_targets_batch(get_field(real, target, "batch"), target, num_classes)
+            soft = _targets_as_probabilities(targets, num_classes, label_smoothing)
+            out[key] = _cat_rows(soft.to(mixed[key].dtype), mixed[key], rows, b)
+        else:
+            out[key] = _cat_rows(real[key], mixed[key], rows, b)
+    weights = info["weights"]
+    identity = torch.zeros_like(weights)
+    identity[:, 0] = 1.0
+    own = info["index"]
+    real_info = {"index": own, "partners": own[:, None].expand(-1, weights.shape[1]), "weights": identity,
+                 "mixed": torch.zeros_like(info["mixed"]), "teacher": info["teacher"]}
+    new_info = dict(info)
+    for key, value in real_info.items():
+        if value is not None and info.get(key) is not None:
+            new_info[key] = _cat_rows(value, info[key], rows, b)
+    positions = torch.arange(b, device=info["mixed"].device)
+    new_info["source"] = torch.cat([positions, rows.to(positions.device)])
+    if is_dict:
+        out[info_key] = new_info
+        return out
+    return (*(out[i] for i in range(len(real))), new_info)
 
 
 def check_num_classes(value: Any) -> Optional[int]:

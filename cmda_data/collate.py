@@ -16,8 +16,9 @@ from torch.utils.data import default_collate, get_worker_info
 
 from ._fields import Field, as_student, as_target, check_field_name, check_targets_batch, get_field
 from ._planner import PlanOptions, bank_plan
-from ._seeding import SharedEpoch, SharedEpochMixin
-from ._shared import batch_index, batch_student, check_label_smoothing, check_num_classes, mix_batch, pack_batch
+from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability
+from ._shared import (batch_index, batch_student, check_label_smoothing, check_num_classes, keep_real_batch,
+                      mix_batch, pack_batch, with_field)
 from ._validation import fail
 from .exceptions import DeviceError
 
@@ -57,6 +58,16 @@ class CMDACollate(SharedEpochMixin):
     draws that depend on ``(seed, epoch, rank, dataset index)`` only, so batches do not
     depend on ``num_workers``. :meth:`set_epoch` writes the epoch to shared memory, which
     worker processes read, also persistent ones: call it before ``iter(loader)``.
+    :meth:`set_p` does the same for ``p`` (a share of mixed rows that changes during
+    training, e.g. the paper's attenuation coefficient).
+
+    ``keep_real=True`` (the paper trains on the B real samples plus the generated ones):
+    the output holds the ``B`` real rows (every field as ``default_collate`` gives it, the
+    target as soft targets) followed by one generated row for each row drawn as mixed (``G``
+    rows, in batch order; ``G = B`` with ``p=1`` when every row has a partner). Every
+    field, the soft targets and ``mix_info`` have ``B + G`` rows; ``mix_info["mixed"]``
+    is False for the real rows and True for the appended ones; ``mix_info["source"]``
+    gives each row's position in the real part (the row it was generated from).
 
     It never uses CUDA inside a worker process (a CUDA bank there raises
     :class:`DeviceError`; mix on the GPU with :class:`~cmda_data.CMDAugment`). It pickles
@@ -73,8 +84,9 @@ class CMDACollate(SharedEpochMixin):
         num_classes: number of classes C (needed for class-index targets).
         top_k: keep the k largest weights per row (None: the whole batch).
         p: probability that a row is replaced by a generated sample. Default 0.5: half the
-            batch stays original (the paper adds the B generated samples to the B real ones;
-            use ``p=1.0`` and your own real batch for that).
+            batch stays original (the paper adds the B generated samples to the B real ones:
+            ``keep_real=True, p=1.0``). :meth:`set_p` changes it during training.
+        keep_real: keep the real batch and append the generated rows (see above).
         intra: ``"soft"`` (Eq. 11), ``"hard"`` (official code's mask) or None (Eq. 10 only).
         similarity: see :func:`cmda_data.functional.inter_modal_weights`.
         normalize: see :func:`cmda_data.functional.inter_modal_weights`.
@@ -109,7 +121,7 @@ class CMDACollate(SharedEpochMixin):
                  temperature: Optional[float] = None, self_weight: Optional[float] = None,
                  exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
                  seed: int = 0, rank: Optional[int] = 0, fields: Optional[Mapping[str, Field]] = None,
-                 index_field: Field = "index", info_key: str = "mix_info") -> None:
+                 index_field: Field = "index", info_key: str = "mix_info", keep_real: bool = False) -> None:
         from .bank import EmbeddingBank
 
         if not isinstance(bank, EmbeddingBank):
@@ -126,11 +138,15 @@ class CMDACollate(SharedEpochMixin):
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.index_field = check_field_name("index_field", index_field)
         self.info_key = check_field_name("info_key", info_key)
+        if not isinstance(keep_real, bool):
+            fail("keep_real", "True or False", keep_real)
+        self.keep_real = keep_real
         self._epoch = SharedEpoch(0)
+        self._p = SharedProbability(self.options.p)
 
     def __repr__(self) -> str:
         o = self.options
-        return (f"CMDACollate(student={o.student!r}, teachers={list(o.teachers)}, p={o.p}, intra={o.intra!r}, "
+        return (f"CMDACollate(student={o.student!r}, teachers={list(o.teachers)}, p={self.p}, intra={o.intra!r}, "
                 f"top_k={o.top_k}, seed={o.seed}, epoch={self.epoch})")
 
     # -- collation -------------------------------------------------------------------------
@@ -153,13 +169,19 @@ class CMDACollate(SharedEpochMixin):
                  "workers): use bank.to('cpu'), or mix on the GPU after the loader with CMDAugment",
                  f"a bank on {bank.device}", DeviceError, raw=True)
         batch, index = self._collate(list(samples))
-        plan = bank_plan(bank, index, index, self.options, self.epoch)
+        plan = bank_plan(bank, index, index, self._current_options(), self.epoch)
         if plan.device.type != "cpu":
             plan = plan.to("cpu")
+        real = batch
+        if self.keep_real:  # mix a copy of the student: the real one is kept
+            batch = with_field(batch, self.student_field, batch_student(batch, self.student_field).clone())
         out = mix_batch(batch, plan, student=self.student_field, target=self.target,
                         num_classes=self.num_classes, label_smoothing=self.label_smoothing, index=index,
                         info_key=self.info_key, reuse_student=True, square=True,
                         arange_partners=self.options.top_k is None)
+        if self.keep_real:
+            out = keep_real_batch(real, out, plan, target=self.target, num_classes=self.num_classes,
+                                  label_smoothing=self.label_smoothing, info_key=self.info_key)
         if get_worker_info() is not None:  # one shared-memory segment per batch instead of one per tensor
             out = pack_batch(out, self.info_key, shared=True)
         return out

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from . import functional as Fn
 from ._fields import Field, as_student, as_target, check_field_name, get_field, replace_fields
 from ._planner import PlanOptions, bank_plan
-from ._seeding import SharedEpoch, SharedEpochMixin, draw_row, row_generator
+from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability, draw_row, row_generator
 from ._shared import check_label_smoothing, check_num_classes
 from ._validation import check_int, check_option, fail
 from .exceptions import FieldError, ShapeError
@@ -93,7 +93,8 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
         num_classes: C, needed for class-index targets.
         pool_size: candidates per item (m').
         top_k: partners kept per item (None: the whole pool).
-        p: probability that an item is generated (mode ``"replace"``).
+        p: probability that an item is generated (mode ``"replace"``). :meth:`set_p` changes it
+            during training (shared memory: reaches persistent workers, like :meth:`set_epoch`).
         mode: ``"replace"`` (length N) or ``"append"`` (length 2N: the N originals unchanged,
             then N generated samples, always mixed).
         intra: ``"soft"`` (Eq. 11), ``"hard"`` or None.
@@ -156,6 +157,7 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
             fail("exclude_self", "False for a dataset of one sample (no other partner)", exclude_self)
         self.k = self._pool_len if self.options.top_k is None else min(self.options.top_k, self._pool_len)
         self._epoch = SharedEpoch(0)
+        self._p = SharedProbability(self.options.p)
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -163,7 +165,7 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
 
     def __repr__(self) -> str:
         o = self.options
-        return (f"CrossModalAugmentedDataset(n={len(self.dataset)}, mode={self.mode!r}, p={o.p}, "
+        return (f"CrossModalAugmentedDataset(n={len(self.dataset)}, mode={self.mode!r}, p={self.p}, "
                 f"pool_size={self.pool_size}, top_k={o.top_k}, intra={o.intra!r}, seed={o.seed})")
 
     # -- items -----------------------------------------------------------------------------
@@ -199,7 +201,7 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
             raise IndexError(f"index: expected an integer in [0, {len(self)}), got {item}")
         base, forced = (item - n, True) if item >= n else (item, False)
         generator = row_generator(self.options.seed, self.epoch, base, self.options.rank)
-        mixed, teacher = draw_row(generator, self.options.p, len(self.options.teachers))
+        mixed, teacher = draw_row(generator, self.p, len(self.options.teachers))
         if self.mode == "append":
             mixed = forced
         sample = self.dataset[base]

@@ -21,8 +21,9 @@ from torch import nn
 from ._bank_build import embeds_by_index
 from ._fields import Field, check_field_name, get_field, resolve_fields
 from ._planner import PlanOptions, bank_plan, build_plan, row_draws
-from ._seeding import hash_ints
-from ._shared import batch_index, batch_student, check_label_smoothing, check_num_classes, mix_batch
+from ._seeding import check_p, hash_ints
+from ._shared import (batch_index, batch_student, check_label_smoothing, check_num_classes, keep_real_batch,
+                      mix_batch)
 from ._validation import check_int, fail
 from .exceptions import FieldError
 
@@ -40,12 +41,19 @@ class CMDAugment(nn.Module):
     Randomness: row ``r`` is mixed with probability ``p`` and its teacher chosen by
     draws that depend on ``(seed, epoch, rank, dataset index)`` when the batch carries
     ``index_field``, else by ``(seed, call number, epoch, rank, position in the batch)``.
+    :meth:`set_p` changes ``p`` during training (e.g. the paper's attenuation coefficient).
+
+    ``keep_real=True``: the returned batch holds the ``B`` real rows followed by the
+    generated rows of the rows drawn as mixed, as :class:`~cmda_data.CMDACollate` does
+    (``B + G`` rows; the returned plan is the plan of the ``B`` rows: the appended rows are
+    its rows ``plan.mixed.nonzero()``).
 
     Args:
         aligner: anything with ``embed(modality, batch) -> [n, d]`` (online CMDA). It is
             not registered as a submodule: train and move it yourself.
         gmm: a fitted :class:`~cmda_data.GaussianMixture` giving the responsibilities of the
-            ``fit_on`` latents (online mode).
+            ``fit_on`` latents (online mode). :meth:`set_gmm` replaces it (e.g. refitted on
+            all training latents at each epoch start).
         bank: an :class:`~cmda_data.EmbeddingBank`: lookup mode without an aligner; with
             an aligner, only its GMM (and PCA) is used when ``gmm`` is None.
         student: the student modality (default: the bank's; required without a bank).
@@ -55,6 +63,7 @@ class CMDAugment(nn.Module):
         num_classes: as in :class:`~cmda_data.CMDACollate`.
         top_k: as in :class:`~cmda_data.CMDACollate`.
         p: as in :class:`~cmda_data.CMDACollate`.
+        keep_real: as in :class:`~cmda_data.CMDACollate`.
         intra: as in :class:`~cmda_data.CMDACollate`.
         similarity: as in :class:`~cmda_data.CMDACollate`.
         normalize: as in :class:`~cmda_data.CMDACollate`.
@@ -96,7 +105,8 @@ class CMDAugment(nn.Module):
                  temperature: Optional[float] = None, self_weight: Optional[float] = None,
                  exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
                  seed: int = 0, rank: Optional[int] = 0, fields: Optional[Mapping[str, Field]] = None,
-                 index_field: Optional[Field] = "index", info_key: str = "mix_info") -> None:
+                 index_field: Optional[Field] = "index", info_key: str = "mix_info",
+                 keep_real: bool = False) -> None:
         super().__init__()
         from .bank import EmbeddingBank
 
@@ -139,17 +149,75 @@ class CMDAugment(nn.Module):
         self.gmm_options = dict(gmm_options or {}, covariance_type=covariance_type)
         if lookup and gmm is not None:
             fail("gmm", "None in lookup mode (the bank's responsibilities are used)", gmm)
+        if not isinstance(keep_real, bool):
+            fail("keep_real", "True or False", keep_real)
+        self.keep_real = keep_real
         self.epoch = 0
         self.calls = 0
+        self._p = self.options.p
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch of the draws."""
         self.epoch = check_int("epoch", epoch, minimum=0)
 
+    @property
+    def p(self) -> float:
+        """The probability that a row is mixed."""
+        return self._p
+
+    def set_p(self, p: float) -> None:
+        """Set the probability that a row is mixed (e.g. the attenuation coefficient of an epoch).
+
+        The draws stay a function of ``(seed, epoch, rank, index, p)``: a row mixed under
+        ``p`` is also mixed under any larger ``p``.
+        """
+        self._p = check_p(p)
+
+    def set_gmm(self, gmm: Any) -> None:
+        """Use ``gmm`` (a fitted :class:`~cmda_data.GaussianMixture`) for the intra-modal weights.
+
+        Online mode only; its number of features must be the aligner's ``dim`` (when the
+        aligner has one). None goes back to the bank's GMM or to fitting on the batches.
+        With ``refit_every`` set, the module's own refits replace it on that schedule.
+
+        Examples:
+            Refit the GMM on all training latents at the start of each epoch (the paper's
+            online CMDA):
+
+            >>> from cmda_data.mixture import GaussianMixture
+            >>> class Aligner:  # embeds a batch as itself (a stand-in for a trained aligner)
+            ...     dim = 2
+            ...     def embed(self, modality, batch):
+            ...         return torch.nn.functional.normalize(batch, dim=1)
+            >>> aligner = Aligner()
+            >>> texts = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+            >>> aug = CMDAugment(aligner, student="image", teachers="text", p=1.0)
+            >>> for epoch in range(2):
+            ...     aug.set_epoch(epoch)
+            ...     aug.set_gmm(GaussianMixture(2, random_state=epoch).fit(aligner.embed("text", texts)))
+            ...     out, plan = aug({"image": texts[:4], "text": texts[:4]})  # the epoch's batches
+            >>> out["image"].shape, aug.gmm.n_components
+            (torch.Size([4, 2]), 2)
+        """
+        if gmm is not None:
+            from .mixture import GaussianMixture
+
+            if self.aligner is None:
+                fail("gmm", "None in lookup mode (the bank's responsibilities are used)", gmm)
+            if not isinstance(gmm, GaussianMixture):
+                fail("gmm", "a fitted cmda_data.GaussianMixture", gmm)
+            gmm._check_fitted()  # NotFittedError
+            means = gmm.means_
+            dim = getattr(self.aligner, "dim", None)
+            if isinstance(dim, int) and int(means.shape[1]) != dim:
+                fail("gmm", f"a GaussianMixture fitted on {dim}-dimensional latents (the aligner's dim)",
+                     f"one with {int(means.shape[1])} features")
+        self.gmm = gmm
+
     def extra_repr(self) -> str:
         o = self.options
         mode = "lookup" if self.aligner is None else "online"
-        return (f"mode={mode}, student={o.student!r}, teachers={list(o.teachers)}, p={o.p}, intra={o.intra!r}, "
+        return (f"mode={mode}, student={o.student!r}, teachers={list(o.teachers)}, p={self.p}, intra={o.intra!r}, "
                 f"top_k={o.top_k}, refit_every={self.refit_every}, seed={o.seed}")
 
     # -- the GMM of online CMDA ------------------------------------------------------------
@@ -190,6 +258,10 @@ class CMDAugment(nn.Module):
         index = self._index(batch, required=self.aligner is None)
         keys = index.cpu() if index is not None else torch.arange(n)
         opts = self.options
+        if self._p != opts.p:
+            from dataclasses import replace
+
+            opts = replace(opts, p=self._p)
         if index is None:  # no dataset index: seed by call number and position
             from dataclasses import replace
 
@@ -227,5 +299,8 @@ class CMDAugment(nn.Module):
         out = mix_batch(batch, plan, student=self.fields[self.options.student], target=self.target,
                         num_classes=self.num_classes, label_smoothing=self.label_smoothing,
                         index=None if index is None else index.to(plan.device), info_key=self.info_key)
+        if self.keep_real:
+            out = keep_real_batch(batch, out, plan, target=self.target, num_classes=self.num_classes,
+                                  label_smoothing=self.label_smoothing, info_key=self.info_key)
         self.calls += 1
         return out, plan

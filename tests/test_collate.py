@@ -243,3 +243,99 @@ def test_tuple_samples_through_workers(bank):
             assert torch.equal(a, b)
         for key in x[4]:
             assert torch.equal(x[4][key], y[4][key])
+
+
+# -- set_p: a mixing probability that changes during training -------------------------------
+def test_set_p_reaches_persistent_workers(data, bank):
+    collate = collate_for(bank, p=0.5, seed=2)
+    loader = DataLoader(IndexedDataset(data), batch_size=7, collate_fn=collate, num_workers=2,
+                        persistent_workers=True)
+    seen = {}
+    for epoch, p in enumerate([0.0, 1.0, 0.5]):
+        collate.set_epoch(epoch)
+        collate.set_p(p)
+        assert collate.p == p
+        seen[p] = list(loader)
+    assert not any(bool(b["mix_info"]["mixed"].any()) for b in seen[0.0])
+    for batch in seen[0.0]:  # nothing mixed: the originals, one-hot targets
+        assert torch.equal(batch["image"], default_collate([data[i] for i in batch["index"].tolist()])["image"])
+    assert all(bool(b["mix_info"]["mixed"].all()) for b in seen[1.0])  # every row of 7 has partners
+    reference = collate_for(bank, p=0.5, seed=2)  # p given to the constructor == p set later
+    reference.set_epoch(2)
+    assert_batches_equal(seen[0.5], list(DataLoader(IndexedDataset(data), batch_size=7, collate_fn=reference)))
+
+
+def test_set_p_draws_are_monotone_in_p_and_validated(data, bank):
+    samples = [IndexedDataset(data)[i] for i in range(N)]
+    collate = collate_for(bank, p=0.3, seed=5)
+    low = collate(samples)["mix_info"]["mixed"]
+    collate.set_p(0.8)
+    high = collate(samples)["mix_info"]["mixed"]
+    assert bool((high | ~low).all()) and int(high.sum()) > int(low.sum())  # mixed at 0.3 -> mixed at 0.8
+    assert "p=0.8" in repr(collate) and pickle.loads(pickle.dumps(collate)).p == 0.8
+    for bad in (1.5, -0.1, "half", float("nan")):
+        with pytest.raises(ValidationError, match="p: expected"):
+            collate.set_p(bad)
+    assert collate.p == 0.8
+
+
+# -- keep_real: the real batch followed by the generated rows -------------------------------
+def test_keep_real_appends_the_mixed_rows(data, bank):
+    order = [3, 8, 1, 17, 12, 5, 0, 20, 9]
+    samples = [IndexedDataset(data)[i] for i in order]
+    kwargs = dict(p=0.5, top_k=4, seed=11, label_smoothing=0.1)
+    replaced = collate_for(bank, **kwargs)(samples)
+    out = collate_for(bank, keep_real=True, **kwargs)(samples)
+    rows = replaced["mix_info"]["mixed"].nonzero().reshape(-1)
+    b, g = len(order), len(rows)
+    assert 0 < g < b
+    real = default_collate(samples)
+    assert set(out) == set(replaced)
+    assert out["image"].shape == (b + g, 3, 4, 4) and out["label"].shape == (b + g, NUM_CLASSES)
+    for key in ("image", "text", "index"):  # first B rows: default_collate's; then the mixed rows
+        assert torch.equal(out[key][:b], real[key])
+        assert torch.equal(out[key][b:], replaced[key][rows])
+    assert out["caption"] == real["caption"] + [replaced["caption"][r] for r in rows.tolist()]
+    hard = F.one_hot(real["label"], NUM_CLASSES).float() * 0.9 + 0.1 / NUM_CLASSES  # smoothed one-hot
+    torch.testing.assert_close(out["label"][:b], hard)
+    assert torch.equal(out["label"][b:], replaced["label"][rows])
+    info, before = out["mix_info"], replaced["mix_info"]
+    assert info["mixed"].tolist() == [False] * b + [True] * g
+    assert info["source"].tolist() == list(range(b)) + rows.tolist()
+    assert torch.equal(info["index"], out["index"])
+    for key in ("partners", "weights", "teacher"):
+        assert torch.equal(info[key][b:], before[key][rows])
+    assert torch.equal(info["partners"][:b], real["index"][:, None].expand(b, 4))
+    assert info["weights"][:b].tolist() == [[1.0, 0.0, 0.0, 0.0]] * b
+    kwargs["label_smoothing"] = 0.0  # every row is the weighted sum of its partners, real rows the identity
+    check_batch(collate_for(bank, keep_real=True, **kwargs)(samples), data)
+
+
+def test_keep_real_with_p_one_and_p_zero(data, bank):
+    samples = [IndexedDataset(data)[i] for i in range(8)]
+    collate = collate_for(bank, p=1.0, keep_real=True)
+    out = collate(samples)
+    assert out["image"].shape[0] == 16 and out["mix_info"]["mixed"].sum() == 8  # the paper: B real + B generated
+    collate.set_p(0.0)
+    out = collate(samples)
+    assert out["image"].shape[0] == 8 and torch.equal(out["image"], default_collate(samples)["image"])
+    with pytest.raises(ValidationError, match="keep_real: expected True or False"):
+        collate_for(bank, keep_real=1)
+
+
+def test_keep_real_tuple_samples_and_workers(bank):
+    data = TupleDataset(N)
+    kwargs = dict(fields={"image": 0}, target=2, num_classes=NUM_CLASSES, p=0.7, top_k=3, seed=1)
+    replaced = CMDACollate(bank, **kwargs)
+    keep = CMDACollate(bank, keep_real=True, **kwargs)
+    indexed = IndexedDataset(data)
+    batches = list(DataLoader(indexed, batch_size=6, collate_fn=keep, num_workers=2))
+    for start, out in zip(range(0, N, 6), batches):
+        samples = [indexed[i] for i in range(start, min(start + 6, N))]
+        ref, real = replaced(samples), default_collate(samples)
+        rows = ref[-1]["mixed"].nonzero().reshape(-1)
+        b = len(samples)
+        assert len(out) == 5 and out[0].shape[0] == b + len(rows)
+        assert torch.equal(out[0][:b], real[0]) and torch.equal(out[0][b:], ref[0][rows])
+        assert torch.equal(out[3], torch.cat([real[3], real[3][rows]]))  # index, then the source rows' index
+        assert torch.equal(out[2][b:], ref[2][rows]) and torch.equal(out[-1]["mixed"][b:], ref[-1]["mixed"][rows])

@@ -281,3 +281,24 @@ def test_configuration_errors(data, bank):
     with pytest.raises(ValidationError, match="intra: expected None for a bank without a GMM"):
         CrossModalAugmentedDataset(data, no_gmm)
     assert CrossModalAugmentedDataset(data, no_gmm, intra=None, p=1.0)[0]["image"].shape == (3, 4, 4)
+
+
+def test_set_p_reaches_persistent_workers(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=0.5, top_k=3, seed=3)
+    loader = DataLoader(aug, batch_size=8, num_workers=2, persistent_workers=True)
+    seen = {}
+    for epoch, p in enumerate([0.0, 1.0, 0.5]):
+        aug.set_epoch(epoch)
+        aug.set_p(p)
+        assert aug.p == p
+        seen[p] = _batches(loader)
+    assert not any(bool(b["mix_info"]["mixed"].any()) for b in seen[0.0])
+    for batch in seen[0.0]:
+        assert torch.equal(batch["image"], torch.stack([data[int(i)]["image"] for i in batch["mix_info"]["index"]]))
+    assert all(bool(b["mix_info"]["mixed"].all()) for b in seen[1.0])  # pools of 24 always hold partners
+    reference = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=0.5, top_k=3, seed=3)
+    reference.set_epoch(2)
+    _assert_batches_equal(seen[0.5], _batches(DataLoader(reference, batch_size=8)))
+    assert "p=0.5" in repr(aug)
+    with pytest.raises(ValidationError, match="p: expected"):
+        aug.set_p(2)

@@ -12,7 +12,7 @@ from _entry_data import NUM_CLASSES, PairedDataset, latents, make_bank
 from cmda_data.aligners import ContrastiveAligner, PrecomputedAligner
 from cmda_data.collate import CMDACollate
 from cmda_data.dataset import IndexedDataset
-from cmda_data.exceptions import FieldError, ValidationError
+from cmda_data.exceptions import FieldError, NotFittedError, ValidationError
 from cmda_data.mixture import GaussianMixture
 from cmda_data.module import CMDAugment
 from conftest import CPU_AND_CUDA
@@ -184,3 +184,76 @@ def test_errors(data, bank):
     tokens["image"] = torch.zeros(N, 3, dtype=torch.long)
     with pytest.raises(FieldError, match="field 'image' of the batch: .*mix embeddings instead"):
         CMDAugment(bank=bank)(tokens)
+
+
+def test_set_p(data, bank):
+    batch = full_batch(data)
+    module = CMDAugment(bank=bank, target="label", num_classes=NUM_CLASSES, p=0.5, seed=3)
+    module.set_p(0.0)
+    out, plan = module(batch)
+    assert module.p == 0.0 and not bool(plan.mixed.any()) and torch.equal(out["image"], batch["image"])
+    module.set_p(1.0)
+    assert bool(module(batch)[1].mixed.all()) and "p=1.0" in repr(module)
+    module.set_p(0.5)  # set back: the same draws as p given to the constructor
+    expected, _ = CMDAugment(bank=bank, target="label", num_classes=NUM_CLASSES, p=0.5, seed=3)(batch)
+    assert torch.equal(module(batch)[0]["image"], expected["image"])
+    with pytest.raises(ValidationError, match="p: expected"):
+        module.set_p(-1)
+
+
+def test_keep_real_equals_the_collate(data, bank):
+    kwargs = dict(target="label", num_classes=NUM_CLASSES, p=0.6, top_k=4, seed=7, keep_real=True)
+    batch = full_batch(data)
+    before = clone_batch(batch)
+    expected = CMDACollate(bank, **kwargs)([IndexedDataset(data)[i] for i in range(N)])
+    out, plan = CMDAugment(bank=bank, **kwargs)(batch)
+    assert_same_inputs(batch, before)
+    g = int(plan.mixed.sum())
+    assert out["image"].shape[0] == N + g and plan.num_outputs == N
+    assert torch.equal(out["image"][:N], batch["image"])
+    torch.testing.assert_close(out["image"], expected["image"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["label"], expected["label"], atol=1e-5, rtol=1e-5)
+    assert out["caption"] == expected["caption"]
+    for key in expected["mix_info"]:
+        assert torch.equal(out["mix_info"][key], expected["mix_info"][key])
+
+
+def test_keep_real_keeps_gradients_of_both_parts(data):
+    module = CMDAugment(tiny_aligner(), student="image", teachers="text", intra=None, p=1.0, keep_real=True)
+    batch = full_batch(data, 6)
+    image = batch["image"].clone().requires_grad_(True)
+    out, _ = module(dict(batch, image=image))
+    assert out["image"].shape[0] == 12
+    out["image"][:6].sum().backward()
+    assert torch.equal(image.grad, torch.ones_like(image))
+
+
+def test_set_gmm(data):
+    z = latents(N)
+    aligner = PrecomputedAligner({"image": z["image"], "text": z["text"]})
+    module = CMDAugment(aligner, student="image", teachers="text", p=1.0)
+    batch = full_batch(data)
+    for epoch in range(2):  # refit on all training latents at each epoch start
+        gmm = GaussianMixture(2, covariance_type="diag", random_state=epoch)
+        gmm.fit(aligner.embed("text", torch.arange(N)))
+        module.set_epoch(epoch)
+        module.set_gmm(gmm)
+        out, plan = module(batch)
+        assert module.gmm is gmm  # used as is, not refitted
+        resp = gmm.predict_proba(aligner.embed("text", torch.arange(N))).float()  # Eq. 11 by hand
+        torch.testing.assert_close(plan.intra, resp @ F.one_hot(resp.argmax(1), 2).float().T
+                                   + resp.gather(1, resp.argmax(1, keepdim=True)), atol=1e-6, rtol=1e-6)
+    module.set_gmm(None)
+    assert module.gmm is None
+    with pytest.raises(ValidationError, match="gmm: expected a fitted cmda_data.GaussianMixture"):
+        module.set_gmm("gmm")
+    with pytest.raises(NotFittedError, match="GaussianMixture: expected a fitted model"):
+        module.set_gmm(GaussianMixture(2))
+    wrong = GaussianMixture(2, covariance_type="diag", random_state=0).fit(torch.randn(20, 3))
+    with pytest.raises(ValidationError, match="gmm: expected a GaussianMixture fitted on"):
+        module.set_gmm(wrong)
+
+
+def test_set_gmm_refused_in_lookup_mode(data, bank):
+    with pytest.raises(ValidationError, match="gmm: expected None in lookup mode"):
+        CMDAugment(bank=bank).set_gmm(bank.gmm)
