@@ -145,7 +145,35 @@ def draw_rows(indices: Iterable[int], *, seed: int, epoch: int, rank: int, p: fl
     return torch.from_numpy(mixed.copy()), torch.from_numpy(teacher)
 
 
-class SharedEpoch:
+class _SharedScalar:
+    """One number in a one-element shared-memory tensor (read by DataLoader workers)."""
+
+    _dtype: torch.dtype
+
+    def __init__(self, value: Any) -> None:
+        self._value = torch.zeros(1, dtype=self._dtype)
+        try:
+            self._value.share_memory_()
+        except RuntimeError:  # pragma: no cover - no shared memory: a private value still works
+            pass
+        self.set(value)
+
+    def _check(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def get(self) -> Any:
+        """The current value."""
+        return self._value.item()
+
+    def set(self, value: Any) -> None:
+        """Set the value (checked); seen by all processes sharing it."""
+        self._value[0] = self._check(value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.get()})"
+
+
+class SharedEpoch(_SharedScalar):
     """An epoch counter that DataLoader worker processes share with the main process.
 
     The value is a one-element ``int64`` tensor in shared memory. Workers created by
@@ -160,27 +188,16 @@ class SharedEpoch:
         4
     """
 
+    _dtype = torch.int64
+
     def __init__(self, epoch: int = 0) -> None:
-        self._value = torch.zeros(1, dtype=torch.int64)
-        try:
-            self._value.share_memory_()
-        except RuntimeError:  # pragma: no cover - no shared memory: a private counter still works
-            pass
-        self.set(epoch)
+        super().__init__(epoch)
 
-    def get(self) -> int:
-        """The current epoch."""
-        return int(self._value[0])
-
-    def set(self, epoch: Any) -> None:
-        """Set the epoch (an integer >= 0); seen by all processes sharing the counter."""
-        self._value[0] = check_int("epoch", epoch, minimum=0)
-
-    def __repr__(self) -> str:
-        return f"SharedEpoch({self.get()})"
+    def _check(self, value: Any) -> int:
+        return check_int("epoch", value, minimum=0)
 
 
-class SharedProbability:
+class SharedProbability(_SharedScalar):
     """A probability that DataLoader worker processes share with the main process.
 
     A one-element ``float64`` tensor in shared memory, like :class:`SharedEpoch`: :meth:`set`
@@ -194,24 +211,13 @@ class SharedProbability:
         0.25
     """
 
+    _dtype = torch.float64
+
     def __init__(self, p: float = 1.0) -> None:
-        self._value = torch.zeros(1, dtype=torch.float64)
-        try:
-            self._value.share_memory_()
-        except RuntimeError:  # pragma: no cover - no shared memory: a private value still works
-            pass
-        self.set(p)
+        super().__init__(p)
 
-    def get(self) -> float:
-        """The current probability."""
-        return float(self._value[0])
-
-    def set(self, p: Any) -> None:
-        """Set the probability (a number in [0, 1]); seen by all processes sharing it."""
-        self._value[0] = check_p(p)
-
-    def __repr__(self) -> str:
-        return f"SharedProbability({self.get()})"
+    def _check(self, value: Any) -> float:
+        return check_p(value)
 
 
 class SharedEpochMixin:
