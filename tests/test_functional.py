@@ -472,6 +472,7 @@ def test_non_contiguous_samples_and_gradients():
 
 
 @needs_cuda
+@pytest.mark.needs_cuda
 def test_cpu_equals_cuda():
     kernels_cpu = _kernels(7, torch.float32)
     for name in KERNEL_NAMES:
@@ -578,6 +579,7 @@ def test_bad_input_raises_a_clear_error(call, error, message):
 
 
 @needs_cuda
+@pytest.mark.needs_cuda
 def test_mixed_devices_raise_device_error():
     with pytest.raises(DeviceError, match=r"samples: expected a tensor on cuda:0 like weights|weights: expected a tensor on cpu like samples"):
         Fn.mix(W33.cuda(), X3)

@@ -340,6 +340,7 @@ class TestMakePlan:
 
 
 @needs_cuda
+@pytest.mark.needs_cuda
 def test_device_mismatch_in_plan_fields():
     with pytest.raises(DeviceError):
         MixPlan(index=torch.tensor([[0]]), weights=torch.ones(1, 1).cuda(),

@@ -303,8 +303,12 @@ class ContrastiveAligner(Aligner):
         if generator is None:
             generator = torch.Generator().manual_seed(self.seed if seed is None else check_int("seed", seed, minimum=0))
         if device is not None:
+            # heads that do not exist yet are built on the first batch's device, so the batches
+            # go where asked even when the aligner has no parameters yet (identity encoders)
+            device = torch.device(device)
             self.to(device)
-        device = self._device()
+        else:
+            device = self._device()
         batches = _training.make_batches(data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                                          generator=generator)
         modes = [(module, module.training) for module in self.modules()]
