@@ -77,7 +77,7 @@ TARGETS = {  # name: (comparison, bound, text)
     "topk/clone": ("<=", 1.2, "topk(8) <= 1.2x clone"),
 }
 INTERLEAVED = ["clone", "dense", "topk", "clone_out", "dense_out", "topk_1bag", "mixup", "dense+w",
-               "topk+w"]
+               "topk+w", "dense_kernel", "topk_kernel"]
 
 
 def sync(device: torch.device) -> None:
@@ -195,7 +195,13 @@ def bench_case(name: str, shape, device: torch.device, args, progress) -> Dict[s
         "mixup": lambda: mixup(X_img, labels),
         "dense+w": lambda: Fn.mix(weights(), X),
         "topk+w": lambda: _topk_with_weights(weights, X),
+        # the same math without the argument checks (the entry points check once, upstream):
+        # on a GPU the checks' reductions and host syncs are most of a sub-millisecond call
+        "dense_kernel": lambda: Fn._mix(W, X),
+        "topk_kernel": lambda: Fn._mix(values, X, index=index),
     }
+    if device.type == "cuda":  # float32 matmul on the tensor cores (TF32), what many training loops enable
+        jobs["dense_tf32"] = lambda: _tf32(lambda: Fn._mix(W, X))
     timings = time_interleaved(jobs, device, rounds=args.repeats, budget_s=budget)
     progress(f"{device.type}/{name}/interleaved")
     slow = max(3, args.repeats // 4)
@@ -221,7 +227,11 @@ def bench_case(name: str, shape, device: torch.device, args, progress) -> Dict[s
              "mixup/clone": ("mixup", "clone"),
              # floors: both sides writing into preallocated buffers / blocking off
              "dense_out/clone_out": ("dense_out", "clone_out"),
-             "topk_1bag/topk": ("topk_1bag", "topk"), "topk_bmm/topk": ("topk_bmm", "topk")}
+             "topk_1bag/topk": ("topk_1bag", "topk"), "topk_bmm/topk": ("topk_bmm", "topk"),
+             # the kernels alone (no argument checks), against the same clone
+             "dense_kernel/clone": ("dense_kernel", "clone"), "topk_kernel/clone": ("topk_kernel", "clone")}
+    if "dense_tf32" in timings:
+        pairs["dense_tf32/clone"] = ("dense_tf32", "clone")
     ratios = {k: med[a] / med[b] for k, (a, b) in pairs.items()}
     cpu_ratios = {k: cpu[a] / cpu[b] for k, (a, b) in pairs.items()}
     flops_dense = 2.0 * B * B * flat.shape[1]
@@ -246,6 +256,15 @@ def bench_case(name: str, shape, device: torch.device, args, progress) -> Dict[s
     return {"case": name, "shape": list(shape), "device": str(device),
             "threads": torch.get_num_threads(), "timings": timings, "ratios": ratios,
             "cpu_ratios": cpu_ratios, "rates": rates, "targets": verdicts}
+
+
+def _tf32(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return fn()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _topk_with_weights(weights: Callable[[], torch.Tensor], X: torch.Tensor) -> torch.Tensor:
@@ -314,8 +333,8 @@ def machine_info(threads: List[int]) -> Dict[str, object]:
 
 
 def print_table(results: List[Dict[str, object]]) -> None:
-    cols = ["clone", "dense", "topk", "clone_out", "dense_out", "topk_1bag", "dense+w", "topk+w",
-            "mixup", "loop", "dense_f64", "topk_bmm"]
+    cols = ["clone", "dense", "topk", "dense_kernel", "topk_kernel", "clone_out", "dense_out", "topk_1bag",
+            "dense+w", "topk+w", "mixup", "loop", "dense_f64", "topk_bmm"]
     label = lambda r: f"{r['device']}/{r['threads']}t/{r['case']}"  # noqa: E731
     print("\nmedian wall time per batch of B=128, milliseconds (CPU time below at 1 thread)")
     print(f"{'device/threads/case':<22}" + "".join(f"{c:>11}" for c in cols))
@@ -331,12 +350,15 @@ def print_table(results: List[Dict[str, object]]) -> None:
             print(row)
     if any("extrapolated_from_rows" in r["timings"]["loop"] for r in results):
         print("  * loop timed on a few rows and extrapolated linearly to 128 rows (--quick)")
-    keys = list(results[0]["ratios"]) if results else []
+    keys = list(dict.fromkeys(k for r in results for k in r["ratios"]))
     print("\nratios of wall medians [CPU-time ratio at 1 thread]")
     print(f"{'device/threads/case':<22}" + "".join(f"{k:>21}" for k in keys))
     for r in results:
         cells = []
         for k in keys:
+            if k not in r["ratios"]:
+                cells.append(f"{'-':>21}")
+                continue
             cell = f"{r['ratios'][k]:.2f}"
             if r["threads"] == 1 and r["device"] == "cpu":
                 cell += f" [{r['cpu_ratios'][k]:.2f}]"

@@ -140,7 +140,8 @@ def _flatten_trailing(samples: torch.Tensor) -> Tuple[torch.Tensor, Callable[[to
     return permuted.reshape(m, size), lambda out: out.reshape(out.shape[0], *shape).permute(*inverse)
 
 
-def _check_index(index: object, weights: torch.Tensor, m: int, samples: torch.Tensor) -> torch.Tensor:
+def _check_index(index: object, weights: torch.Tensor, m: int, samples: torch.Tensor, *,
+                 check_range: bool = True) -> torch.Tensor:
     if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
         fail("index", "an int64 tensor [n, k] of positions into samples", index)
     check_rank("index", index, 2)
@@ -150,12 +151,38 @@ def _check_index(index: object, weights: torch.Tensor, m: int, samples: torch.Te
     if tuple(weights.shape) != tuple(index.shape):
         fail("weights", f"shape {tuple(index.shape)} to match index (sparse mixing)", weights,
              ShapeError)
-    if index.numel():
+    if check_range and index.numel():
         low, high = (int(v) for v in torch.aminmax(index))
         if low < 0 or high >= m:
             fail("index", f"positions in [0, {m}) (samples has {m} rows)",
                  f"positions from {low} to {high}", raw=True)
     return index
+
+
+def _check_mix_values(weights: torch.Tensor, samples: torch.Tensor, index: Optional[torch.Tensor], m: int) -> None:
+    """The value checks of ``mix`` (finite weights and samples, index range) with ONE transfer.
+
+    Each check is a reduction whose result the host must read; on a GPU every read is a
+    synchronisation that costs more than the reduction itself, so the reductions are stacked
+    and read together. A failed scan re-runs the element-wise check that words the error.
+    """
+    parts = []
+    for t in (weights, samples):
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        parts.append(t.sum(dtype=acc).to(torch.float64).reshape(1) if t.numel()
+                     else torch.zeros(1, dtype=torch.float64, device=t.device))
+    if index is not None and index.numel():
+        parts.append(torch.stack(torch.aminmax(index)).to(torch.float64))  # exact below 2**53
+    weight_sum, sample_sum, *bounds = torch.cat(parts).tolist()
+    if not math.isfinite(weight_sum):
+        check_finite("weights", weights)  # a finite sum can overflow: look element-wise
+    if bounds:
+        low, high = int(bounds[0]), int(bounds[1])
+        if low < 0 or high >= m:
+            fail("index", f"positions in [0, {m}) (samples has {m} rows)",
+                 f"positions from {low} to {high}", raw=True)
+    if not math.isfinite(sample_sum):
+        check_finite("samples", samples)
 
 
 def _mix_sparse_bmm(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

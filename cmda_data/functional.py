@@ -41,6 +41,7 @@ from ._kernels import (  # noqa: F401 - private helpers (some used only by the t
     _check_index,
     _check_latents,
     _check_matrix,
+    _check_mix_values,
     _check_resp,
     _check_same_device,
     _check_samples,
@@ -53,7 +54,7 @@ from ._kernels import (  # noqa: F401 - private helpers (some used only by the t
     _uniform_if_empty,
     _unit_rows,
 )
-from ._validation import check_int, check_option, check_positive_float, check_rank, check_same_size, fail
+from ._validation import check_float_tensor, check_int, check_option, check_positive_float, check_rank, check_same_size, fail
 from .exceptions import ShapeError
 
 __all__ = [
@@ -336,7 +337,7 @@ def mix(weights: torch.Tensor, samples: torch.Tensor, *,
         tensor([[3., 4.]])
     """
     _check_samples(samples)
-    _check_float("weights", weights)
+    check_float_tensor("weights", weights, finite=False)
     check_rank("weights", weights, 2)
     _check_same_device("samples", samples, "weights", weights)
     m = samples.shape[0]
@@ -345,8 +346,8 @@ def mix(weights: torch.Tensor, samples: torch.Tensor, *,
             fail("samples", f"{weights.shape[1]} samples along dim 0 to match the columns of "
                  f"weights {tuple(weights.shape)}", samples, ShapeError)
     else:
-        _check_index(index, weights, m, samples)
-    _check_float("samples", samples)  # one reduction pass, no [m, *S] temporary
+        _check_index(index, weights, m, samples, check_range=False)
+    _check_mix_values(weights, samples, index, m)  # reductions only, read back in one transfer
     return _mix(weights, samples, index)
 
 

@@ -542,6 +542,10 @@ BAD_INPUTS = [
      r"got tensor of shape \(4, 2\)"),
     (lambda: Fn.mix(W33, torch.tensor([[1.0], [float("inf")], [0.0]])), ValidationError,
      r"samples: expected finite values \(no NaN or inf\), got 1 non-finite entries"),
+    (lambda: Fn.mix(torch.tensor([[float("nan"), 0.5, 0.5]]), X3), ValidationError,
+     r"weights: expected finite values \(no NaN or inf\), got 1 non-finite entries"),
+    (lambda: Fn.mix(torch.ones(2, 2), X3, index=torch.tensor([[0, -1], [1, 2]])), ValidationError,
+     r"index: expected positions in \[0, 3\) \(samples has 3 rows\), got positions from -1 to 2"),
     (lambda: Fn.mix(torch.ones(2, 2), X3, index=torch.tensor([[0, 5], [1, 2]])), ValidationError,
      r"index: expected positions in \[0, 3\) \(samples has 3 rows\), got positions from 0 to 5"),
     (lambda: Fn.mix(torch.ones(2, 3), X3, index=torch.tensor([[0, 1], [1, 2]])), ShapeError,
@@ -576,6 +580,19 @@ def test_bad_input_raises_a_clear_error(call, error, message):
     with pytest.raises(error, match=message) as info:
         call()
     assert isinstance(info.value, CMDAError)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_mix_accepts_huge_finite_values_whose_sum_overflows(device):
+    """The fused finiteness scan sums; an overflowing sum of finite values is no error."""
+    big = torch.finfo(torch.float32).max / 2
+    x = torch.full((3, 2), big, device=device)
+    w = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], device=device)
+    assert not torch.isfinite(x.sum())
+    out = Fn.mix(w, x)
+    assert torch.isfinite(out).all() and torch.allclose(out, x[:2], rtol=1e-6)
+    values, index = torch.tensor([[0.5, 0.5]], device=device), torch.tensor([[0, 2]], device=device)
+    assert torch.allclose(Fn.mix(values, x, index=index), x[:1], rtol=1e-6)
 
 
 @needs_cuda
