@@ -248,6 +248,71 @@ def run_seeds(fn: Callable[[int], Dict[str, Any]], seeds: Sequence[int], *, desc
     return [fn(seed) for seed in progress(list(seeds), desc=desc, enabled=enabled)]
 
 
+def run_pool(fn: Callable[..., Any], tasks: Sequence[tuple], *, jobs: int = 1,
+             max_minutes: Optional[float] = None, initializer: Optional[Callable[..., None]] = None,
+             initargs: tuple = (), on_result: Optional[Callable[[int, Any], None]] = None,
+             desc: str = "runs", enabled: bool = True) -> Dict[int, Any]:
+    """``{i: fn(*tasks[i])}`` for the tasks that ran, in ``jobs`` processes when ``jobs > 1``.
+
+    ``jobs > 1`` starts that many *spawned* worker processes (CUDA-safe), each running
+    ``initializer(*initargs)`` once (load the data there, not per task). With
+    ``max_minutes`` no task is *started* after that many minutes; the tasks already running
+    finish, the rest are left out of the returned map (the caller reports which ran).
+    ``on_result(i, result)`` runs in this process as each task finishes (e.g. to append it to
+    a partial-results file). An exception in a task is raised here.
+    """
+    jobs = int(jobs)
+    if jobs < 1:
+        raise ValueError(f"run_pool: jobs: expected an integer >= 1, got {jobs}")
+    deadline = None if max_minutes is None else time.monotonic() + 60.0 * float(max_minutes)
+    results: Dict[int, Any] = {}
+    bar = progress(range(len(tasks)), desc=desc, enabled=enabled, total=len(tasks))
+    bar_update = getattr(bar, "update", lambda n=1: None)
+
+    def done(i: int, value: Any) -> None:
+        results[i] = value
+        if on_result is not None:
+            on_result(i, value)
+        bar_update(1)
+
+    if jobs == 1:
+        if initializer is not None:
+            initializer(*initargs)
+        for i, task in enumerate(tasks):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            done(i, fn(*task))
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                      initializer=initializer, initargs=initargs)
+        pending: Dict[Any, int] = {}
+        queue = list(enumerate(tasks))
+        try:
+            while queue or pending:
+                while queue and len(pending) < jobs and (deadline is None or time.monotonic() < deadline):
+                    i, task = queue.pop(0)
+                    pending[pool.submit(fn, *task)] = i
+                if not pending:
+                    break  # past the deadline with nothing running
+                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    done(pending.pop(future), future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    close = getattr(bar, "close", None)
+    if close is not None:
+        close()
+    return results
+
+
+def threads_per_job(jobs: int) -> int:
+    """CPU threads for each of ``jobs`` parallel runs (the cores split evenly, at least 1)."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(jobs)))
+
+
 def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():

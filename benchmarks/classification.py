@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -81,17 +82,25 @@ class PixelTrunk(nn.Module):
 
 
 def augment_pixels(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Basic augmentation of the paper's Base: random crop (pad 4) + horizontal flip."""
+    """Basic augmentation of the paper's Base: random crop (pad 4, reflect) + horizontal flip.
+
+    The draws come from the CPU generator ``gen``; the crop is one gather on ``x``'s device.
+    """
     n, _, h, w = x.shape
     padded = nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
-    dx, dy = torch.randint(0, 9, (2, n), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    dx, dy = torch.randint(0, 9, (2, n), generator=gen).to(x.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [n, 1, h, 1]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [n, 1, 1, w]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, channel, rows, cols]
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
 # ------------------------------------------------------------------------------------ data
-def prepare(dataset: str, student: str, space: str, *, study: bool, quick_pixels: Optional[int] = None) -> Dict[str, Any]:
+def prepare(dataset: str, student: str, space: str, *, study: bool, quick_pixels: Optional[int] = None,
+            image_size: int = 64) -> Dict[str, Any]:
     """Train / eval sets: (train, test) or, for --study, (train minus validation, validation)."""
     table = T.load_table(dataset)
     split = classification_split(table.is_train.numpy())
@@ -106,7 +115,7 @@ def prepare(dataset: str, student: str, space: str, *, study: bool, quick_pixels
     evaluation = T.columns(table, eval_rows, train_rows)
     info = {"train_rows": train_rows, "eval_rows": eval_rows, "num_classes": table.num_classes}
     if space == "pixels":
-        photos = load_webnews(split="all", image="pixels", image_size=64, captions=False, cache=True)
+        photos = load_webnews(split="all", image="pixels", image_size=image_size, captions=False, cache=True)
         gen_rows = lambda rows: torch.stack([photos[int(r)]["image"] for r in rows])  # noqa: E731
         info["train_features"] = train["image"]  # EfficientNet features: the offline aligner's image view
         train["image"], evaluation["image"] = gen_rows(train_rows), gen_rows(eval_rows)
@@ -164,7 +173,7 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
             x = batch[student].to(device)
             y = batch["label"].to(device)
             if space == "pixels":
-                x = augment_pixels(x.cpu(), gen).to(device)
+                x = augment_pixels(x, gen)
             inputs, targets = [x], [nn.functional.one_hot(y, num_classes).float()]
             if method == "mixup" and len(x) > 1:
                 lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA))
@@ -180,7 +189,7 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
             elif mixed is not None:
                 xm = mixed[student].to(device)
                 if space == "pixels":
-                    xm = augment_pixels(xm.cpu(), gen).to(device)
+                    xm = augment_pixels(xm, gen)
                 inputs.append(xm)
                 targets.append(mixed["label"].to(device))
             logits = classifier(trunk(torch.cat(inputs)))
@@ -203,6 +212,70 @@ def accuracy(trunk: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.
     return float((pred == y).float().mean())
 
 
+# ------------------------------------------------------------------------------------ parallel runs
+_WORKER: Dict[str, Any] = {}
+
+
+def _init_worker(spec: Dict[str, Any], data: Optional[Dict[str, Any]] = None) -> None:
+    """Per process (``--jobs``): threads, then the data prepared once (or handed over in-process)."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    _WORKER["spec"] = spec
+    _WORKER["data"] = data if data is not None else prepare(
+        spec["dataset"], spec["student"], spec["space"], study=spec["study"],
+        quick_pixels=spec["pixel_subset"], image_size=spec["image_size"])
+
+
+def _run_task(method: str, cfg: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    """One (method, configuration, seed) training run in this process; its curve and seconds."""
+    spec = _WORKER["spec"]
+    start = time.time()
+    curve = run_one(method, _WORKER["data"], spec["student"], spec["space"], seed, spec["epochs"],
+                    T.MixConfig(**cfg), torch.device(spec["device"]), aligner_epochs=spec["aligner_epochs"])
+    return {"curve": curve, "seconds": round(time.time() - start, 1)}
+
+
+def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool, data: Dict[str, Any],
+              tasks: List[tuple], *, partial: Optional[Path] = None, desc: str) -> Dict[tuple, Dict[str, Any]]:
+    """``{(name, seed): {"curve", "seconds"}}`` for ``tasks`` = ``[(name, method, cfg, seed)]``.
+
+    Runs ``--jobs`` at a time (spawned processes, each preparing the data once), stops
+    starting runs after ``--max-minutes``, and appends each finished run to ``partial``
+    (JSON lines; ``--resume`` skips the runs found there).
+    """
+    spec = {"dataset": dataset, "student": student, "space": args.student_space, "study": study,
+            "pixel_subset": args.pixel_subset, "image_size": args.image_size, "epochs": args.epochs,
+            "aligner_epochs": args.aligner_epochs, "device": str(args.device),
+            "threads": C.threads_per_job(args.jobs) if args.jobs > 1 else None}
+    done: Dict[tuple, Dict[str, Any]] = {}
+    if partial is not None and args.resume and partial.is_file():
+        for line in partial.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["epochs"] == args.epochs and len(rec["curve"]) == args.epochs:
+                done[(rec["name"], rec["seed"])] = rec
+    todo = [t for t in tasks if (t[0], t[3]) not in done]
+
+    def record(i: int, result: Dict[str, Any]) -> None:
+        name, _, cfg, seed = todo[i]
+        rec = dict(result, name=name, seed=seed, epochs=args.epochs, config=cfg, device=str(args.device))
+        done[(name, seed)] = rec
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    C.run_pool(_run_task, [(method, cfg, seed) for _, method, cfg, seed in todo], jobs=args.jobs,
+               max_minutes=args.max_minutes, initializer=_init_worker,
+               initargs=(spec,) if args.jobs > 1 else (spec, data), on_result=record, desc=desc,
+               enabled=not args.no_progress)
+    return done
+
+
+def complete_seeds(done: Dict[tuple, Any], names: List[str], seeds: List[int]) -> List[int]:
+    """The seeds every name finished (methods are compared on the same seeds)."""
+    return [s for s in seeds if all((n, s) in done for n in names)]
+
+
 # ------------------------------------------------------------------------------------ drivers
 def study_path(out: Path, dataset: str, student: str, space: str) -> Path:
     suffix = "" if space == "features" else "-pixels"
@@ -211,15 +284,18 @@ def study_path(out: Path, dataset: str, student: str, space: str) -> Path:
 
 def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
     """Validation study of the open CMDA choices (online CMDA), train minus validation only."""
-    data = prepare(dataset, student, args.student_space, study=True, quick_pixels=args.pixel_subset)
+    data = prepare(dataset, student, args.student_space, study=True, quick_pixels=args.pixel_subset,
+                   image_size=args.image_size)
     seeds = list(range(args.study_seeds))
-    rows = []
     grid = T.STUDY_GRID[:3] if args.smoke else T.STUDY_GRID
-    for cfg in C.progress(grid, desc=f"study {dataset}/{student}", enabled=not args.no_progress):
-        curves = [run_one(args.study_method, data, student, args.student_space, s, args.epochs, cfg, args.device,
-                          aligner_epochs=args.aligner_epochs)
-                  for s in seeds]
-        last = [c[-1] for c in curves]
+    tasks = [(cfg.label(), args.study_method, cfg.as_dict(), s) for s in seeds for cfg in grid]
+    done = run_tasks(args, dataset, student, True, data, tasks, desc=f"study {dataset}/{student}")
+    seeds = complete_seeds(done, [cfg.label() for cfg in grid], seeds)
+    if not seeds:
+        raise SystemExit("--max-minutes: no seed finished for every configuration; give it more time")
+    rows = []
+    for cfg in grid:
+        last = [done[(cfg.label(), s)]["curve"][-1] for s in seeds]
         mean, ci = C.mean_ci95(last)
         rows.append({"config": cfg.as_dict(), "label": cfg.label(), "val_accuracy": mean, "ci95": ci,
                      "per_seed": last})
@@ -243,7 +319,8 @@ def tuned_config(args: argparse.Namespace, dataset: str, student: str) -> Option
 
 
 def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
-    data = prepare(dataset, student, args.student_space, study=False, quick_pixels=args.pixel_subset)
+    data = prepare(dataset, student, args.student_space, study=False, quick_pixels=args.pixel_subset,
+                   image_size=args.image_size)
     seeds = list(range(args.seeds))
     methods: Dict[str, Any] = {}
     configs: Dict[str, Any] = {}
@@ -258,33 +335,43 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         methods.update(previous["methods"])
         configs.update(previous.get("cmda_configs", {}))
     timings = dict(previous.get("seconds", {})) if previous else {}
+    # seed-major order: with --max-minutes the seeds that finish are complete for every method
+    tasks = [(name, name.replace("_tuned", ""), cfg.as_dict(), s) for s in seeds for name, cfg in plan]
+    partial = path.with_suffix(".partial.jsonl")
+    done = run_tasks(args, dataset, student, False, data, tasks, partial=partial, desc=f"{dataset}/{student}")
+    finished = complete_seeds(done, [name for name, _ in plan], seeds)
+    if not finished:
+        raise SystemExit("--max-minutes: no seed finished for every method; give it more time "
+                         f"(finished runs are kept in {partial}; --resume continues)")
+    if previous is not None and previous["seeds"] != finished:
+        raise SystemExit(f"--add-tuned: expected the seeds of {path} ({previous['seeds']}), got {finished}")
     for name, cfg in plan:
-        start = time.time()
-        method = name.replace("_tuned", "")
-        curves = [run_one(method, data, student, args.student_space, s, args.epochs, cfg, args.device,
-                          aligner_epochs=args.aligner_epochs)
-                  for s in C.progress(seeds, desc=f"{dataset}/{student} {name}", enabled=not args.no_progress)]
-        methods[name] = C.summarise_method(curves)
-        if method.startswith("cmda"):
+        methods[name] = C.summarise_method([done[(name, s)]["curve"] for s in finished])
+        if name.replace("_tuned", "").startswith("cmda"):
             configs[name] = cfg.as_dict()
-        timings[name] = round(time.time() - start, 1)
+        timings[name] = round(sum(done[(name, s)]["seconds"] for s in finished), 1)
         rec = methods[name]
         print(f"  {dataset}/{student} {name:20s} acc {100 * rec['mean']:.2f} ± {100 * rec['ci95']:.2f} "
               f"({timings[name]} s)", flush=True)
+    seeds = finished
     payload = {
         "task": "classification", "dataset": dataset, "student": student, "teacher": T.other(student),
         "student_space": args.student_space,
-        "student_features": "photos 64px, ResNet-18 from scratch" if args.student_space == "pixels"
+        "student_features": f"photos {args.image_size}px, ResNet-18 from scratch" if args.student_space == "pixels"
         else T.FEATURE_NAMES[dataset][student],
         "teacher_features": T.FEATURE_NAMES[dataset][T.other(student)],
-        "metric": "accuracy", "quick": bool(args.quick), "seeds": seeds, "epochs": args.epochs,
+        "metric": "accuracy", "quick": bool(args.quick), "seeds": seeds, "seeds_requested": args.seeds,
+        "epochs": args.epochs,
+        "device": ",".join(sorted({done[(n, s)].get("device", str(args.device)) for n, _ in plan for s in finished})),
         "aligner_epochs": args.aligner_epochs,
+        "data_dir": os.environ.get("CMDA_DATA_DIR", "../shared/data"),
         "split": {"train": int(len(data["train_rows"])), "test": int(len(data["eval_rows"]))},
         "methods": methods, "cmda_configs": configs, "seconds": timings,
         "protocol": "last epoch on the official test split; tuned configs chosen on a validation split carved "
                     "from train (see the study file)",
     }
     C.write_result(path, payload, plot=not args.no_plot)
+    partial.unlink(missing_ok=True)
     return path
 
 
@@ -301,6 +388,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--add-tuned", action="store_true",
                         help="only run the *_tuned methods and merge them into the existing result file")
     parser.add_argument("--pixel-subset", type=int, default=None, help="pixels: train on this many photos")
+    parser.add_argument("--image-size", type=int, default=64, help="pixels: photo height and width")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs (method x seed) in parallel processes (a GPU or a many-core machine)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no run after this many minutes; report the seeds every method finished")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the runs already in the .partial.jsonl next to the result file")
     parser.add_argument("--aligner-epochs", type=int, default=None,
                         help="offline aligner epochs (default 30; quick 10; smoke 2)")
     C.add_common_args(parser, default_epochs=50)

@@ -60,23 +60,40 @@ def table(payload: Dict) -> List[str]:
     return lines
 
 
+#: GPU rows also show the kernels without the argument checks, and TF32 (no targets: where the time goes)
+KERNEL_RATIOS = {"dense_kernel/clone": "dense mix without argument checks",
+                 "topk_kernel/clone": "top-k mix without argument checks",
+                 "dense_tf32/clone": "dense, no checks, TF32 matmul"}
+
+
 def speed_table(results: Path) -> List[str]:
     """One row per speed target, read from the bench_*.json files that exist."""
     rows: List[str] = []
-    mixing = results / "bench_mixing.json"
-    if mixing.is_file():
-        for result in json.loads(mixing.read_text()).get("results", []):
-            case = f"{result['device']} {result['threads']} thread(s) {result['case']}"
+    for mixing in sorted(results.glob("bench_mixing*.json")):
+        payload = json.loads(mixing.read_text())
+        gpu = payload.get("machine", {}).get("cuda")
+        for result in payload.get("results", []):
+            where = f"{gpu} " if result["device"].startswith("cuda") and gpu else ""
+            case = f"{where}{result['device']} {result['threads']} thread(s) {result['case']}"
             for ratio, target in result.get("targets", {}).items():
                 rows.append(f"| bench_mixing | {case} | {ratio} ({target['target']}) | {target['value']:.2f} | "
                             f"{'PASS' if target['pass'] else 'FAIL'} |")
-    gmm = results / "bench_gmm.json"
-    if gmm.is_file():
-        for row in json.loads(gmm.read_text()).get("rows", []):
+            for ratio, what in KERNEL_RATIOS.items():
+                if result["device"].startswith("cuda") and ratio in result.get("ratios", {}):
+                    rows.append(f"| bench_mixing | {case} | {ratio} ({what}) | {result['ratios'][ratio]:.2f} | "
+                                f"no target |")
+    for gmm in sorted(results.glob("bench_gmm*.json")):
+        payload = json.loads(gmm.read_text())
+        config = payload.get("config", {})
+        machine = f"{config['cuda']} machine, " if config.get("cuda") else ""
+        for row in payload.get("rows", []):
             ok = row["speedup"] >= 3 and row["rel_ll_diff"] <= 1e-4
-            verdict = ("PASS" if ok else "FAIL") if row["covariance_type"] == "full" else "no target"
-            rows.append(f"| bench_gmm | {row['device']} {row['covariance_type']} | speed-up vs scikit-learn "
-                        f"(rel. log-lik. diff {row['rel_ll_diff']:.1e}) | {row['speedup']:.2f} | {verdict} |")
+            verdict = ("PASS" if ok else "FAIL") if row["covariance_type"] == "full" and row["device"] == "cpu" \
+                else "no target"
+            threads = f" ({config.get('torch_threads')} threads)" if row["device"] == "cpu" else ""
+            rows.append(f"| bench_gmm | {machine}{row['device']}{threads} {row['covariance_type']} | speed-up vs "
+                        f"scikit-learn (rel. log-lik. diff {row['rel_ll_diff']:.1e}) | {row['speedup']:.2f} | "
+                        f"{verdict} |")
     loader = results / "bench_loader.json"
     if loader.is_file():
         target = json.loads(loader.read_text()).get("target", {})

@@ -86,6 +86,71 @@ def test_classification_pixels_smoke(tmp_path):
     assert payload["student_space"] == "pixels"
 
 
+def test_pixel_augmentation_is_the_per_sample_crop_and_flip():
+    """The batched crop + flip equals cropping each photo on its own with the same draws."""
+    import torch
+    from torch import nn
+
+    import classification
+
+    x = torch.rand(37, 3, 20, 24, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(3)
+    padded = nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    dx, dy = torch.randint(0, 9, (2, 37), generator=gen)
+    flip = torch.rand(37, generator=gen) < 0.5
+    expected = torch.stack([padded[i, :, dy[i]:dy[i] + 20, dx[i]:dx[i] + 24] for i in range(37)])
+    expected = torch.stack([e.flip(2) if f else e for e, f in zip(expected, flip)])
+    got = classification.augment_pixels(x, torch.Generator().manual_seed(3))
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, x[:, :, :20, :24])  # something moved
+
+
+def test_run_pool_in_processes_deadline_and_errors():
+    import operator
+
+    seen = []
+    tasks = [(2, 3), (4, 5), (6, 7)]
+    results = _common.run_pool(operator.mul, tasks, jobs=2, on_result=lambda i, v: seen.append((i, v)),
+                               enabled=False)
+    assert results == {0: 6, 1: 20, 2: 42} and sorted(seen) == [(0, 6), (1, 20), (2, 42)]
+    assert _common.run_pool(operator.mul, tasks, jobs=1, enabled=False) == results
+    assert _common.run_pool(operator.mul, tasks, jobs=1, max_minutes=0, enabled=False) == {}
+    assert _common.run_pool(operator.mul, tasks, jobs=2, max_minutes=0, enabled=False) == {}
+    with pytest.raises(ZeroDivisionError):
+        _common.run_pool(operator.truediv, [(1, 1), (1, 0)], jobs=2, enabled=False)
+    with pytest.raises(ValueError, match="jobs: expected an integer >= 1, got 0"):
+        _common.run_pool(operator.mul, tasks, jobs=0)
+
+
+def test_classification_resume_uses_finished_runs_and_redoes_the_rest(tmp_path):
+    """--resume takes the runs in the .partial.jsonl (same epochs) and trains only the others."""
+    require_data("wikipedia")
+    partial = tmp_path / "classification-wikipedia-text.partial.jsonl"
+    fake = {("base", 0): [0.11, 0.12], ("base", 1): [0.21, 0.22], ("mixup", 0): [0.31, 0.32]}
+    lines = [{"name": n, "seed": s, "epochs": 2, "curve": c, "seconds": 1.0} for (n, s), c in fake.items()]
+    lines.append({"name": "mixup", "seed": 1, "epochs": 3, "curve": [0.9, 0.9, 0.9], "seconds": 1.0})  # other length
+    partial.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
+    run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--methods", "base", "mixup",
+               "--resume", tmp_path=tmp_path)
+    payload = check_file(tmp_path / "classification-wikipedia-text.json", task="classification", metric="accuracy",
+                         methods=("base", "mixup"))
+    assert payload["methods"]["base"]["per_seed_curves"] == [fake[("base", 0)], fake[("base", 1)]]
+    assert payload["methods"]["mixup"]["per_seed_curves"][0] == fake[("mixup", 0)]
+    assert payload["methods"]["mixup"]["per_seed_curves"][1] != [0.9, 0.9]  # trained, not taken from the 3-epoch line
+    assert not partial.exists()  # folded into the result file
+
+
+def test_classification_max_minutes_zero_reports_no_finished_seed(tmp_path):
+    require_data("wikipedia")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    cmd = [sys.executable, str(BENCH / "classification.py"), "--smoke", "--no-progress", "--out", str(tmp_path),
+           "--dataset", "wikipedia", "--student", "text", "--max-minutes", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 0
+    assert "--max-minutes: no seed finished for every method" in proc.stderr
+    assert not (tmp_path / "classification-wikipedia-text.json").exists()
+
+
 def test_anomaly_smoke(tmp_path):
     require_data("webnews")
     run_script("anomaly_ssd.py", "--dataset", "webnews", "--student", "image", tmp_path=tmp_path)

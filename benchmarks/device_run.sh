@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine: the CUDA tests, the GPU benchmarks, and the raw-pixel
+# Web News classification at full length.
+#
+#   OUT=/tmp/gpu WINDOW=540 bash benchmarks/device_run.sh
+#
+# Phases (each under its own `timeout`, so one failure does not cost the others):
+#   1. bench_mixing and bench_gmm on a quiet GPU (their timings are the figures we report);
+#   2. classification.py --student-space pixels --device cuda, JOBS runs at a time, in the
+#      background; it starts no run after the window's end minus a margin and reports the
+#      seeds every method finished;
+#   3. meanwhile `pytest -m needs_cuda` (correctness only, so sharing the GPU is fine).
+# Everything lands in $OUT (at most 8 files): log.txt, pytest.log, pixels.log, the two benchmark JSONs
+# and the pixel run's JSON / Markdown / PNG (or its .partial.jsonl if it was cut short).
+# Data: $CMDA_DATA_DIR (default ./.devdata, a copy of ../shared/data/webnews without the
+# captions and with the photos pre-shrunk to 80 px on the short side, for the transfer).
+set -u
+OUT=${OUT:-/tmp/cmda_gpu}
+WINDOW=${WINDOW:-540}          # seconds this script may take in all
+JOBS=${JOBS:-8}
+EPOCHS=${EPOCHS:-60}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}         # DEVICE=cpu PIXEL_ARGS=--smoke MIXING_ARGS="--quick --cases vec1024" tries the plumbing
+PIXEL_ARGS=${PIXEL_ARGS:-}
+MIXING_ARGS=${MIXING_ARGS:-}
+GMM_ARGS=${GMM_ARGS:-}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TQDM_DISABLE=1
+export CMDA_DATA_DIR=${CMDA_DATA_DIR:-$PWD/.devdata}
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+LOG=$OUT/log.txt
+
+{
+  echo "== machine"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  $PY -c "import sys, os, torch, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda', 'cpus', os.cpu_count())"
+  echo "== bench_mixing ($DEVICE) at $(elapsed) s"
+  timeout 110 $PY benchmarks/bench_mixing.py --device "$DEVICE" --threads 4 $MIXING_ARGS --out "$OUT/bench_mixing-$DEVICE.json" 2>&1 | grep -v '^\s*$'
+  echo "== bench_gmm (cpu + cuda when present) at $(elapsed) s"
+  timeout 110 $PY benchmarks/bench_gmm.py $GMM_ARGS --out "$OUT/bench_gmm-$DEVICE.json" 2>&1
+} >>"$LOG" 2>&1
+
+# the pixel run: starts no run later than MARGIN seconds before the window closes
+MARGIN=${MARGIN:-150}
+LEFT=$(( WINDOW - $(elapsed) - 15 ))
+MAXMIN=$($PY -c "print(max(0.5, ($LEFT - $MARGIN) / 60))")
+echo "== pixels at $(elapsed) s: $LEFT s left, --max-minutes $MAXMIN, --jobs $JOBS, --epochs $EPOCHS" >>"$LOG"
+timeout "$LEFT" $PY benchmarks/classification.py --student-space pixels --device "$DEVICE" --epochs "$EPOCHS" \
+  --jobs "$JOBS" --max-minutes "$MAXMIN" --no-progress --out "$OUT" $PIXEL_ARGS >"$OUT/pixels.log" 2>&1 &
+PIXELS=$!
+
+{
+  echo "== pytest -m needs_cuda at $(elapsed) s"
+  timeout 300 $PY -m pytest tests -m needs_cuda -q -n 4 -p no:cacheprovider --continue-on-collection-errors \
+    -W ignore::DeprecationWarning >"$OUT/pytest.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -40
+  echo "== pytest done at $(elapsed) s"
+} >>"$LOG" 2>&1
+
+wait $PIXELS
+echo "== pixels exit $? at $(elapsed) s" >>"$LOG"
+tail -25 "$OUT/pixels.log" >>"$LOG"
+ls -la "$OUT" >>"$LOG"
+# the end of the log is what a remote caller sees first
+grep -E "passed|failed|error" "$LOG" | tail -5
+grep -E "PASS|FAIL" "$LOG" | tail -30
+tail -12 "$OUT/pixels.log"
+echo "total $(elapsed) s"
