@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import functional as Fn
-from ._fields import TOKEN_ID_HINT, Field, check_targets_batch, get_field
+from ._fields import TOKEN_ID_HINT, Field, check_field_name, check_targets_batch, get_field
 from ._kernels import _targets_as_probabilities
 from ._planner import mix_info
 from ._validation import check_int, check_positive_float, fail
@@ -275,3 +275,29 @@ def keep_real_batch(real: Any, mixed: Any, plan: Any, *, target: Optional[Field]
 
 def check_num_classes(value: Any) -> Optional[int]:
     return check_int("num_classes", value, minimum=1, allow_none=True)
+
+
+_UNSET = object()
+
+
+def output_options(options: Any, *, fields: Optional[Mapping[str, Field]], target: Optional[Field],
+                   num_classes: Any, label_smoothing: Any, info_key: Any, index_field: Any = _UNSET,
+                   index_optional: bool = False) -> Dict[str, Any]:
+    """The checked output arguments every entry point takes, as ``{attribute: value}``.
+
+    ``student_field`` (the student's field, renamed by ``fields``) when ``options`` (a
+    :class:`~cmda_data._planner.PlanOptions`) is given; ``index_field`` when passed (None
+    only with ``index_optional``). Checked in the order of the signatures, so the first bad
+    one is named.
+    """
+    out: Dict[str, Any] = {}
+    if options is not None:
+        out["student_field"] = check_field_name("fields", dict(fields or {}).get(options.student, options.student))
+    out["target"] = None if target is None else check_field_name("target", target)
+    out["num_classes"] = check_num_classes(num_classes)
+    out["label_smoothing"] = check_label_smoothing(label_smoothing)
+    if index_field is not _UNSET:
+        optional = index_optional and index_field is None
+        out["index_field"] = None if optional else check_field_name("index_field", index_field)
+    out["info_key"] = check_field_name("info_key", info_key)
+    return out

@@ -14,11 +14,10 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
-from ._fields import Field, as_student, as_target, check_field_name, check_targets_batch, get_field
+from ._fields import Field, as_student, as_target, check_targets_batch, get_field
 from ._planner import PlanOptions, bank_plan
 from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability
-from ._shared import (batch_index, batch_student, check_label_smoothing, check_num_classes, keep_real_batch,
-                      mix_batch, pack_batch, with_field)
+from ._shared import batch_index, batch_student, keep_real_batch, mix_batch, output_options, pack_batch, with_field
 from ._validation import fail
 from .exceptions import DeviceError
 
@@ -131,13 +130,9 @@ class CMDACollate(SharedEpochMixin):
             student=student or bank.student, teachers=teachers or bank.teachers, bank=bank, p=p, intra=intra,
             top_k=top_k, similarity=similarity, normalize=normalize, temperature=temperature,
             self_weight=self_weight, exclude_self=exclude_self, renormalize=renormalize, seed=seed, rank=rank)
-        self.student_field = check_field_name("fields", dict(fields or {}).get(self.options.student,
-                                                                             self.options.student))
-        self.target = None if target is None else check_field_name("target", target)
-        self.num_classes = check_num_classes(num_classes)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.index_field = check_field_name("index_field", index_field)
-        self.info_key = check_field_name("info_key", info_key)
+        vars(self).update(output_options(self.options, fields=fields, target=target, num_classes=num_classes,
+                                         label_smoothing=label_smoothing, info_key=info_key,
+                                         index_field=index_field))
         if not isinstance(keep_real, bool):
             fail("keep_real", "True or False", keep_real)
         self.keep_real = keep_real

@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import Dataset
 
 from . import functional as Fn
-from ._fields import Field, as_student, as_target, check_field_name, get_field, replace_fields
+from ._fields import Field, as_student, as_target, get_field, replace_fields
 from ._planner import PlanOptions, bank_plan
 from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability, draw_row, row_generator
-from ._shared import check_label_smoothing, check_num_classes
+from ._shared import output_options
 from ._validation import check_int, check_option, fail
 from .exceptions import FieldError, ShapeError
 
@@ -145,12 +145,8 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
             rank=rank)
         self.pool_size = check_int("pool_size", pool_size, minimum=1)
         self.mode = check_option("mode", mode, ("replace", "append"))
-        self.student_field = check_field_name("fields", dict(fields or {}).get(self.options.student,
-                                                                             self.options.student))
-        self.target = None if target is None else check_field_name("target", target)
-        self.num_classes = check_num_classes(num_classes)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.info_key = check_field_name("info_key", info_key)
+        vars(self).update(output_options(self.options, fields=fields, target=target, num_classes=num_classes,
+                                         label_smoothing=label_smoothing, info_key=info_key))
         others = n - 1
         self._pool_len = min(self.pool_size, others) if exclude_self else min(self.pool_size, n)
         if self._pool_len < 1:

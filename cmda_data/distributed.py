@@ -245,13 +245,7 @@ def _bank_payload(bank: Any) -> tuple:
     """``(header dict, tensors dict)`` describing a bank (JSON-safe header, CPU tensors)."""
     from ._bank_fit import gmm_state
 
-    tensors: Dict[str, torch.Tensor] = {f"embeddings.{m}": t for m, t in bank.embeddings.items()}
-    if bank.responsibilities is not None:
-        tensors["responsibilities"] = bank.responsibilities
-    if bank.indices is not None:
-        tensors["indices"] = bank.indices
-    if bank.pca is not None:
-        tensors["pca.mean"], tensors["pca.components"] = bank.pca
+    tensors: Dict[str, torch.Tensor] = dict(bank._tensors())
     gmm_config, gmm_tensors = gmm_state(bank.gmm)
     tensors.update({f"gmm.{k}": v for k, v in gmm_tensors.items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

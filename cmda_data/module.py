@@ -19,11 +19,10 @@ import torch
 from torch import nn
 
 from ._bank_build import embeds_by_index
-from ._fields import Field, check_field_name, get_field, resolve_fields
+from ._fields import Field, get_field, resolve_fields
 from ._planner import PlanOptions, bank_plan, build_plan, row_draws
 from ._seeding import check_p, hash_ints
-from ._shared import (batch_index, batch_student, check_label_smoothing, check_num_classes, keep_real_batch,
-                      mix_batch)
+from ._shared import batch_index, batch_student, keep_real_batch, mix_batch, output_options
 from ._validation import check_int, fail
 from .exceptions import FieldError
 
@@ -139,11 +138,9 @@ class CMDAugment(nn.Module):
         if fit_on not in modalities:
             fail("fit_on", "'teacher', 'student' or one of " + ", ".join(map(repr, modalities)), fit_on)
         self.fit_on = fit_on
-        self.target = None if target is None else check_field_name("target", target)
-        self.num_classes = check_num_classes(num_classes)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.index_field = None if index_field is None else check_field_name("index_field", index_field)
-        self.info_key = check_field_name("info_key", info_key)
+        vars(self).update(output_options(None, fields=None, target=target, num_classes=num_classes,
+                                         label_smoothing=label_smoothing, info_key=info_key, index_field=index_field,
+                                         index_optional=True))
         self.refit_every = check_int("refit_every", refit_every, minimum=1, allow_none=True)
         self.n_components = check_int("n_components", n_components, minimum=1)
         self.gmm_options = dict(gmm_options or {}, covariance_type=covariance_type)

@@ -32,10 +32,10 @@ import torch
 
 from . import functional as Fn
 from ._codec import UNSAFE_EXTENSIONS, SafeDecoder, SkipCounter, SkippedSamplesWarning, encode_field
-from ._fields import Field, as_student, as_target, check_field_name, get_field, replace_fields
+from ._fields import Field, as_student, as_target, get_field, replace_fields
 from ._planner import PlanOptions, bank_plan, row_draws
 from ._seeding import SharedEpoch, SharedEpochMixin
-from ._shared import check_label_smoothing, check_num_classes
+from ._shared import output_options
 from ._validation import check_int, fail
 from .exceptions import FieldError, MissingDependencyError, ShapeError
 
@@ -272,13 +272,9 @@ class CandidateBuffer(SharedEpochMixin):
             top_k=top_k, similarity=similarity, temperature=temperature, exclude_self=exclude_self, seed=seed,
             rank=rank)
         self.buffer_size = check_int("buffer_size", buffer_size, minimum=1)
-        self.student_field = check_field_name("fields", dict(fields or {}).get(self.options.student,
-                                                                             self.options.student))
-        self.target = None if target is None else check_field_name("target", target)
-        self.num_classes = check_num_classes(num_classes)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.index_field = check_field_name("index_field", index_field)
-        self.info_key = check_field_name("info_key", info_key)
+        vars(self).update(output_options(self.options, fields=fields, target=target, num_classes=num_classes,
+                                         label_smoothing=label_smoothing, info_key=info_key,
+                                         index_field=index_field))
         pool = self.buffer_size + (0 if exclude_self else 1)
         self.k = pool if self.options.top_k is None else min(self.options.top_k, pool)
         self._epoch = SharedEpoch(0)

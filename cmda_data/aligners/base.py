@@ -138,6 +138,17 @@ class Aligner(nn.Module):
     def _from_saved(cls, path: PathLike, config: Dict[str, Any], **kwargs: Any) -> "Aligner":
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def _restore(self, tensors: Dict[str, torch.Tensor], path: PathLike, *, strict: bool, expected: str,
+                 device: Any = None) -> "Aligner":
+        """Load saved weights (a mismatch names the folder and what was expected), then move."""
+        try:
+            self.load_state_dict(tensors, strict=strict)
+        except RuntimeError as error:
+            fail(f"load({str(path)!r})", expected, str(error), ShapeError, raw=True)
+        if device is not None:
+            self.to(device)
+        return self
+
     def extra_repr(self) -> str:
         return f"modalities={self.modalities}, dim={self.dim}"
 

@@ -418,11 +418,5 @@ class ContrastiveAligner(Aligner):
             weights = [t for key, t in tensors.items() if key.startswith(f"heads.{name}.")]
             if weights and name not in config["custom_heads"]:
                 aligner.heads[name].to(weights[0].dtype)
-        try:
-            aligner.load_state_dict(tensors, strict=strict)
-        except RuntimeError as error:
-            fail(f"load({str(path)!r})", "weights that fit the given encoders and heads", str(error), ShapeError,
-                 raw=True)
-        if device is not None:
-            aligner.to(device)
-        return aligner
+        return aligner._restore(tensors, path, strict=strict, expected="weights that fit the given encoders and heads",
+                                device=device)

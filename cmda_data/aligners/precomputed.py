@@ -204,11 +204,5 @@ class PrecomputedAligner(Aligner):
         if config["projection"] is not None:
             kwargs = {k: config[k] for k in ("head_hidden", "loss", "tau", "seed", "base_temperature", "normalize_by")}
         aligner = cls(tables, config["projection"], **kwargs)
-        try:
-            aligner.load_state_dict(tensors, strict=True)
-        except RuntimeError as error:
-            fail(f"load({str(path)!r})", "weights matching the saved configuration", str(error), ShapeError,
-                 raw=True)
-        if device is not None:
-            aligner.to(device)
-        return aligner
+        return aligner._restore(tensors, path, strict=True, expected="weights matching the saved configuration",
+                                device=device)
