@@ -151,6 +151,42 @@ def test_classification_max_minutes_zero_reports_no_finished_seed(tmp_path):
     assert not (tmp_path / "classification-wikipedia-text.json").exists()
 
 
+def test_weight_diagnostics_on_hand_cases():
+    import torch
+
+    import weights_diagnostics as D
+
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 2])
+    real = D.batch_metrics(torch.eye(4, dtype=torch.float64), x, y, 3)  # every row its own sample
+    assert real == pytest.approx({"eff_partners": 1.0, "max_weight": 1.0, "same_class": 1.0, "label_purity": 1.0,
+                                  "to_mean": 1.0})
+    mean = D.batch_metrics(torch.full((4, 4), 0.25, dtype=torch.float64), x, y, 3)  # every row the batch mean
+    assert mean == pytest.approx({"eff_partners": 4.0, "max_weight": 0.25, "same_class": (0.5 + 0.5 + 0.25 + 0.25) / 4,
+                                  "label_purity": 0.5, "to_mean": 0.0})
+
+
+def test_weight_diagnostics_script(tmp_path):
+    require_data("wikipedia")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    cmd = [sys.executable, str(BENCH / "weights_diagnostics.py"), "--dataset", "wikipedia", "--student", "image",
+           "--batches", "2", "--aligner-epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    payload = json.loads((tmp_path / "diagnostics-weights.json").read_text())
+    (pair,) = payload["pairs"]
+    bic = {int(k): v for k, v in pair["bic"].items()}
+    assert sorted(bic) == [1, 2, 3, 4, 5, 6] and pair["bic_m"] == min(bic, key=bic.get)
+    configs = pair["configs"]
+    for rec in configs.values():
+        assert 1.0 - 1e-9 <= rec["eff_partners"] <= 128 + 1e-9
+        assert 0.0 < rec["max_weight"] <= 1.0 and 0.0 <= rec["same_class"] <= 1.0
+        assert 1 / pair["num_classes"] - 1e-9 <= rec["label_purity"] <= 1.0 and rec["to_mean"] >= 0.0
+    assert configs["top_k=2"]["eff_partners"] <= 2 + 1e-9 and configs["top_k=8"]["eff_partners"] <= 8 + 1e-9
+    assert configs["faithful"]["eff_partners"] > configs["top_k=8"]["eff_partners"]
+    assert (tmp_path / "diagnostics-weights.png").is_file() and (tmp_path / "diagnostics-weights.md").is_file()
+
+
 def test_anomaly_smoke(tmp_path):
     require_data("webnews")
     run_script("anomaly_ssd.py", "--dataset", "webnews", "--student", "image", tmp_path=tmp_path)
