@@ -131,13 +131,14 @@ def run_one(method: str, data: Dict[str, Any], seed: int, epochs: int, device: t
         pairs = {"image": train["image"], "text": train["text"], "label": train["label"]}
         aligner = T.fit_offline_aligner(pairs, "image", loss="eq7", epochs=aligner_epochs, seed=seed)
         bank = T.build_bank(aligner, IndexedDataset(T.ColumnDataset(pairs)), "image", cfg, seed)
+    # one collate for the whole run: set_epoch and set_p (the attenuation coefficient) per epoch
+    collate = None if bank is None else T.make_collate(bank, replace(cfg, p=p0), num_classes=None, seed=seed,
+                                                       target=None)
     curve = []
     for epoch in range(epochs):
-        collate = None
-        p = share(method, epoch, epochs, p0) if bank is not None else 0.0
-        if p > 0:
-            collate = T.make_collate(bank, replace(cfg, p=p), num_classes=None, seed=seed, target=None)
+        if collate is not None:
             collate.set_epoch(epoch)
+            collate.set_p(share(method, epoch, epochs, p0))
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=C.generator(seed, 5, epoch),
                             collate_fn=collate)
         model.train()
