@@ -23,7 +23,8 @@ B generated samples to the B real ones; every loss uses soft targets):
   validation split by ``--study`` (read from ``study-classification-<dataset>-<student>.json``).
 
 Model selection never looks at the test split: ``--study`` trains on train minus a
-stratified 20 % validation split and scores the validation split.
+stratified 20 % validation split and scores the validation split (the grid, plus ``base`` and
+``mixup`` on the same split and seeds as references).
 
 Run: ``python benchmarks/classification.py --dataset all --student all`` (full, 5 seeds),
 ``--quick`` (2 seeds, few epochs), ``--study`` (validation study of the CMDA choices).
@@ -283,16 +284,24 @@ def study_path(out: Path, dataset: str, student: str, space: str) -> Path:
 
 
 def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
-    """Validation study of the open CMDA choices (online CMDA), train minus validation only."""
+    """Validation study of the open CMDA choices (``--study-method``), train minus validation only."""
     data = prepare(dataset, student, args.student_space, study=True, quick_pixels=args.pixel_subset,
                    image_size=args.image_size)
     seeds = list(range(args.study_seeds))
     grid = T.STUDY_GRID[:3] if args.smoke else T.STUDY_GRID
+    references = [] if args.no_references else ["base", "mixup"]
     tasks = [(cfg.label(), args.study_method, cfg.as_dict(), s) for s in seeds for cfg in grid]
+    tasks += [(name, name, T.FAITHFUL.as_dict(), s) for s in seeds for name in references]
     done = run_tasks(args, dataset, student, True, data, tasks, desc=f"study {dataset}/{student}")
-    seeds = complete_seeds(done, [cfg.label() for cfg in grid], seeds)
+    seeds = complete_seeds(done, [cfg.label() for cfg in grid] + references, seeds)
     if not seeds:
         raise SystemExit("--max-minutes: no seed finished for every configuration; give it more time")
+    reference_rows = {}
+    for name in references:  # the same validation split and seeds without CMDA: is CMDA worth it at all?
+        last = [done[(name, s)]["curve"][-1] for s in seeds]
+        mean, ci = C.mean_ci95(last)
+        reference_rows[name] = {"val_accuracy": mean, "ci95": ci, "per_seed": last}
+        print(f"  {dataset}/{student} {name:41s} val acc {100 * mean:.2f} ± {100 * ci:.2f}", flush=True)
     rows = []
     for cfg in grid:
         last = [done[(cfg.label(), s)]["curve"][-1] for s in seeds]
@@ -304,7 +313,7 @@ def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
     best = max(rows, key=lambda r: r["val_accuracy"])
     payload = {"task": "classification", "dataset": dataset, "student": student, "split": "validation",
                "method": args.study_method, "seeds": seeds, "epochs": args.epochs, "quick": bool(args.quick),
-               "rows": rows, "best": best}
+               "rows": rows, "best": best, "references": reference_rows}
     path = study_path(Path(args.out), dataset, student, args.student_space)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
@@ -324,7 +333,7 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     seeds = list(range(args.seeds))
     methods: Dict[str, Any] = {}
     configs: Dict[str, Any] = {}
-    suffix = "" if args.student_space == "features" else "pixels"
+    suffix = "-".join(part for part in ("" if args.student_space == "features" else "pixels", args.tag) if part)
     path = C.result_path(args.out, "classification", dataset, student, suffix)
     plan = [] if args.add_tuned else [(m, T.FAITHFUL) for m in args.methods]
     tuned = tuned_config(args, dataset, student)
@@ -363,7 +372,7 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         "metric": "accuracy", "quick": bool(args.quick), "seeds": seeds, "seeds_requested": args.seeds,
         "epochs": args.epochs,
         "device": ",".join(sorted({done[(n, s)].get("device", str(args.device)) for n, _ in plan for s in finished})),
-        "aligner_epochs": args.aligner_epochs,
+        "aligner_epochs": args.aligner_epochs, "tag": args.tag,
         "data_dir": os.environ.get("CMDA_DATA_DIR", "../shared/data"),
         "split": {"train": int(len(data["train_rows"])), "test": int(len(data["eval_rows"]))},
         "methods": methods, "cmda_configs": configs, "seconds": timings,
@@ -384,6 +393,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--study", action="store_true", help="validation study of the CMDA choices")
     parser.add_argument("--study-seeds", type=int, default=2)
     parser.add_argument("--study-method", default="cmda", choices=("cmda", "cmda_offline"))
+    parser.add_argument("--no-references", action="store_true",
+                        help="--study: skip the base and mixup reference runs on the validation split")
+    parser.add_argument("--tag", default="",
+                        help="suffix of the result file names, e.g. e200 for a 200-epoch variant")
     parser.add_argument("--no-tuned", action="store_true", help="skip the *_tuned methods")
     parser.add_argument("--add-tuned", action="store_true",
                         help="only run the *_tuned methods and merge them into the existing result file")

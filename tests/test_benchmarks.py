@@ -151,6 +151,25 @@ def test_classification_max_minutes_zero_reports_no_finished_seed(tmp_path):
     assert not (tmp_path / "classification-wikipedia-text.json").exists()
 
 
+def test_classification_study_then_tuned_rows(tmp_path):
+    """--study scores the grid and the base / mixup references on the validation split; the next
+    run adds a *_tuned row with the study's best configuration (file name carries --tag)."""
+    require_data("wikipedia")
+    run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--study",
+               "--study-method", "cmda_offline", "--study-seeds", "2", tmp_path=tmp_path)
+    study = json.loads((tmp_path / "study-classification-wikipedia-text.json").read_text())
+    assert study["split"] == "validation" and study["seeds"] == [0, 1]
+    assert set(study["references"]) == {"base", "mixup"}
+    assert all(len(r["per_seed"]) == 2 for r in [*study["rows"], *study["references"].values()])
+    assert study["best"] == max(study["rows"], key=lambda r: r["val_accuracy"])
+    run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--methods", "base",
+               "cmda_offline", "--tag", "t1", tmp_path=tmp_path)
+    payload = check_file(tmp_path / "classification-wikipedia-text-t1.json", task="classification",
+                         metric="accuracy", methods=("base", "cmda_offline", "cmda_offline_tuned"))
+    assert payload["tag"] == "t1"
+    assert payload["cmda_configs"]["cmda_offline_tuned"] == study["best"]["config"]
+
+
 def test_weight_diagnostics_on_hand_cases():
     import torch
 
