@@ -254,6 +254,9 @@ def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool,
             rec = json.loads(line)
             if rec["epochs"] == args.epochs and len(rec["curve"]) == args.epochs:
                 done[(rec["name"], rec["seed"])] = rec
+    # a finished run counts only for the same configuration (a new study changes the tuned one)
+    done = {(name, seed): done[(name, seed)] for name, _, cfg, seed in tasks
+            if (name, seed) in done and done[(name, seed)].get("config") == cfg}
     todo = [t for t in tasks if (t[0], t[3]) not in done]
 
     def record(i: int, result: Dict[str, Any]) -> None:

@@ -127,13 +127,20 @@ def test_classification_resume_uses_finished_runs_and_redoes_the_rest(tmp_path):
     require_data("wikipedia")
     partial = tmp_path / "classification-wikipedia-text.partial.jsonl"
     fake = {("base", 0): [0.11, 0.12], ("base", 1): [0.21, 0.22], ("mixup", 0): [0.31, 0.32]}
-    lines = [{"name": n, "seed": s, "epochs": 2, "curve": c, "seconds": 1.0} for (n, s), c in fake.items()]
-    lines.append({"name": "mixup", "seed": 1, "epochs": 3, "curve": [0.9, 0.9, 0.9], "seconds": 1.0})  # other length
+    config = {"top_k": None, "p": 1.0, "temperature": None, "self_weight": None, "intra": "soft", "n_components": 2,
+              "similarity": "abs_cosine"}  # the faithful configuration, as the runs record it
+    lines = [{"name": n, "seed": s, "epochs": 2, "curve": c, "seconds": 1.0, "config": config}
+             for (n, s), c in fake.items()]
+    lines.append({"name": "mixup", "seed": 1, "epochs": 3, "curve": [0.9, 0.9, 0.9], "seconds": 1.0,
+                  "config": config})  # another length: trained again
+    lines.append({"name": "cmda_offline", "seed": 0, "epochs": 2, "curve": [0.8, 0.8], "seconds": 1.0,
+                  "config": dict(config, top_k=2)})  # another configuration: trained again
     partial.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
     run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--methods", "base", "mixup",
-               "--resume", tmp_path=tmp_path)
+               "cmda_offline", "--resume", tmp_path=tmp_path)
     payload = check_file(tmp_path / "classification-wikipedia-text.json", task="classification", metric="accuracy",
-                         methods=("base", "mixup"))
+                         methods=("base", "mixup", "cmda_offline"))
+    assert payload["methods"]["cmda_offline"]["per_seed_curves"][0] != [0.8, 0.8]
     assert payload["methods"]["base"]["per_seed_curves"] == [fake[("base", 0)], fake[("base", 1)]]
     assert payload["methods"]["mixup"]["per_seed_curves"][0] == fake[("mixup", 0)]
     assert payload["methods"]["mixup"]["per_seed_curves"][1] != [0.9, 0.9]  # trained, not taken from the 3-epoch line
