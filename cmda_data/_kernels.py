@@ -283,7 +283,7 @@ def _targets_as_probabilities(targets: object, num_classes: Optional[int],
         if num_classes is None:
             fail("num_classes", "the number of classes when targets are class indices", None)
         if targets.numel():
-            low, high = int(targets.min()), int(targets.max())
+            low, high = torch.stack(torch.aminmax(targets)).tolist()  # one read-back (a GPU sync)
             if low < 0 or high >= num_classes:
                 fail("targets", f"class indices in [0, {num_classes})",
                      f"values from {low} to {high}", raw=True)

@@ -21,6 +21,7 @@ samples whenever the candidate pool is the same:
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -28,9 +29,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from . import functional as Fn
-from ._kernels import _check_resp
+from ._kernels import _check_latents, _check_resp
 from ._seeding import draw_rows
-from ._validation import check_int, check_option, check_positive_float, check_probability, fail
+from ._validation import (check_float_tensor, check_int, check_option, check_positive_float, check_probability,
+                          check_rank, fail)
+from .exceptions import ShapeError
 
 __all__ = ["PlanOptions", "bank_plan", "build_plan", "mix_info", "row_draws"]
 
@@ -231,16 +234,8 @@ def _square_plan(bank: Any, rows: torch.Tensor, opts: PlanOptions, *, mixed: tor
     """
     device = bank.device
     pos = bank.positions(rows)
-    n = int(pos.shape[0])
     tables = bank.embeddings
-    student_z = tables[opts.student].index_select(0, pos)
-    choice = teacher_choice.to(device)
-    if len(opts.teachers) == 1:
-        rows_z = tables[opts.teachers[0]].index_select(0, pos)
-    else:
-        stacked = torch.stack([tables[t].index_select(0, pos) for t in opts.teachers])
-        rows_z = stacked[choice, torch.arange(n, device=device)]
-    intra_w = None
+    resp_rows = None
     if opts.intra is not None:
         resp = bank.responsibilities
         if resp is None:
@@ -248,6 +243,73 @@ def _square_plan(bank: Any, rows: torch.Tensor, opts: PlanOptions, *, mixed: tor
         resp_rows = resp.index_select(0, pos)
         if not _all_rows_valid(resp):  # only then can the rows of this batch be invalid
             _check_resp("resp_rows", resp_rows)
+    return _square_core([tables[t].index_select(0, pos) for t in opts.teachers],
+                        tables[opts.student].index_select(0, pos), resp_rows, opts, mixed=mixed,
+                        teacher_choice=teacher_choice.to(device))
+
+
+def square_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, resp: Optional[torch.Tensor],
+                opts: PlanOptions, *, mixed: torch.Tensor, teacher_choice: torch.Tensor):
+    """A plan over a batch that is its own pool (row ``r``'s own sample is candidate ``r``).
+
+    What :func:`build_plan` gives for ``teacher_index = arange(n)`` and ``resp_cols = resp``,
+    bit for bit, for latents the library did not build (an aligner's output, a GMM's
+    posteriors): they are checked with every reduction read back in ONE transfer (on a GPU
+    each read is a synchronisation), then the trusted kernels run.
+    """
+    _check_plan_inputs(teacher_z, student_z, resp if opts.intra is not None else None)
+    device = student_z.device
+    return _square_core(list(teacher_z), student_z, resp if opts.intra is not None else None, opts, mixed=mixed,
+                        teacher_choice=teacher_choice.to(device))
+
+
+def _check_plan_inputs(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor,
+                       resp: Optional[torch.Tensor]) -> None:
+    """Finite latents and valid responsibilities (rows of a posterior), one device-to-host read."""
+    n = student_z.shape[0]
+    for i, z in enumerate(teacher_z):
+        name = "teacher_z" if len(teacher_z) == 1 else f"teacher_z[{i}]"
+        check_float_tensor(name, z, finite=False)
+        check_rank(name, z, 2)
+        if z.shape[0] != n or z.device != student_z.device:
+            fail(name, f"[{n}, d] on {student_z.device} like student_z", z, ShapeError)
+    check_float_tensor("student_z", student_z, finite=False)
+    check_rank("student_z", student_z, 2)
+    parts = [z.sum(dtype=torch.float64 if z.dtype == torch.float64 else torch.float32).to(torch.float64).reshape(1)
+             for z in (*teacher_z, student_z)]
+    if resp is not None:
+        check_float_tensor("resp_rows", resp, finite=False)
+        check_rank("resp_rows", resp, 2)
+        if resp.shape[0] != n or resp.shape[1] < 1:
+            fail("resp_rows", f"[{n}, M] responsibilities (M >= 1) of the batch rows", resp, ShapeError)
+        if resp.numel():
+            sums = resp.to(torch.float64 if resp.dtype == torch.float64 else torch.float32).sum(1)
+            parts += [resp.amin().to(torch.float64).reshape(1), (sums - 1).abs().max().to(torch.float64).reshape(1),
+                      sums.sum().to(torch.float64).reshape(1)]
+    values = torch.cat([part.to(student_z.device) for part in parts]).tolist()
+    names = [f"teacher_z[{i}]" if len(teacher_z) > 1 else "teacher_z" for i in range(len(teacher_z))] + ["student_z"]
+    for name, z, total in zip(names, (*teacher_z, student_z), values):
+        if not math.isfinite(total):
+            _check_latents(name, z)  # a finite sum can overflow: the element-wise check words the error
+    if resp is not None and resp.numel():
+        low, worst, total = values[len(names):]
+        tol = max(1e-3, 4 * resp.shape[1] * torch.finfo(resp.dtype).eps)
+        if not (math.isfinite(total) and low >= 0 and worst <= tol):
+            _check_resp("resp_rows", resp)
+
+
+def _square_core(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, resp_rows: Optional[torch.Tensor],
+                 opts: PlanOptions, *, mixed: torch.Tensor, teacher_choice: torch.Tensor):
+    """The trusted math of a square plan (checked inputs; see :func:`_square_plan`)."""
+    device = student_z.device
+    n = int(student_z.shape[0])
+    choice = teacher_choice
+    if len(teacher_z) == 1:
+        rows_z = teacher_z[0]
+    else:
+        rows_z = torch.stack(list(teacher_z))[choice, torch.arange(n, device=device)]
+    intra_w = None
+    if opts.intra is not None and resp_rows is not None:
         intra_w = Fn._intra_modal_weights(resp_rows, None, opts.intra).float()
     temperature = None if opts.temperature is None else float(opts.temperature)
     self_weight = None if opts.self_weight is None else float(opts.self_weight)

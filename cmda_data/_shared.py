@@ -148,6 +148,26 @@ def mix_rows_inplace(plan: Any, samples: torch.Tensor, *, arange_partners: bool 
     return samples.index_copy_(0, rows.to(samples.device), out)
 
 
+def apply_square(plan: Any, samples: torch.Tensor) -> torch.Tensor:
+    """``plan.apply(samples)`` for the library's own square plan, into a new tensor.
+
+    The same kernels as :meth:`MixPlan.apply` (so the same numbers) without re-checking the
+    plan; only the samples are checked (finite values), in one reduction read back once.
+    Non-floating samples (token ids) go through :meth:`MixPlan.apply`, which copies them
+    when no row is mixed and explains why they cannot be mixed otherwise.
+    """
+    if not samples.is_floating_point():
+        return plan.apply(samples)
+    Fn._check_float("samples", samples)  # user data: finite values
+    index, weights = plan.index, plan.weights
+    m = samples.shape[0]
+    if index.shape[1] * 8 <= m:  # MixPlan.apply's rule: gather a few partners per row
+        return Fn._mix(weights, samples, index)
+    # (rows that are not mixed point at their own sample, not at 0..m-1: build the dense rows)
+    dense = torch.zeros(index.shape[0], m, dtype=torch.float32, device=samples.device)
+    return Fn._mix(dense.scatter_add_(1, index, weights), samples)
+
+
 def _square_targets(plan: Any, targets: torch.Tensor, num_classes: Optional[int],
                     label_smoothing: float) -> torch.Tensor:
     """``plan.apply_targets(...)`` for the library's own square plan: only the targets are checked."""
@@ -176,6 +196,8 @@ def mix_batch(batch: Any, plan: Any, *, student: Field, target: Optional[Field],
             torch.equal(plan.teacher_index, torch.arange(samples.shape[0], device=plan.device)))
     if reuse_student and own:
         mixed = mix_rows_inplace(plan, samples, arange_partners=square and arange_partners)
+    elif square:
+        mixed = apply_square(plan, samples)
     else:
         mixed = plan.apply(samples)
     updates = {student: mixed}

@@ -20,7 +20,7 @@ from torch import nn
 
 from ._bank_build import embeds_by_index
 from ._fields import Field, get_field, resolve_fields
-from ._planner import PlanOptions, bank_plan, build_plan, row_draws
+from ._planner import PlanOptions, bank_plan, row_draws, square_plan
 from ._seeding import check_p, hash_ints
 from ._shared import batch_index, batch_student, keep_real_batch, mix_batch, output_options
 from ._validation import check_int, fail
@@ -270,11 +270,10 @@ class CMDAugment(nn.Module):
                 latents = self._embed(batch, index)
                 mixed, choice = row_draws(keys, opts, self.epoch)
                 resp = self._responsibilities(latents)
-                plan = build_plan([latents[t].to(device) for t in opts.teachers],
-                                  latents[opts.student].to(device), opts, mixed=mixed, teacher_choice=choice,
-                                  resp_rows=None if resp is None else resp.to(device),
-                                  resp_cols=None if resp is None else resp.to(device),
-                                  teacher_index=torch.arange(n, device=device))
+                # the batch is its own pool: the checked square plan (one read-back for all checks)
+                plan = square_plan([latents[t].to(device) for t in opts.teachers], latents[opts.student].to(device),
+                                   None if resp is None else resp.to(device), opts, mixed=mixed,
+                                   teacher_choice=choice)
         return plan.to(device)
 
     def _index(self, batch: Any, required: bool) -> Optional[torch.Tensor]:
@@ -293,9 +292,11 @@ class CMDAugment(nn.Module):
             fail("batch", "a dict (or tuple) of batched fields", batch)
         plan = self.plan(batch)
         index = self._index(batch, required=False)
+        # the plan is square (the batch is its own pool) and the library's own: no re-checks
         out = mix_batch(batch, plan, student=self.fields[self.options.student], target=self.target,
                         num_classes=self.num_classes, label_smoothing=self.label_smoothing,
-                        index=None if index is None else index.to(plan.device), info_key=self.info_key)
+                        index=None if index is None else index.to(plan.device), info_key=self.info_key,
+                        square=True)
         if self.keep_real:
             out = keep_real_batch(batch, out, plan, target=self.target, num_classes=self.num_classes,
                                   label_smoothing=self.label_smoothing, info_key=self.info_key)

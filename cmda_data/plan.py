@@ -175,9 +175,11 @@ class MixPlan:
     # ------------------------------------------------------------------ conversions
     def to(self, device: Union[str, torch.device]) -> "MixPlan":
         """The same plan with every tensor on ``device``."""
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        moved = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in moved.items()}
-        return MixPlan(**moved)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        moved = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in fields.items()}
+        if all(moved[name] is value for name, value in fields.items()):
+            return self  # already there (frozen: sharing is safe)
+        return MixPlan._trusted(**moved)  # a checked plan stays valid on another device
 
     def dense(self, m: int) -> torch.Tensor:
         """The plan as a dense ``[n, m]`` float32 weight matrix over a pool of ``m`` samples."""

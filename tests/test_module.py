@@ -257,3 +257,77 @@ def test_set_gmm(data):
 def test_set_gmm_refused_in_lookup_mode(data, bank):
     with pytest.raises(ValidationError, match="gmm: expected None in lookup mode"):
         CMDAugment(bank=bank).set_gmm(bank.gmm)
+
+
+class _HostReads:
+    """Counts reads of tensor values by the host (bool, int, float, item, tolist): on a GPU each
+    one waits for the device, so a batch should need only a handful."""
+
+    NAMES = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+
+    def __enter__(self):
+        self.count, self.saved = 0, {name: getattr(torch.Tensor, name) for name in self.NAMES}
+
+        def counting(original):
+            def read(tensor, *args, **kwargs):
+                self.count += 1
+                return original(tensor, *args, **kwargs)
+            return read
+
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, counting(original))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize("mode", ["aligner", "lookup"])
+def test_a_batch_needs_few_host_reads(data, bank, mode):
+    """Checks are read back together and the library's own plans are not re-checked (it was
+    59 reads per batch in aligner mode before; CPU-only shortcuts account for a few of these)."""
+    kwargs = dict(target="label", num_classes=NUM_CLASSES, p=0.8, seed=1)
+    if mode == "aligner":
+        z = latents(N)
+        module = CMDAugment(PrecomputedAligner({"image": z["image"], "text": z["text"]}), gmm=bank.gmm,
+                            student="image", teachers="text", **kwargs)
+    else:
+        module = CMDAugment(bank=bank, **kwargs)
+    batch = full_batch(data)
+    expected, _ = module(batch)  # warm (first-call work) and the reference output
+    with _HostReads() as reads:
+        out, _ = module(batch)
+    assert reads.count <= 12, reads.count
+    torch.testing.assert_close(out["image"], expected["image"], rtol=0, atol=0)
+
+
+class _BadGMM:
+    """A user mixture whose posteriors are not distributions (rows sum to 2)."""
+
+    n_components = 2
+
+    def predict_proba(self, z):
+        return torch.ones(z.shape[0], 2, device=z.device)
+
+
+class _NaNTextAligner(PrecomputedAligner):
+    """An aligner whose text latents went NaN (a diverged model)."""
+
+    def embed(self, modality, batch):
+        out = super().embed(modality, batch).clone()
+        if modality == "text":
+            out[3, 0] = float("nan")
+        return out
+
+
+def test_bad_latents_and_posteriors_are_named(data, bank):
+    z = latents(N)
+    kwargs = dict(student="image", teachers="text", target="label", num_classes=NUM_CLASSES, p=1.0, seed=1)
+    module = CMDAugment(_NaNTextAligner({"image": z["image"], "text": z["text"]}), gmm=bank.gmm, intra=None,
+                        **kwargs)
+    with pytest.raises(ValidationError, match=r"teacher_z: expected finite values \(no NaN or inf\), got 1 non-finite"):
+        module(full_batch(data))
+    module = CMDAugment(PrecomputedAligner({"image": z["image"], "text": z["text"]}), gmm=_BadGMM(), **kwargs)
+    with pytest.raises(ValidationError, match=r"resp_rows: expected responsibility rows that sum to 1"):
+        module(full_batch(data))

@@ -133,9 +133,10 @@ class PrecomputedAligner(Aligner):
                 index = index.reshape(1)
             if index.ndim != 1:
                 fail("indices", expected, indices, ShapeError)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
-            fail("indices", expected, f"values in [{int(index.min())}, {int(index.max())}]", ValidationError,
-                 raw=True)
+        if index.numel():
+            low, high = torch.stack(torch.aminmax(index)).tolist()  # one read-back (a GPU sync)
+            if low < 0 or high >= n:
+                fail("indices", expected, f"values in [{low}, {high}]", ValidationError, raw=True)
         return index.long()
 
     def rows(self, modality: str, indices: Indices) -> torch.Tensor:
