@@ -18,6 +18,7 @@ authors' test-set model selection) is stored separately and always labelled as s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -306,6 +307,38 @@ def run_pool(fn: Callable[..., Any], tasks: Sequence[tuple], *, jobs: int = 1,
     if close is not None:
         close()
     return results
+
+
+_GRID: Dict[str, Any] = {}
+
+
+def _grid_init(prepare: Callable[..., Any], kwargs: Mapping[str, Any], threads: Optional[int],
+               data: Any = None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    _GRID["data"] = data if data is not None else prepare(**kwargs)
+
+
+def _grid_task(task: Callable[..., Any], *args: Any) -> Dict[str, Any]:
+    start = time.time()
+    value = task(_GRID["data"], *args)
+    return {"value": value, "seconds": round(time.time() - start, 1)}
+
+
+def run_grid(task: Callable[..., Any], tasks: Sequence[tuple], *, data: Any, prepare: Callable[..., Any],
+             prepare_kwargs: Mapping[str, Any], jobs: int = 1, max_minutes: Optional[float] = None,
+             on_result: Optional[Callable[[int, Any], None]] = None, desc: str = "runs",
+             enabled: bool = True) -> Dict[int, Dict[str, Any]]:
+    """:func:`run_pool` for the task scripts: ``{i: {"value": task(data, *tasks[i]), "seconds"}}``.
+
+    In-process (``jobs=1``) the prepared ``data`` is used; each of ``jobs > 1`` worker
+    processes prepares its own once with ``prepare(**prepare_kwargs)`` and splits the CPU
+    cores with the others. ``task`` and ``prepare`` must be module-level functions.
+    """
+    threads = threads_per_job(jobs) if jobs > 1 else None
+    initargs = (prepare, dict(prepare_kwargs), threads) if jobs > 1 else (prepare, dict(prepare_kwargs), None, data)
+    return run_pool(functools.partial(_grid_task, task), tasks, jobs=jobs, max_minutes=max_minutes,
+                    initializer=_grid_init, initargs=initargs, on_result=on_result, desc=desc, enabled=enabled)
 
 
 def threads_per_job(jobs: int) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -164,22 +163,47 @@ def study_path(out: Path, dataset: str, student: str) -> Path:
     return Path(out) / f"study-anomaly-{dataset}-{student}.json"
 
 
+def _task(data: Dict[str, Any], method: str, cfg: Dict[str, Any], seed: int,
+          spec: Dict[str, Any]) -> Dict[str, List[float]]:
+    """One (method, configuration, seed) SSD run (in a worker process with ``--jobs``)."""
+    return run_one(method, data, spec["student"], seed, spec["epochs"], T.MixConfig(**cfg),
+                   torch.device(spec["device"]), sigma=spec["sigma"], aligner_epochs=spec["aligner_epochs"])
+
+
+def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool, data: Dict[str, Any],
+              tasks: List[tuple], *, desc: str) -> Dict[tuple, Dict[str, List[float]]]:
+    """``{(name, seed): {"auroc": curve, "aupr": curve}}`` for ``tasks = [(name, method, cfg, seed)]``."""
+    spec = {"student": student, "epochs": args.epochs, "device": str(args.device), "sigma": args.sigma,
+            "aligner_epochs": args.aligner_epochs}
+    results = C.run_grid(_task, [(method, cfg, seed, spec) for _, method, cfg, seed in tasks], data=data,
+                         prepare=prepare, prepare_kwargs={"dataset": dataset, "study": study}, jobs=args.jobs,
+                         desc=desc, enabled=not args.no_progress)
+    return {(tasks[i][0], tasks[i][3]): dict(r["value"], seconds=r["seconds"]) for i, r in results.items()}
+
+
 def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
+    """Validation study of the CMDA choices (online CMDA), with base and mixup as references."""
     data = prepare(dataset, study=True)
     seeds = list(range(args.study_seeds))
-    rows = []
     grid = T.STUDY_GRID[:3] if args.smoke else T.STUDY_GRID
-    for cfg in C.progress(grid, desc=f"study {dataset}/{student}", enabled=not args.no_progress):
-        last = [run_one("cmda", data, student, s, args.epochs, cfg, args.device, sigma=args.sigma,
-                        aligner_epochs=args.aligner_epochs)["auroc"][-1]
-                for s in seeds]
+    tasks = [(cfg.label(), "cmda", cfg.as_dict(), s) for s in seeds for cfg in grid]
+    tasks += [(name, name, T.FAITHFUL.as_dict(), s) for s in seeds for name in ("base", "mixup")]
+    done = run_tasks(args, dataset, student, True, data, tasks, desc=f"study {dataset}/{student}")
+
+    def summary(name: str) -> Dict[str, Any]:
+        last = [done[(name, s)]["auroc"][-1] for s in seeds]
         mean, ci = C.mean_ci95(last)
-        rows.append({"config": cfg.as_dict(), "label": cfg.label(), "val_auroc": mean, "ci95": ci, "per_seed": last})
-        print(f"  {dataset}/{student} cmda {cfg.label():28s} val AUROC {100 * mean:.2f} ± {100 * ci:.2f}", flush=True)
+        return {"val_auroc": mean, "ci95": ci, "per_seed": last}
+
+    references = {name: summary(name) for name in ("base", "mixup")}
+    rows = [{"config": cfg.as_dict(), "label": cfg.label(), **summary(cfg.label())} for cfg in grid]
+    for name, rec in [*references.items(), *((r["label"], r) for r in rows)]:
+        print(f"  {dataset}/{student} {name:28s} val AUROC {100 * rec['val_auroc']:.2f} ± {100 * rec['ci95']:.2f}",
+              flush=True)
     payload = {"task": "anomaly", "dataset": dataset, "student": student, "split": "validation",
                "validation": "20% of the train normals + the train-split anomalies (unused by the test)",
-               "seeds": seeds, "epochs": args.epochs, "rows": rows,
-               "best": max(rows, key=lambda r: r["val_auroc"])}
+               "method": "cmda", "seeds": seeds, "epochs": args.epochs, "rows": rows,
+               "best": max(rows, key=lambda r: r["val_auroc"]), "references": references}
     path = study_path(Path(args.out), dataset, student)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
@@ -189,25 +213,28 @@ def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
 def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     data = prepare(dataset)
     seeds = list(range(args.seeds))
-    plan = [(m, T.FAITHFUL) for m in args.methods]
+    path = C.result_path(args.out, "anomaly", dataset, student)
+    plan = [] if args.add_tuned else [(m, T.FAITHFUL) for m in args.methods]
     sp = study_path(Path(args.out), dataset, student)
     if sp.is_file() and not args.no_tuned:
         tuned = T.MixConfig(**json.loads(sp.read_text())["best"]["config"])
         plan += [(m + "_tuned", tuned) for m in args.methods if m.startswith("cmda")]
-    auroc: Dict[str, Any] = {}
-    aupr: Dict[str, Any] = {}
-    configs, timings = {}, {}
+    previous = json.loads(path.read_text()) if args.add_tuned and path.is_file() else None
+    if previous is not None and previous["seeds"] != seeds:
+        raise SystemExit(f"--add-tuned: expected the seeds of {path} ({previous['seeds']}), got {seeds}")
+    auroc: Dict[str, Any] = dict(previous["methods"]) if previous else {}
+    aupr: Dict[str, Any] = dict(previous["metrics"]["aupr"]) if previous else {}
+    configs = dict(previous.get("cmda_configs", {})) if previous else {}
+    timings = dict(previous.get("seconds", {})) if previous else {}
+    tasks = [(name, name.replace("_tuned", ""), cfg.as_dict(), s) for s in seeds for name, cfg in plan]
+    done = run_tasks(args, dataset, student, False, data, tasks, desc=f"{dataset}/{student}")
     for name, cfg in plan:
-        start = time.time()
-        method = name.replace("_tuned", "")
-        runs = [run_one(method, data, student, s, args.epochs, cfg, args.device, sigma=args.sigma,
-                        aligner_epochs=args.aligner_epochs)
-                for s in C.progress(seeds, desc=f"{dataset}/{student} {name}", enabled=not args.no_progress)]
+        runs = [done[(name, s)] for s in seeds]
         auroc[name] = C.summarise_method([r["auroc"] for r in runs])
         aupr[name] = C.summarise_method([r["aupr"] for r in runs])
-        if method.startswith("cmda"):
+        if name.replace("_tuned", "").startswith("cmda"):
             configs[name] = cfg.as_dict()
-        timings[name] = round(time.time() - start, 1)
+        timings[name] = round(sum(r["seconds"] for r in runs), 1)
         print(f"  {dataset}/{student} {name:20s} AUROC {100 * auroc[name]['mean']:.2f} ± {100 * auroc[name]['ci95']:.2f}"
               f"  AUPR {100 * aupr[name]['mean']:.2f} ± {100 * aupr[name]['ci95']:.2f} ({timings[name]} s)", flush=True)
     payload = {
@@ -219,9 +246,9 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         "aligner_epochs": args.aligner_epochs,
         "methods": auroc, "metrics": {"aupr": aupr}, "cmda_configs": configs, "seconds": timings,
         "ssd": {"clusters": 1, "features": "trunk output (before the projection head)", "view_noise_sigma": args.sigma},
-        "protocol": "last epoch on the test split; anomalies positive; AUPR = average precision (AUPR-Out)",
+        "protocol": "last epoch on the test split; anomalies positive; AUPR = average precision (AUPR-Out); "
+                    "tuned configs chosen on a validation split (see the study file)",
     }
-    path = C.result_path(args.out, "anomaly", dataset, student)
     C.write_result(path, payload, plot=not args.no_plot)
     return path
 
@@ -234,7 +261,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--sigma", type=float, default=1.0, help="std of the Gaussian noise views")
     parser.add_argument("--study", action="store_true", help="validation study of the CMDA choices")
     parser.add_argument("--study-seeds", type=int, default=2)
-    parser.add_argument("--no-tuned", action="store_true")
+    parser.add_argument("--no-tuned", action="store_true", help="skip the *_tuned methods")
+    parser.add_argument("--add-tuned", action="store_true",
+                        help="only run the *_tuned methods and merge them into the existing result file")
+    parser.add_argument("--jobs", type=int, default=1, help="runs (method x seed) in parallel processes")
     parser.add_argument("--aligner-epochs", type=int, default=None,
                         help="offline aligner epochs (default 30; quick 10; smoke 2)")
     C.add_common_args(parser, default_epochs=40)

@@ -214,26 +214,10 @@ def accuracy(trunk: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.
 
 
 # ------------------------------------------------------------------------------------ parallel runs
-_WORKER: Dict[str, Any] = {}
-
-
-def _init_worker(spec: Dict[str, Any], data: Optional[Dict[str, Any]] = None) -> None:
-    """Per process (``--jobs``): threads, then the data prepared once (or handed over in-process)."""
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    _WORKER["spec"] = spec
-    _WORKER["data"] = data if data is not None else prepare(
-        spec["dataset"], spec["student"], spec["space"], study=spec["study"],
-        quick_pixels=spec["pixel_subset"], image_size=spec["image_size"])
-
-
-def _run_task(method: str, cfg: Dict[str, Any], seed: int) -> Dict[str, Any]:
-    """One (method, configuration, seed) training run in this process; its curve and seconds."""
-    spec = _WORKER["spec"]
-    start = time.time()
-    curve = run_one(method, _WORKER["data"], spec["student"], spec["space"], seed, spec["epochs"],
-                    T.MixConfig(**cfg), torch.device(spec["device"]), aligner_epochs=spec["aligner_epochs"])
-    return {"curve": curve, "seconds": round(time.time() - start, 1)}
+def _task(data: Dict[str, Any], method: str, cfg: Dict[str, Any], seed: int, spec: Dict[str, Any]) -> List[float]:
+    """One (method, configuration, seed) training run (in a worker process with ``--jobs``)."""
+    return run_one(method, data, spec["student"], spec["space"], seed, spec["epochs"], T.MixConfig(**cfg),
+                   torch.device(spec["device"]), aligner_epochs=spec["aligner_epochs"])
 
 
 def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool, data: Dict[str, Any],
@@ -244,10 +228,10 @@ def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool,
     starting runs after ``--max-minutes``, and appends each finished run to ``partial``
     (JSON lines; ``--resume`` skips the runs found there).
     """
-    spec = {"dataset": dataset, "student": student, "space": args.student_space, "study": study,
-            "pixel_subset": args.pixel_subset, "image_size": args.image_size, "epochs": args.epochs,
-            "aligner_epochs": args.aligner_epochs, "device": str(args.device),
-            "threads": C.threads_per_job(args.jobs) if args.jobs > 1 else None}
+    spec = {"student": student, "space": args.student_space, "epochs": args.epochs,
+            "aligner_epochs": args.aligner_epochs, "device": str(args.device)}
+    prepare_kwargs = {"dataset": dataset, "student": student, "space": args.student_space, "study": study,
+                      "quick_pixels": args.pixel_subset, "image_size": args.image_size}
     done: Dict[tuple, Dict[str, Any]] = {}
     if partial is not None and args.resume and partial.is_file():
         for line in partial.read_text().splitlines():
@@ -261,17 +245,17 @@ def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool,
 
     def record(i: int, result: Dict[str, Any]) -> None:
         name, _, cfg, seed = todo[i]
-        rec = dict(result, name=name, seed=seed, epochs=args.epochs, config=cfg, device=str(args.device))
+        rec = {"curve": result["value"], "seconds": result["seconds"], "name": name, "seed": seed,
+               "epochs": args.epochs, "config": cfg, "device": str(args.device)}
         done[(name, seed)] = rec
         if partial is not None:
             partial.parent.mkdir(parents=True, exist_ok=True)
             with partial.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
 
-    C.run_pool(_run_task, [(method, cfg, seed) for _, method, cfg, seed in todo], jobs=args.jobs,
-               max_minutes=args.max_minutes, initializer=_init_worker,
-               initargs=(spec,) if args.jobs > 1 else (spec, data), on_result=record, desc=desc,
-               enabled=not args.no_progress)
+    C.run_grid(_task, [(method, cfg, seed, spec) for _, method, cfg, seed in todo], data=data, prepare=prepare,
+               prepare_kwargs=prepare_kwargs, jobs=args.jobs, max_minutes=args.max_minutes, on_result=record,
+               desc=desc, enabled=not args.no_progress)
     return done
 
 

@@ -222,6 +222,17 @@ def test_anomaly_smoke(tmp_path):
     assert payload["split"]["test_anomaly"] > 0
 
 
+def test_anomaly_study_in_two_processes(tmp_path):
+    require_data("wikipedia")
+    run_script("anomaly_ssd.py", "--dataset", "wikipedia", "--student", "image", "--study", "--study-seeds", "2",
+               "--jobs", "2", tmp_path=tmp_path)
+    study = json.loads((tmp_path / "study-anomaly-wikipedia-image.json").read_text())
+    assert set(study["references"]) == {"base", "mixup"} and len(study["rows"]) == 3  # the smoke grid
+    assert all(len(r["per_seed"]) == 2 and 0.0 <= r["val_auroc"] <= 1.0
+               for r in [*study["rows"], *study["references"].values()])
+    assert study["best"] == max(study["rows"], key=lambda r: r["val_auroc"])
+
+
 def test_captioning_smoke(tmp_path):
     require_data("webnews")
     run_script("captioning.py", tmp_path=tmp_path)
