@@ -33,7 +33,7 @@ from ._kernels import _check_latents, _check_resp
 from ._seeding import draw_rows
 from ._validation import (check_float_tensor, check_int, check_option, check_positive_float, check_probability,
                           check_rank, fail)
-from .exceptions import ShapeError
+from .exceptions import DeviceError, ShapeError
 
 __all__ = ["PlanOptions", "bank_plan", "build_plan", "mix_info", "row_draws"]
 
@@ -271,8 +271,10 @@ def _check_plan_inputs(teacher_z: Sequence[torch.Tensor], student_z: torch.Tenso
         name = "teacher_z" if len(teacher_z) == 1 else f"teacher_z[{i}]"
         check_float_tensor(name, z, finite=False)
         check_rank(name, z, 2)
-        if z.shape[0] != n or z.device != student_z.device:
-            fail(name, f"[{n}, d] on {student_z.device} like student_z", z, ShapeError)
+        if z.shape[0] != n:
+            fail(name, f"[{n}, d] latents, one row per sample like student_z", z, ShapeError)
+        if z.device != student_z.device:
+            fail(name, f"a tensor on {student_z.device} like student_z", z, DeviceError)
     check_float_tensor("student_z", student_z, finite=False)
     check_rank("student_z", student_z, 2)
     parts = [z.sum(dtype=torch.float64 if z.dtype == torch.float64 else torch.float32).to(torch.float64).reshape(1)
