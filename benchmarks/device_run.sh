@@ -12,7 +12,7 @@
 #   3. meanwhile `pytest -m needs_cuda` (correctness only, so sharing the GPU is fine).
 # Everything lands in $OUT (at most 8 files): log.txt, pytest.log, pixels.log, the two benchmark JSONs
 # and the pixel run's JSON / Markdown / PNG (or its .partial.jsonl if it was cut short).
-# Data: $CMDA_DATA_DIR (default ./.devdata, a copy of ../shared/data/webnews without the
+# Data: $CMDA_DATA_DIR (default ./.devdata, made by benchmarks/make_devdata.py: ../shared/data/webnews without the
 # captions and with the photos pre-shrunk to 80 px on the short side, for the transfer).
 set -u
 OUT=${OUT:-/tmp/cmda_gpu}
