@@ -384,3 +384,22 @@ def test_precomputed_to_device(device):
     aligner = PrecomputedAligner({"image": torch.randn(5, 3), "text": torch.randn(5, 3)}, projection=2).to(device)
     z = aligner.embed("image", torch.tensor([0, 4]))
     assert z.device.type == device and z.shape == (2, 2)
+
+
+def test_a_subclass_that_inherits_a_kind_does_not_take_over_loading(tmp_path):
+    class Tweaked(PrecomputedAligner):  # e.g. a user's embed() override, no kind of its own
+        pass
+
+    table = {"image": torch.randn(5, 3), "text": torch.randn(5, 3)}
+    Tweaked(table).save(tmp_path / "a")
+    loaded = Aligner.load(tmp_path / "a")
+    assert type(loaded) is PrecomputedAligner
+    assert "precomputed" in list_aligners()
+
+    class Named(PrecomputedAligner):
+        kind = "named-precomputed-test"
+
+    try:
+        assert Aligner._kinds["named-precomputed-test"] is Named  # a class naming its kind registers it
+    finally:
+        del Aligner._kinds["named-precomputed-test"]

@@ -61,8 +61,8 @@ class Aligner(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.kind:
-            Aligner._kinds[cls.kind] = cls
+        if cls.__dict__.get("kind"):  # only a class that names its own kind: a subclass that
+            Aligner._kinds[cls.kind] = cls  # inherits one must not take over loading that kind
 
     # -- the protocol --------------------------------------------------------------------
     @property
