@@ -345,3 +345,36 @@ def test_device_mismatch_in_plan_fields():
     with pytest.raises(DeviceError):
         MixPlan(index=torch.tensor([[0]]), weights=torch.ones(1, 1).cuda(),
                 teacher_index=torch.tensor([0]), mixed=torch.tensor([True]))
+
+
+SQUARE_CONFIGS = {
+    "soft-dense": dict(intra="soft", p=0.7),
+    "hard-topk": dict(intra="hard", top_k=3, p=0.9),
+    "inter-only": dict(intra=None, top_k=4, p=1.0),
+    "exclude-self": dict(intra="soft", top_k=5, exclude_self=True),
+    "cosine-temperature": dict(intra="soft", similarity="cosine", temperature=0.2, top_k=4),
+    "self-weight-no-renorm": dict(intra="soft", self_weight=10.0, renormalize=False),
+}
+
+
+@pytest.mark.parametrize("teachers", [1, 2])
+@pytest.mark.parametrize("name", sorted(SQUARE_CONFIGS))
+def test_square_plan_is_the_general_plan_bit_for_bit(name, teachers):
+    """CMDAugment's checked fast path (one read-back) builds exactly what build_plan +
+    make_plan build for a batch that is its own pool."""
+    from cmda_data._planner import PlanOptions, build_plan, row_draws, square_plan
+
+    gen = torch.Generator().manual_seed(5)
+    n, d = 14, 6
+    teacher_z = [torch.randn(n, d, generator=gen) for _ in range(teachers)]
+    student_z = torch.randn(n, d, generator=gen)
+    resp = torch.softmax(3 * torch.randn(n, 3, generator=gen), 1)
+    opts = PlanOptions.create(student="image", teachers=[f"t{i}" for i in range(teachers)], seed=3,
+                              **SQUARE_CONFIGS[name])
+    mixed, choice = row_draws(torch.arange(n), opts, 2)
+    general = build_plan(teacher_z, student_z, opts, mixed=mixed, teacher_choice=choice, resp_rows=resp,
+                         resp_cols=resp, teacher_index=torch.arange(n))
+    fast = square_plan(teacher_z, student_z, resp, opts, mixed=mixed, teacher_choice=choice)
+    for field in ("index", "weights", "teacher_index", "mixed", "teacher_choice"):
+        assert torch.equal(getattr(fast, field), getattr(general, field)), field
+    assert fast.teacher == general.teacher
