@@ -183,9 +183,10 @@ def mix_batch(batch: Any, plan: Any, *, student: Field, target: Optional[Field],
     Dict batches get ``batch[info_key]``; tuple batches get the record appended last.
     ``reuse_student`` (only for a batch the caller just collated itself, never user input)
     writes the mixed student into the collated student tensor instead of a new one.
-    ``square`` (only for a plan the library just built with ``bank_plan(bank, index, index,
-    ...)``: ``B`` rows, row ``r``'s own sample is ``r``, the batch's ``index`` on the plan's
-    device) skips the re-checks of the plan; the batch's samples and targets are still checked.
+    ``square`` (only for a plan the library just built for this batch as its own pool, with
+    ``bank_plan(bank, index, index, ...)`` or ``square_plan``: ``B`` rows, row ``r``'s own
+    sample is ``r``, the batch's ``index`` on the plan's device) skips the re-checks of the
+    plan; the batch's samples and targets are still checked.
     ``arange_partners`` (such a plan made without ``top_k``): see :func:`mix_rows_inplace`.
     """
     samples = batch_student(batch, student)
