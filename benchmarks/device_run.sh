@@ -5,12 +5,12 @@
 #   OUT=/tmp/gpu WINDOW=540 bash benchmarks/device_run.sh
 #
 # Phases (each under its own `timeout`, so one failure does not cost the others):
-#   1. bench_mixing and bench_gmm on a quiet GPU (their timings are the figures we report);
+#   1. bench_mixing, bench_online and bench_gmm on a quiet GPU (the figures we report);
 #   2. classification.py --student-space pixels --device cuda, JOBS runs at a time, in the
 #      background; it starts no run after the window's end minus a margin and reports the
 #      seeds every method finished;
 #   3. meanwhile `pytest -m needs_cuda` (correctness only, so sharing the GPU is fine).
-# Everything lands in $OUT (at most 8 files): log.txt, pytest.log, pixels.log, the two benchmark JSONs
+# Everything lands in $OUT (8 files, the tool's limit): log.txt (with the pixel run's log), pytest.log, the three benchmark JSONs
 # and the pixel run's JSON / Markdown / PNG (or its .partial.jsonl if it was cut short).
 # Data: $CMDA_DATA_DIR (default ./.devdata, made by benchmarks/make_devdata.py: ../shared/data/webnews without the
 # captions and with the photos pre-shrunk to 80 px on the short side, for the transfer).
@@ -24,6 +24,7 @@ DEVICE=${DEVICE:-cuda}         # DEVICE=cpu PIXEL_ARGS=--smoke MIXING_ARGS="--qu
 PIXEL_ARGS=${PIXEL_ARGS:-}
 MIXING_ARGS=${MIXING_ARGS:-}
 GMM_ARGS=${GMM_ARGS:-}
+ONLINE_ARGS=${ONLINE_ARGS:-}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 export CMDA_DATA_DIR=${CMDA_DATA_DIR:-$PWD/.devdata}
@@ -37,6 +38,8 @@ LOG=$OUT/log.txt
   $PY -c "import sys, os, torch, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda', 'cpus', os.cpu_count())"
   echo "== bench_mixing ($DEVICE) at $(elapsed) s"
   timeout 110 $PY benchmarks/bench_mixing.py --device "$DEVICE" --threads 4 $MIXING_ARGS --out "$OUT/bench_mixing-$DEVICE.json" 2>&1 | grep -v '^\s*$'
+  echo "== bench_online ($DEVICE) at $(elapsed) s"
+  timeout 90 $PY benchmarks/bench_online.py --device "$DEVICE" $ONLINE_ARGS --out "$OUT/bench_online-$DEVICE.json" 2>&1
   echo "== bench_gmm (cpu + cuda when present) at $(elapsed) s"
   timeout 110 $PY benchmarks/bench_gmm.py $GMM_ARGS --out "$OUT/bench_gmm-$DEVICE.json" 2>&1
 } >>"$LOG" 2>&1
@@ -60,10 +63,10 @@ PIXELS=$!
 
 wait $PIXELS
 echo "== pixels exit $? at $(elapsed) s" >>"$LOG"
-tail -25 "$OUT/pixels.log" >>"$LOG"
+cat "$OUT/pixels.log" >>"$LOG" && rm "$OUT/pixels.log"  # the tool returns 8 files at most
 ls -la "$OUT" >>"$LOG"
 # the end of the log is what a remote caller sees first
 grep -E "passed|failed|error" "$LOG" | tail -5
-grep -E "PASS|FAIL" "$LOG" | tail -30
-tail -12 "$OUT/pixels.log"
+grep -E "PASS|FAIL|/mixup_step|host reads" "$LOG" | tail -30
+grep -E "acc |wrote" "$LOG" | tail -8
 echo "total $(elapsed) s"

@@ -94,6 +94,13 @@ def speed_table(results: Path) -> List[str]:
             rows.append(f"| bench_gmm | {machine}{row['device']}{threads} {row['covariance_type']} | speed-up vs "
                         f"scikit-learn (rel. log-lik. diff {row['rel_ll_diff']:.1e}) | {row['speedup']:.2f} | "
                         f"{verdict} |")
+    for online in sorted(results.glob("bench_online*.json")):
+        payload = json.loads(online.read_text())
+        where = payload["machine"].get("cuda") or "cpu"
+        case = f"{where}, batch {payload['batch']} photos 3x{payload['size']}x{payload['size']}, ResNet-18"
+        for ratio, value in payload["ratios"].items():
+            rows.append(f"| bench_online | {case} | {ratio} (host reads per CMDAugment call: "
+                        f"{payload['host_reads_per_augment']}) | {value:.2f} | no target |")
     loader = results / "bench_loader.json"
     if loader.is_file():
         target = json.loads(loader.read_text()).get("target", {})

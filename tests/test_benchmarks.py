@@ -251,3 +251,28 @@ def test_generated_result_tables_are_current():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("script, args, out", [
+    ("bench_online.py", ["--batch", "4", "--size", "32", "--steps", "2"], "bench_online.json"),
+    ("bench_mixing.py", ["--quick", "--device", "cpu", "--threads", "1", "--cases", "vec1024", "--repeats", "3"],
+     "bench_mixing.json"),
+    ("bench_gmm.py", ["--n", "400", "--d", "4", "--m", "2", "--repeats", "1", "--max-iter", "3"], "bench_gmm.json"),
+])
+def test_speed_benchmarks_run_and_write_json(script, args, out, tmp_path):
+    """The speed benchmarks run end to end at toy sizes (the figures themselves are not asserted)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(tmp_path / out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    payload = json.loads((tmp_path / out).read_text())
+    if script == "bench_online.py":
+        assert set(payload["median_ms"]) == {"mixup_step", "augment", "cmda_step"}
+        assert all(v > 0 for v in payload["median_ms"].values()) and payload["host_reads_per_augment"] <= 12
+    elif script == "bench_mixing.py":
+        (result,) = payload["results"]
+        assert result["ratios"]["loop/dense"] > 1 and set(result["targets"]) == {"loop/dense", "dense/clone",
+                                                                                   "topk/clone"}
+    else:
+        assert {r["covariance_type"] for r in payload["rows"]} == {"full", "tied", "diag", "spherical"}
+        assert all(r["rel_ll_diff"] <= 1e-6 for r in payload["rows"])
