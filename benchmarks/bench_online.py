@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -38,34 +38,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cmda_data import CMDAugment  # noqa: E402
+from cmda_data._host_reads import HostReads  # noqa: E402
 from cmda_data.aligners import ContrastiveAligner  # noqa: E402
 from cmda_data.mixture import GaussianMixture  # noqa: E402
 
 NUM_CLASSES = 10
 TEXT_DIM = 384
-
-
-class HostReads:
-    """Counts reads of tensor values by the host (bool, int, float, item, tolist)."""
-
-    NAMES = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
-
-    def __enter__(self) -> "HostReads":
-        self.count, self.saved = 0, {name: getattr(torch.Tensor, name) for name in self.NAMES}
-
-        def counting(original: Callable) -> Callable:
-            def read(tensor, *args, **kwargs):
-                self.count += 1
-                return original(tensor, *args, **kwargs)
-            return read
-
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, counting(original))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, original)
 
 
 def build(device: torch.device, size: int, batch: int, seed: int = 0):

@@ -60,22 +60,38 @@ def _check_latents(name: str, value: object) -> torch.Tensor:
     return value
 
 
-def _check_resp(name: str, value: object) -> torch.Tensor:
-    """Responsibilities: finite, 2-D, non-negative rows that sum to 1."""
-    _check_float(name, value)
+def _check_resp_shape(name: str, value: object) -> torch.Tensor:
+    """Responsibilities' type and shape: a floating-point ``[n, M]`` tensor with ``M >= 1``."""
+    check_float_tensor(name, value, finite=False)
     check_rank(name, value, 2)
     if value.shape[1] < 1:
         fail(name, "at least one mixture component (shape [n, M] with M >= 1)", value, ShapeError)
-    if value.numel() == 0:
-        return value
-    if float(value.amin()) < 0:
-        fail(name, "non-negative responsibilities", f"minimum {float(value.min()):.4g}", raw=True)
+    return value
+
+
+def _resp_stats(value: torch.Tensor) -> torch.Tensor:
+    """``[3]`` float64 on the device: the total, the minimum and the worst row-sum error (non-empty)."""
     sums = value.to(_compute_dtype(value)).sum(1)
+    return torch.stack([sums.sum().double(), value.amin().double(), (sums - 1).abs().max().double()])
+
+
+def _check_resp_stats(name: str, value: torch.Tensor, total: float, low: float, worst: float) -> None:
+    """Raise the worded error for the values of :func:`_resp_stats` that fail."""
+    if not math.isfinite(total):
+        check_finite(name, value)  # NaN / inf entries (a finite sum can overflow: look element-wise)
+    if low < 0:
+        fail(name, "non-negative responsibilities", f"minimum {low:.4g}", raw=True)
     tol = max(1e-3, 4 * value.shape[1] * torch.finfo(value.dtype).eps)
-    worst = float((sums - 1).abs().max())
     if worst > tol:
         fail(name, "responsibility rows that sum to 1 (GMM posteriors, predict_proba)",
              f"a row sum off by {worst:.4g} in {describe(value)}", raw=True)
+
+
+def _check_resp(name: str, value: object) -> torch.Tensor:
+    """Responsibilities: finite, 2-D, non-negative rows that sum to 1 (one read-back: a GPU sync)."""
+    _check_resp_shape(name, value)
+    if value.numel():
+        _check_resp_stats(name, value, *_resp_stats(value).tolist())
     return value
 
 

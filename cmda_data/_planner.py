@@ -14,9 +14,10 @@ samples whenever the candidate pool is the same:
    all mass on the sample itself are marked as not mixed.
 3. :func:`bank_plan`: the same with latents and responsibilities looked up in a bank. For a
    square pool (the rows are the candidates, as in :class:`~cmda_data.CMDACollate`) it takes
-   a trusted path (:func:`_square_plan`): the bank's tensors were checked when the bank was
+   a trusted path (:func:`_bank_square_plan`): the bank's tensors were checked when the bank was
    built, so the same functional math runs without re-checking them, and the plan is built
-   directly in its final layout.
+   directly in its final layout. :func:`square_plan` is that path for latents the library did
+   not build (``CMDAugment``'s aligner mode): it checks them, with one read-back, first.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from . import functional as Fn
-from ._kernels import _check_latents, _check_resp
+from ._kernels import _check_latents, _check_resp, _check_resp_shape, _check_resp_stats, _resp_stats
 from ._seeding import draw_rows
 from ._validation import (check_float_tensor, check_int, check_option, check_positive_float, check_probability,
                           check_rank, fail)
@@ -170,12 +171,13 @@ def bank_plan(bank: Any, rows: torch.Tensor, pool: torch.Tensor, opts: PlanOptio
     same = pool is rows
     rows = torch.as_tensor(rows).reshape(-1).long().cpu()
     pool = rows if same else torch.as_tensor(pool).reshape(-1).long().cpu()
+    identical = same or (rows.shape == pool.shape and bool(torch.equal(rows, pool)))
     if square is None:
-        square = same or (rows.shape == pool.shape and bool(torch.equal(rows, pool)))
+        square = identical
     if mixed is None or teacher_choice is None:
         mixed, teacher_choice = row_draws(rows, opts, epoch)
-    if square and (same or bool(torch.equal(rows, pool))):
-        return _square_plan(bank, rows, opts, mixed=mixed, teacher_choice=teacher_choice)
+    if square and identical:
+        return _bank_square_plan(bank, rows, opts, mixed=mixed, teacher_choice=teacher_choice)
     row_pos, pool_pos = bank.positions(rows), bank.positions(pool)
     teacher_z = [bank.embeddings[t][row_pos] for t in opts.teachers]
     student_z = bank.embeddings[opts.student][pool_pos]
@@ -219,8 +221,8 @@ def _all_rows_valid(resp: torch.Tensor) -> bool:
     return True
 
 
-def _square_plan(bank: Any, rows: torch.Tensor, opts: PlanOptions, *, mixed: torch.Tensor,
-                 teacher_choice: torch.Tensor):
+def _bank_square_plan(bank: Any, rows: torch.Tensor, opts: PlanOptions, *, mixed: torch.Tensor,
+                      teacher_choice: torch.Tensor):
     """:func:`bank_plan` for a square pool (candidate ``r`` is row ``r``'s own sample), trusted path.
 
     The same math as :func:`build_plan` + :func:`cmda_data.plan.make_plan` (the private
@@ -265,10 +267,10 @@ def square_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, resp
 
 def _check_plan_inputs(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor,
                        resp: Optional[torch.Tensor]) -> None:
-    """Finite latents and valid responsibilities (rows of a posterior), one device-to-host read."""
+    """Finite latents and valid responsibilities (``_check_resp``'s reductions), read back in one transfer."""
     n = student_z.shape[0]
-    for i, z in enumerate(teacher_z):
-        name = "teacher_z" if len(teacher_z) == 1 else f"teacher_z[{i}]"
+    names = [f"teacher_z[{i}]" if len(teacher_z) > 1 else "teacher_z" for i in range(len(teacher_z))]
+    for name, z in zip(names, teacher_z):
         check_float_tensor(name, z, finite=False)
         check_rank(name, z, 2)
         if z.shape[0] != n:
@@ -277,32 +279,26 @@ def _check_plan_inputs(teacher_z: Sequence[torch.Tensor], student_z: torch.Tenso
             fail(name, f"a tensor on {student_z.device} like student_z", z, DeviceError)
     check_float_tensor("student_z", student_z, finite=False)
     check_rank("student_z", student_z, 2)
-    parts = [z.sum(dtype=torch.float64 if z.dtype == torch.float64 else torch.float32).to(torch.float64).reshape(1)
-             for z in (*teacher_z, student_z)]
+    latents = (*teacher_z, student_z)
+    parts = [torch.stack([z.sum(dtype=torch.float64 if z.dtype == torch.float64 else torch.float32).double()
+                          for z in latents])]
     if resp is not None:
-        check_float_tensor("resp_rows", resp, finite=False)
-        check_rank("resp_rows", resp, 2)
-        if resp.shape[0] != n or resp.shape[1] < 1:
-            fail("resp_rows", f"[{n}, M] responsibilities (M >= 1) of the batch rows", resp, ShapeError)
+        _check_resp_shape("resp_rows", resp)
+        if resp.shape[0] != n:
+            fail("resp_rows", f"[{n}, M] responsibilities of the batch rows", resp, ShapeError)
         if resp.numel():
-            sums = resp.to(torch.float64 if resp.dtype == torch.float64 else torch.float32).sum(1)
-            parts += [resp.amin().to(torch.float64).reshape(1), (sums - 1).abs().max().to(torch.float64).reshape(1),
-                      sums.sum().to(torch.float64).reshape(1)]
-    values = torch.cat([part.to(student_z.device) for part in parts]).tolist()
-    names = [f"teacher_z[{i}]" if len(teacher_z) > 1 else "teacher_z" for i in range(len(teacher_z))] + ["student_z"]
-    for name, z, total in zip(names, (*teacher_z, student_z), values):
+            parts.append(_resp_stats(resp).to(student_z.device))
+    values = torch.cat(parts).tolist()  # the one read-back
+    for name, z, total in zip([*names, "student_z"], latents, values):
         if not math.isfinite(total):
             _check_latents(name, z)  # a finite sum can overflow: the element-wise check words the error
-    if resp is not None and resp.numel():
-        low, worst, total = values[len(names):]
-        tol = max(1e-3, 4 * resp.shape[1] * torch.finfo(resp.dtype).eps)
-        if not (math.isfinite(total) and low >= 0 and worst <= tol):
-            _check_resp("resp_rows", resp)
+    if len(values) > len(latents):
+        _check_resp_stats("resp_rows", resp, *values[len(latents):])
 
 
 def _square_core(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, resp_rows: Optional[torch.Tensor],
                  opts: PlanOptions, *, mixed: torch.Tensor, teacher_choice: torch.Tensor):
-    """The trusted math of a square plan (checked inputs; see :func:`_square_plan`)."""
+    """The trusted math of a square plan (checked inputs; see :func:`_bank_square_plan`)."""
     device = student_z.device
     n = int(student_z.shape[0])
     choice = teacher_choice

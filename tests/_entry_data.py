@@ -98,3 +98,14 @@ def make_bank(n: int = 24, teachers: int = 1, **options) -> EmbeddingBank:
 
 def student_of(dataset, i: int, field="image") -> torch.Tensor:
     return dataset[i][field]
+
+
+def batches_per_p(entry, loader, schedule) -> dict:
+    """``{p: list(loader)}``, calling ``entry.set_epoch(epoch)`` and ``entry.set_p(p)`` before each pass."""
+    seen = {}
+    for epoch, p in enumerate(schedule):
+        entry.set_epoch(epoch)
+        entry.set_p(p)
+        assert entry.p == p
+        seen[p] = list(loader)
+    return seen

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, default_collate
 
-from _entry_data import NUM_CLASSES, PairedDataset, TokenDataset, TupleDataset, make_bank
+from _entry_data import NUM_CLASSES, PairedDataset, TokenDataset, TupleDataset, batches_per_p, make_bank
 from cmda_data.collate import CMDACollate
 from cmda_data.dataset import IndexedDataset
 from cmda_data.exceptions import DeviceError, FieldError, ValidationError
@@ -250,12 +250,7 @@ def test_set_p_reaches_persistent_workers(data, bank):
     collate = collate_for(bank, p=0.5, seed=2)
     loader = DataLoader(IndexedDataset(data), batch_size=7, collate_fn=collate, num_workers=2,
                         persistent_workers=True)
-    seen = {}
-    for epoch, p in enumerate([0.0, 1.0, 0.5]):
-        collate.set_epoch(epoch)
-        collate.set_p(p)
-        assert collate.p == p
-        seen[p] = list(loader)
+    seen = batches_per_p(collate, loader, [0.0, 1.0, 0.5])
     assert not any(bool(b["mix_info"]["mixed"].any()) for b in seen[0.0])
     for batch in seen[0.0]:  # nothing mixed: the originals, one-hot targets
         assert torch.equal(batch["image"], default_collate([data[i] for i in batch["index"].tolist()])["image"])

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from _entry_data import NUM_CLASSES, CountingDataset, PairedDataset, TokenDataset, TupleDataset, make_bank
+from _entry_data import (NUM_CLASSES, CountingDataset, PairedDataset, TokenDataset, TupleDataset, batches_per_p,
+                         make_bank)
 from cmda_data.dataset import CrossModalAugmentedDataset, IndexedDataset
 from cmda_data.exceptions import FieldError, ShapeError, ValidationError
 
@@ -286,12 +287,7 @@ def test_configuration_errors(data, bank):
 def test_set_p_reaches_persistent_workers(data, bank):
     aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=0.5, top_k=3, seed=3)
     loader = DataLoader(aug, batch_size=8, num_workers=2, persistent_workers=True)
-    seen = {}
-    for epoch, p in enumerate([0.0, 1.0, 0.5]):
-        aug.set_epoch(epoch)
-        aug.set_p(p)
-        assert aug.p == p
-        seen[p] = _batches(loader)
+    seen = batches_per_p(aug, loader, [0.0, 1.0, 0.5])
     assert not any(bool(b["mix_info"]["mixed"].any()) for b in seen[0.0])
     for batch in seen[0.0]:
         assert torch.equal(batch["image"], torch.stack([data[int(i)]["image"] for i in batch["mix_info"]["index"]]))

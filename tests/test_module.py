@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from _entry_data import NUM_CLASSES, PairedDataset, latents, make_bank
+from cmda_data._host_reads import HostReads
 from cmda_data.aligners import ContrastiveAligner, PrecomputedAligner
 from cmda_data.collate import CMDACollate
 from cmda_data.dataset import IndexedDataset
@@ -259,30 +260,6 @@ def test_set_gmm_refused_in_lookup_mode(data, bank):
         CMDAugment(bank=bank).set_gmm(bank.gmm)
 
 
-class _HostReads:
-    """Counts reads of tensor values by the host (bool, int, float, item, tolist): on a GPU each
-    one waits for the device, so a batch should need only a handful."""
-
-    NAMES = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
-
-    def __enter__(self):
-        self.count, self.saved = 0, {name: getattr(torch.Tensor, name) for name in self.NAMES}
-
-        def counting(original):
-            def read(tensor, *args, **kwargs):
-                self.count += 1
-                return original(tensor, *args, **kwargs)
-            return read
-
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, counting(original))
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, original)
-
-
 @pytest.mark.parametrize("mode", ["aligner", "lookup"])
 def test_a_batch_needs_few_host_reads(data, bank, mode):
     """Checks are read back together and the library's own plans are not re-checked (it was
@@ -296,7 +273,7 @@ def test_a_batch_needs_few_host_reads(data, bank, mode):
         module = CMDAugment(bank=bank, **kwargs)
     batch = full_batch(data)
     expected, _ = module(batch)  # warm (first-call work) and the reference output
-    with _HostReads() as reads:
+    with HostReads() as reads:
         out, _ = module(batch)
     assert reads.count <= 12, reads.count
     torch.testing.assert_close(out["image"], expected["image"], rtol=0, atol=0)
