@@ -263,6 +263,36 @@ def _mix_sparse_blocked(index: torch.Tensor, weights: torch.Tensor, flat: torch.
     return out
 
 
+def _mix_dense(weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``weights [n, m] @ flat [m, P]`` in the dtype of ``flat``, half/bfloat16 summed in float32."""
+    if flat.dtype in _LOW_PRECISION and flat.device.type != "cpu":
+        # CPU kernels accumulate half/bfloat16 products in float32; elsewhere make sure
+        return torch.mm(weights.float(), flat.float()).to(flat.dtype)
+    return torch.mm(weights.to(flat.dtype), flat)
+
+
+# On CUDA, embedding_bag gathers each output row's k partner rows with scattered loads, while
+# a dense [n, m] @ [m, P] product runs as one cuBLAS GEMM. In one H200 run (B = m = 128,
+# k = 8, float32; benchmarks/results/bench_mixing-cuda.json, both kernels without argument
+# checks) the GEMM took 0.23 ms at 3x224x224 against 0.64 ms for embedding_bag, and both were
+# launch-bound (0.06 ms) at 1024-d. So while the dense product does at most
+# _DENSE_ROUTE_RATIO times the sparse path's multiply-adds (m <= ratio * k), CUDA mixes the
+# top-k weights scattered into a dense matrix. Measured at m / k = 16 only.
+_DENSE_ROUTE_RATIO = 16
+
+
+def _sparse_route(device_type: str, m: int, k: int) -> str:
+    """How :func:`_mix_sparse` mixes ``k`` partners of ``m`` rows on ``device_type``."""
+    if device_type == "cuda" and m <= _DENSE_ROUTE_RATIO * k:
+        return "dense"
+    return "embedding_bag" if device_type in ("cpu", "cuda") else "bmm"
+
+
+def _densify(index: torch.Tensor, weights: torch.Tensor, m: int) -> torch.Tensor:
+    """The ``[n, m]`` matrix of sparse weights (repeated positions add up, as in the sparse sum)."""
+    return weights.new_zeros((index.shape[0], m)).scatter_add(1, index, weights)
+
+
 def _mix_sparse(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """``out[i] = sum_t weights[i, t] * flat[index[i, t]]`` without the dense ``[n, m]``.
 
@@ -270,9 +300,13 @@ def _mix_sparse(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) 
     of gathered rows without materialising the ``[n, k, P]`` gather (6x faster than gather +
     bmm on CPU, accumulating half/bfloat16 in float32); other backends use gather + bmm.
     On the CPU at one thread, large inputs without autograd are mixed in L2-sized column
-    blocks (:func:`_mix_sparse_blocked`, same results).
+    blocks (:func:`_mix_sparse_blocked`, same results). On CUDA, a batch that is small
+    against ``k`` (``m <= 16 k``) is mixed as one dense product (:func:`_sparse_route`).
     """
-    if flat.device.type in ("cpu", "cuda"):
+    route = _sparse_route(flat.device.type, flat.shape[0], index.shape[1])
+    if route == "dense":
+        return _mix_dense(_densify(index.long(), weights, flat.shape[0]), flat)
+    if route == "embedding_bag":
         index = index.long()
         if (flat.device.type == "cpu" and torch.get_num_threads() == 1 and flat.stride(1) == 1
                 and not (torch.is_grad_enabled() and (flat.requires_grad or weights.requires_grad))):

@@ -35,7 +35,6 @@ from typing import Optional, Tuple
 import torch
 
 from ._kernels import (  # noqa: F401 - private helpers (some used only by the tests)
-    _LOW_PRECISION,
     _check_bool,
     _check_float,
     _check_index,
@@ -47,6 +46,7 @@ from ._kernels import (  # noqa: F401 - private helpers (some used only by the t
     _check_samples,
     _compute_dtype,
     _flatten_trailing,
+    _mix_dense,
     _mix_sparse,
     _mix_sparse_bmm,
     _normalize_rows,
@@ -356,11 +356,8 @@ def _mix(weights: torch.Tensor, samples: torch.Tensor, index: Optional[torch.Ten
     flat, restore = _flatten_trailing(samples)
     if index is not None:
         out = _mix_sparse(index, weights.to(flat.dtype), flat)
-    elif flat.dtype in _LOW_PRECISION and flat.device.type != "cpu":
-        # CPU kernels accumulate half/bfloat16 products in float32; elsewhere make sure
-        out = torch.mm(weights.float(), flat.float()).to(flat.dtype)
     else:
-        out = torch.mm(weights.to(flat.dtype), flat)
+        out = _mix_dense(weights, flat)
     return restore(out)
 
 

@@ -688,3 +688,73 @@ def test_sparse_block_columns_choice():
     assert Kn._sparse_block_columns(128, 128, 150528, 4) == 4096  # 2 MiB of partner rows
     assert Kn._sparse_block_columns(128, 100_000, 150528, 4) == Kn._BLOCK_MIN_COLUMNS
     assert Kn._sparse_block_columns(1, 1, 2_000_003, 4) % 64 == 0
+
+
+# ------------------------------------------------------------------------------------
+# The dense route of the sparse path (_kernels._sparse_route): on CUDA, top-k weights of a
+# small batch (m <= 16 k) are scattered into a dense [n, m] matrix and mixed with one mm.
+# ------------------------------------------------------------------------------------
+def test_sparse_route_choice():
+    from cmda_data import _kernels as Kn
+    assert Kn._sparse_route("cuda", 128, 8) == "dense"  # the measured case: B = 128, top-k 8
+    assert Kn._sparse_route("cuda", 129, 8) == "embedding_bag"  # past 16 k: the sparse kernel
+    assert Kn._sparse_route("cuda", 50_000, 8) == "embedding_bag"  # a bank: never dense
+    assert Kn._sparse_route("cpu", 128, 8) == "embedding_bag"  # the CPU keeps embedding_bag
+    assert Kn._sparse_route("mps", 128, 8) == "bmm"
+
+
+@pytest.fixture
+def dense_route(monkeypatch):
+    """Make the CPU take the dense route, counting its uses."""
+    from cmda_data import _kernels as Kn
+    calls = []
+    densify = Kn._densify
+    monkeypatch.setattr(Kn, "_sparse_route", lambda device_type, m, k: "dense")
+    monkeypatch.setattr(Kn, "_densify", lambda *a: calls.append(a[-1]) or densify(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_dense_route_equals_a_loop(dense_route, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 3, 4, 5, generator=g).to(dtype)
+    index = torch.tensor([[0, 6, 6], [2, 2, 2], [5, 1, 3], [4, 0, 6]])  # repeated partners add up
+    w = torch.rand(4, 3, generator=g).to(dtype)
+    out = Fn.mix(w, x, index=index)
+    assert dense_route == [7] and out.dtype == dtype and out.shape == (4, 3, 4, 5)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(out.double(), _sparse_loop(index, w, x), rtol=tol, atol=tol)
+    cl = Fn.mix(w, x.contiguous(memory_format=torch.channels_last), index=index)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, out, rtol=tol, atol=tol)
+
+
+def test_dense_route_gradients_equal_the_sparse_kernel(dense_route):
+    g = torch.Generator().manual_seed(4)
+    index = torch.tensor([[0, 1, 1], [3, 2, 0]])
+    x0, w0 = torch.rand(4, 6, generator=g), torch.rand(2, 3, generator=g)
+    grads = []
+    for route in ("dense", "sparse"):
+        xs, ws = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if route == "dense":
+            out = Fn.mix(ws, xs, index=index)
+        else:
+            from cmda_data import _kernels as Kn
+            out = Kn._embedding_bag_sum(index, ws, xs)
+        (out * torch.arange(6.0)).sum().backward()
+        grads.append((xs.grad, ws.grad))
+    assert dense_route == [4]
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected)
+
+
+@needs_cuda
+@pytest.mark.needs_cuda
+def test_cuda_dense_route_equals_embedding_bag():
+    from cmda_data import _kernels as Kn
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(128, 3, 32, 32, generator=g).cuda()
+    index, w = Fn.topk_sparse(torch.rand(128, 128, generator=g).cuda(), 8)
+    assert Kn._sparse_route("cuda", 128, 8) == "dense"
+    torch.testing.assert_close(Fn.mix(w, x, index=index).reshape(128, -1),
+                               Kn._embedding_bag_sum(index, w, x.reshape(128, -1)), rtol=1e-5, atol=1e-5)
