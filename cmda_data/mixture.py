@@ -89,6 +89,8 @@ class GaussianMixture:
         random_state: an int seed (each ``fit``/``sample`` call starts from it), a
             ``torch.Generator`` (advanced by every call) or None (a fresh seed from
             ``os.urandom``; the global torch RNG is never used).
+        generator: a ``torch.Generator``, the torch spelling of ``random_state=generator``
+            (give one of the two).
         warm_start: start the next ``fit`` from the current solution (one initialisation).
         verbose: 0 silent, 1 prints initialisations, 2 also the change per step.
         verbose_interval: iterations between two progress lines.
@@ -135,6 +137,7 @@ class GaussianMixture:
         warm_start: bool = False,
         verbose: int = 0,
         verbose_interval: int = 10,
+        generator: Optional[torch.Generator] = None,
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -150,6 +153,7 @@ class GaussianMixture:
         self.warm_start = warm_start
         self.verbose = verbose
         self.verbose_interval = verbose_interval
+        self.generator = generator
         self._check_config()
 
     def __repr__(self) -> str:
@@ -170,11 +174,21 @@ class GaussianMixture:
         if not (rs is None or isinstance(rs, torch.Generator) or (
                 isinstance(rs, (int, np.integer)) and not isinstance(rs, bool) and 0 <= rs < 2 ** 63)):
             fail("random_state", "None, an integer in [0, 2**63) or a torch.Generator", rs)
+        if self.generator is not None:
+            if not isinstance(self.generator, torch.Generator):
+                fail("generator", "None or a torch.Generator", self.generator)
+            if rs is not None:
+                fail("generator", "a generator or a random_state, not both",
+                     f"generator and random_state={rs!r}", raw=True)
         if not isinstance(self.warm_start, (bool, np.bool_)):
             fail("warm_start", "a bool", self.warm_start)
         if not isinstance(self.verbose, bool):
             check_int("verbose", self.verbose, minimum=0)
         check_int("verbose_interval", self.verbose_interval, minimum=1)
+
+    def _generator(self) -> torch.Generator:
+        """The generator of one ``fit`` / ``sample`` call (from ``generator`` or ``random_state``)."""
+        return self.generator if self.generator is not None else _new_generator(self.random_state)
 
     def _check_inits(self, n_features: int, device: torch.device):
         """The user's initial arrays as float64 tensors (or None), shapes and values checked."""
@@ -252,7 +266,7 @@ class GaussianMixture:
             fail("X", f"{self.n_features_in_} features for warm_start (as seen in fit)", f"{d} features",
                  ShapeError, raw=True)
         inits = self._check_inits(d, data.device)
-        generator = _new_generator(self.random_state)
+        generator = self._generator()
         # EM is translation invariant: run it on centered data for accuracy, shift the means back
         shift = data.mean(0)
         data = data - shift
@@ -387,7 +401,7 @@ class GaussianMixture:
         """
         self._check_fitted()
         n_samples = check_int("n_samples", n_samples, minimum=1)
-        generator = _new_generator(self.random_state)
+        generator = self._generator()
         gdev = generator.device
         device, (M, d) = self.means_.device, self.means_.shape
         picks = torch.multinomial(self.weights_.to(gdev), n_samples, replacement=True, generator=generator)

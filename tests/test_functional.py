@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import strategies as S
+from cmda_data import MixPlan
 from cmda_data import functional as Fn
 from cmda_data.exceptions import CMDAError, DeviceError, ShapeError, ValidationError
 from conftest import CPU_AND_CUDA, needs_cuda
@@ -317,6 +318,17 @@ def test_sparse_mix_equals_dense_mix(data):
     torch.testing.assert_close(Fn._mix_sparse_bmm(index, weights.to(samples.dtype),
                                                   samples.reshape(m, -1)).reshape(sparse_out.shape),
                                sparse_out)
+
+
+@given(st.data())
+def test_identity_weights_return_the_input(data):
+    samples = data.draw(S.sample_tensors(dtype=data.draw(S.float_dtypes())))
+    m, before = samples.shape[0], samples.clone()
+    ones = torch.ones(m, 1, dtype=samples.dtype)
+    assert torch.equal(Fn.mix(torch.eye(m, dtype=samples.dtype), samples), samples)
+    assert torch.equal(Fn.mix(ones, samples, index=torch.arange(m)[:, None]), samples)
+    assert torch.equal(MixPlan.identity(m).apply(samples), samples)
+    assert torch.equal(samples, before)
 
 
 @given(st.data())

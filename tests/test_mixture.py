@@ -275,6 +275,14 @@ def test_random_state_semantics_and_no_global_rng():
     c = GaussianMixture(3, init_params="random", random_state=generator).fit(X)
     assert torch.equal(c.means_, a.means_)  # same seed, same stream
     assert not torch.equal(generator.get_state(), torch.Generator().manual_seed(4).get_state())
+    # generator= is the torch spelling of random_state=<Generator>: the same stream, advanced
+    d = GaussianMixture(3, init_params="random", generator=torch.Generator().manual_seed(4)).fit(X)
+    assert torch.equal(d.means_, a.means_)
+    g = torch.Generator().manual_seed(5)
+    model = GaussianMixture(3, init_params="random", generator=g).fit(X)
+    first, _ = model.sample(4)
+    second, _ = model.sample(4)
+    assert not torch.equal(first, second)  # the one generator advances
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -378,6 +386,9 @@ def test_not_fitted_error_is_value_and_attribute_error():
     (dict(init_params="kmeans+"), r"init_params: expected one of 'kmeans', 'k-means\+\+', 'random', 'random_from_data'"),
     (dict(random_state=-3), r"random_state: expected None, an integer in \[0, 2\*\*63\) or a torch.Generator, got -3"),
     (dict(random_state="0"), r"random_state: expected None, an integer"),
+    (dict(generator=4), r"generator: expected None or a torch.Generator, got 4"),
+    (dict(generator=torch.Generator(), random_state=0),
+     r"generator: expected a generator or a random_state, not both, got generator and random_state=0"),
     (dict(warm_start=1), r"warm_start: expected a bool, got 1"),
     (dict(verbose=-1), r"verbose: expected an integer >= 0, got -1"),
     (dict(verbose_interval=0), r"verbose_interval: expected an integer >= 1, got 0"),
