@@ -265,11 +265,51 @@ def test_fit_and_embed_on_device(device):
     aligner.fit(data, epochs=2, batch_size=16, progress=False, device=device)
     z = aligner.embed("text", data["text"].to(device))
     assert z.device.type == device and z.shape == (32, 8)
+    torch.testing.assert_close(aligner.embed("text", data["text"]), z)  # CPU inputs go to the weights
+
+
+def test_fit_keeps_a_frozen_encoder_in_eval_mode():
+    data = paired_data(n=32)
+    frozen, trained = Mlp(6), Mlp(5)
+    frozen.requires_grad_(False)
+    frozen.eval()
+    stats = frozen.net[1].running_mean.clone(), trained.net[1].running_mean.clone()
+    ContrastiveAligner({"image": frozen, "text": trained}, dim=4, head_hidden=(8,)).fit(
+        data, epochs=1, batch_size=16, progress=False)
+    assert torch.equal(frozen.net[1].running_mean, stats[0]) and not frozen.training  # untouched
+    assert not torch.equal(trained.net[1].running_mean, stats[1])  # a trained encoder's BatchNorm learns
+
+
+def test_heads_built_under_autocast_are_float32():
+    data = paired_data(n=8)
+    aligner = ContrastiveAligner({"image": nn.Linear(6, 6), "text": nn.Identity()}, dim=4, head_hidden=(8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = aligner(modality="image", batch=data["image"])
+    assert z.dtype == torch.bfloat16 and aligner.heads["image"][0].weight.dtype == torch.float32
+    assert aligner.embed("text", data["text"]).dtype == torch.float32  # outside autocast: float32 heads too
 
 
 # ---------------------------------------------------------------------------------------
 # save / load
 # ---------------------------------------------------------------------------------------
+def test_a_state_dict_loads_into_an_aligner_whose_heads_are_not_built():
+    data = paired_data(n=32)
+    trained = ContrastiveAligner({"image": Mlp(6), "text": nn.Identity()}, dim=4, head_hidden=(8,))
+    trained.fit(data, epochs=1, batch_size=16, progress=False)
+    fresh = ContrastiveAligner({"image": Mlp(6), "text": nn.Identity()}, dim=4, head_hidden=(8,))
+    assert not fresh.built
+    fresh.load_state_dict(trained.state_dict())
+    nested = nn.ModuleDict({"aligner": ContrastiveAligner({"image": Mlp(6), "text": nn.Identity()}, dim=4,
+                                                          head_hidden=(8,))})
+    nested.load_state_dict(nn.ModuleDict({"aligner": trained}).state_dict())  # inside a user's model
+    for m in ("image", "text"):
+        torch.testing.assert_close(fresh.embed(m, data[m]), trained.embed(m, data[m]))
+        torch.testing.assert_close(nested["aligner"].embed(m, data[m]), trained.embed(m, data[m]))
+    wrong = ContrastiveAligner({"image": Mlp(6), "text": nn.Identity()}, dim=4, head_hidden=(9,))
+    with pytest.raises(RuntimeError, match=r"size mismatch for heads.image.0.weight"):
+        wrong.load_state_dict(trained.state_dict())
+
+
 def test_save_load_roundtrip_identity_encoders(tmp_path):
     data = paired_data(n=32)
     aligner = small_aligner(loss="eq8")

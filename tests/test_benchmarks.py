@@ -276,3 +276,18 @@ def test_speed_benchmarks_run_and_write_json(script, args, out, tmp_path):
     else:
         assert {r["covariance_type"] for r in payload["rows"]} == {"full", "tied", "diag", "spherical"}
         assert all(r["rel_ll_diff"] <= 1e-6 for r in payload["rows"])
+
+
+def test_bench_aligner_runs_on_the_wikipedia_pairs(tmp_path):
+    """bench_aligner --quick at one epoch: every row is a retrieval score of the real test split."""
+    folder = require_data("wikipedia")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CMDA_DATA_DIR=str(folder.parent))
+    out = tmp_path / "bench_aligner.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_aligner.py"), "--quick", "--epochs", "1", "--cca", "10",
+                           "--no-progress", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and rows[-1]["method"].startswith("sklearn CCA")
+    for row in rows:  # mAP of a ranking of 693 test pairs over 10 classes: in (0, 1), near chance 0.11
+        assert 0.05 < row["mean_mAP"] < 1.0

@@ -140,6 +140,10 @@ def test_bad_inputs(clip):
         clip.embed("text", {"ids": torch.ones(1, 3, dtype=torch.long)})
     with pytest.raises(ValidationError, match=r"model: expected a transformers.CLIPModel"):
         CLIPAligner(torch.nn.Linear(2, 2))
+    with pytest.raises(ShapeError, match=r"image batch: expected at least one image, got tensor of shape \(0, 3, 32, 32\)"):
+        clip.embed("image", torch.rand(0, 3, 32, 32))
+    with pytest.raises(ValidationError, match=r"max_length: expected an integer >= 1 or None, got 0 \(int\)"):
+        CLIPAligner(clip.model, clip.processor, max_length=0)
 
 
 def test_save_load_and_registry(clip, tiny_clip_dir, tmp_path):
@@ -152,6 +156,29 @@ def test_save_load_and_registry(clip, tiny_clip_dir, tmp_path):
         torch.testing.assert_close(loaded.embed("text", TEXTS), clip.embed("text", TEXTS))
     with pytest.raises(ValidationError, match=r"create_aligner\('clip'\): expected exactly one of name_or_path"):
         create_aligner("clip")
+
+
+def test_save_keeps_max_length_and_loads_in_eval_mode(clip, tmp_path):
+    short = CLIPAligner(clip.model, clip.processor, max_length=5)
+    short.save(tmp_path / "short")
+    for loaded in (CLIPAligner.load(tmp_path / "short"), Aligner.load(tmp_path / "short")):
+        assert loaded.max_length == 5 and not loaded.training and not loaded.model.training
+        long_text = ["a b c d e f g h"]  # 8 words: cut to 5 tokens, as by the saved aligner
+        torch.testing.assert_close(loaded.embed("text", long_text), short.embed("text", long_text))
+    assert CLIPAligner.from_pretrained(tmp_path / "short", max_length=7).max_length == 7  # an explicit one wins
+
+
+def test_a_folder_without_tokenizer_files_takes_token_ids_only(clip, tmp_path):
+    # AutoTokenizer builds an empty CLIP tokenizer from a bare model folder: every word would
+    # become the unknown token, silently. The aligner refuses strings instead.
+    clip.model.save_pretrained(str(tmp_path / "bare"))
+    bare = CLIPAligner.from_pretrained(tmp_path / "bare")
+    assert bare.tokenizer is None and bare.image_processor is None
+    with pytest.raises(ValidationError, match=r"text batch: expected tokenizer output with input_ids \(this aligner "
+                                               r"has no tokenizer\)"):
+        bare.embed("text", TEXTS)
+    tokens = clip.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    torch.testing.assert_close(bare.embed("text", dict(tokens)), clip.embed("text", TEXTS))
 
 
 def test_model_without_processor_accepts_pixels_and_tokens(clip):

@@ -8,13 +8,14 @@ raises :class:`~cmda_data.exceptions.MissingDependencyError` naming
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from .._io import PathLike
-from .._validation import fail
+from .._validation import check_int, fail
 from ..exceptions import MissingDependencyError, ShapeError, ValidationError
 from .base import Aligner, register_aligner
 
@@ -31,6 +32,28 @@ def require_transformers() -> Any:
         fail("CLIPAligner", f"the optional package 'transformers' (install it with `{EXTRA}`)",
              f"{type(error).__name__}: {error}", MissingDependencyError, raw=True)
     return transformers
+
+
+#: the aligner's own settings, written next to transformers' config.json by :meth:`CLIPAligner.save`
+SETTINGS_NAME = "cmda_clip.json"
+
+
+def _dtype_keyword(transformers: Any) -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` from transformers 4.56, ``torch_dtype`` before."""
+    try:
+        major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    except ValueError:
+        return "dtype"
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _has_vocabulary(tokenizer: Any) -> bool:
+    """False for a tokenizer that knows only its special tokens (what ``AutoTokenizer`` builds
+    from a folder with a model config and no tokenizer files: every word would be unknown)."""
+    try:
+        return len(tokenizer) > len(set(tokenizer.all_special_ids))
+    except (TypeError, AttributeError):
+        return True  # not a transformers tokenizer: trust it
 
 
 def _features(output: Any, kind: str) -> torch.Tensor:
@@ -84,24 +107,29 @@ class CLIPAligner(Aligner):
         self.processor = processor
         self.image_processor = image_processor if image_processor is not None else getattr(processor, "image_processor", None)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+        max_length = check_int("max_length", max_length, minimum=1, allow_none=True)
         self.max_length = max_length or int(model.config.text_config.max_position_embeddings)
 
     @classmethod
     def from_pretrained(cls, name_or_path: Union[str, PathLike], device: Any = None, *, dtype: Any = None,
-                        **kwargs: Any) -> "CLIPAligner":
+                        max_length: Optional[int] = None, **kwargs: Any) -> "CLIPAligner":
         """Load model and processor from a local folder or a hub name (``HF_HUB_OFFLINE=1`` is honoured).
+
+        A folder without a tokenizer (or without an image processor) gives an aligner that
+        takes token ids (or pixel values) only, and says so when given strings (or images).
 
         Args:
             name_or_path: folder written by ``save_pretrained`` / :meth:`save`, or a hub name.
             device: where to put the model.
             dtype: optional torch dtype of the weights.
+            max_length: token limit; default: the one :meth:`save` wrote, else the model's.
             **kwargs: passed to ``CLIPModel.from_pretrained`` (e.g. ``local_files_only=True``).
         """
         transformers = require_transformers()
         source = str(name_or_path)
         model_kwargs = dict(kwargs)
         if dtype is not None:
-            model_kwargs["dtype"] = dtype
+            model_kwargs[_dtype_keyword(transformers)] = dtype
         model = transformers.CLIPModel.from_pretrained(source, **model_kwargs)
         local = {k: v for k, v in kwargs.items() if k in ("local_files_only", "revision", "cache_dir", "token")}
         processor = image_processor = tokenizer = None
@@ -116,9 +144,12 @@ class CLIPAligner(Aligner):
                 if slot == "image":
                     image_processor = part
                 else:
-                    tokenizer = part
-        aligner = cls(model, processor, image_processor=image_processor, tokenizer=tokenizer)
-        aligner.model.eval()
+                    tokenizer = part if part is not None and _has_vocabulary(part) else None
+        settings = Path(source) / SETTINGS_NAME
+        if max_length is None and settings.is_file():
+            max_length = json.loads(settings.read_text()).get("max_length")
+        aligner = cls(model, processor, image_processor=image_processor, tokenizer=tokenizer, max_length=max_length)
+        aligner.eval()
         if device is not None:
             aligner.to(device)
         return aligner
@@ -149,6 +180,8 @@ class CLIPAligner(Aligner):
         if isinstance(batch, torch.Tensor) and batch.is_floating_point():
             if batch.ndim != 4:
                 fail("image batch", "pixel_values of shape [n, 3, H, W] (or PIL images)", batch, ShapeError)
+            if batch.shape[0] == 0:
+                fail("image batch", "at least one image", batch, ShapeError)
             pixels = batch
         else:
             if self.image_processor is None:
@@ -183,10 +216,12 @@ class CLIPAligner(Aligner):
         return {"aligner": self.kind, "dim": self.dim, "max_length": self.max_length}
 
     def save(self, path: PathLike) -> Path:
-        """``save_pretrained`` of model (safetensors + config.json) and processor parts."""
+        """``save_pretrained`` of model (safetensors + config.json) and processor parts, and the
+        aligner's settings (``max_length``) in ``cmda_clip.json``."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(folder))
+        (folder / SETTINGS_NAME).write_text(json.dumps(self.get_config(), indent=2))
         for part in (self.processor,) if self.processor is not None else (self.image_processor, self.tokenizer):
             if part is not None:
                 part.save_pretrained(str(folder))

@@ -10,6 +10,7 @@ states feature widths; pass ``in_features`` to build the heads at once.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from pathlib import Path
@@ -63,6 +64,13 @@ def _as_features(modality: str, output: Any) -> torch.Tensor:
     if output.ndim < 2:
         fail(f"encoders[{modality!r}] output", "a [n, features] tensor (batch first)", output, ShapeError)
     return output.flatten(1) if output.ndim > 2 else output
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _linear(in_features: int, out_features: int, generator: torch.Generator) -> nn.Linear:
@@ -159,9 +167,15 @@ class ContrastiveAligner(Aligner):
         return self._dim
 
     def encode(self, modality: str, batch: Any) -> torch.Tensor:
+        device = self._first_device()
+        if device is not None:  # like the CLIP and precomputed aligners: inputs go where the weights are
+            batch = _training.move_to(batch, device)
         features = _as_features(modality, self.encoders[modality](batch))
         if modality not in self.heads:
-            self._build_head(modality, features.shape[1], features.device, features.dtype)
+            dtype = features.dtype
+            if dtype in (torch.float16, torch.bfloat16) and _autocast_enabled(features.device.type):
+                dtype = torch.float32  # autocast computes in low precision; the weights stay float32
+            self._build_head(modality, features.shape[1], features.device, dtype)
         expected = self.in_features.get(modality)
         if expected is not None and features.shape[1] != expected:
             fail(f"encoders[{modality!r}] output", f"{expected} features (the head was built for them)",
@@ -194,6 +208,16 @@ class ContrastiveAligner(Aligner):
             layers.append(_linear(widths[k], widths[k + 1], generator))
         head = nn.Sequential(*layers)
         self.heads[modality] = head.to(device=device, dtype=dtype if dtype is not None else torch.float32)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # a checkpoint of a trained aligner loads into a fresh one whose heads size themselves:
+        # build each missing head from the width of its first layer's saved weight
+        for modality in self._modalities:
+            weight = state_dict.get(f"{prefix}heads.{modality}.0.weight")
+            if modality not in self.heads and modality not in self._custom_heads \
+                    and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+                self._build_head(modality, weight.shape[1], self._first_device(), weight.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def built(self) -> bool:
@@ -291,6 +315,9 @@ class ContrastiveAligner(Aligner):
             device: move the aligner there first (default: where it is).
 
         Batches with fewer than 2 samples are skipped (a contrastive loss needs negatives).
+        Encoder parts whose parameters are all frozen (``requires_grad=False``) stay in eval
+        mode, so their BatchNorm statistics do not move; every train/eval flag is restored
+        afterwards.
         """
         epochs = check_int("epochs", epochs, minimum=1)
         batch_size = check_int("batch_size", batch_size, minimum=2)
@@ -329,7 +356,10 @@ class ContrastiveAligner(Aligner):
                     if optimizer is None:
                         self.build(batch, fields)
                         optimizer = self._make_optimizer(lr, momentum, weight_decay)
+                        frozen = self._frozen_encoder_parts()
                     self.train()
+                    for module in frozen:  # a frozen encoder's BatchNorm statistics stay as they are
+                        module.eval()
                     latents = {m: self.forward(m, batch[fields[m]]) for m in self._modalities}
                     _training.check_finite_loss(None, latents, epoch, step)
                     loss = self.criterion(latents, batch[target] if target is not None else None)
@@ -359,9 +389,18 @@ class ContrastiveAligner(Aligner):
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def _device(self) -> torch.device:
-        for tensor in list(self.parameters()) + list(self.buffers()):
+        return self._first_device() or torch.device("cpu")
+
+    def _first_device(self) -> Optional[torch.device]:
+        """The device of the first parameter or buffer; None while the aligner has none."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
             return tensor.device
-        return torch.device("cpu")
+        return None
+
+    def _frozen_encoder_parts(self) -> List[nn.Module]:
+        """Encoder submodules that have parameters, none of them trainable (kept in eval by ``fit``)."""
+        return [module for module in self.encoders.modules()
+                if any(True for _ in module.parameters()) and not any(p.requires_grad for p in module.parameters())]
 
     # -- persistence ---------------------------------------------------------------------
     def get_config(self) -> Dict[str, Any]:
