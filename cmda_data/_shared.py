@@ -19,8 +19,8 @@ from ._planner import mix_info
 from ._validation import check_int, check_positive_float, fail
 from .exceptions import FieldError
 
-__all__ = ["batch_index", "batch_student", "check_label_smoothing", "keep_real_batch", "mix_batch", "pack",
-           "pack_batch", "with_field"]
+__all__ = ["batch_index", "batch_student", "check_label_smoothing", "keep_real_batch", "mix_batch",
+           "name_nonfinite_row", "pack", "pack_batch", "with_field"]
 
 
 def check_label_smoothing(value: Any) -> float:
@@ -61,6 +61,24 @@ def batch_student(batch: Any, field: Field) -> torch.Tensor:
     if not value.is_floating_point():
         fail(f"field {field!r} of the batch", TOKEN_ID_HINT, value, FieldError)
     return value
+
+
+def name_nonfinite_row(student: torch.Tensor, index: Optional[torch.Tensor], field: Field) -> None:
+    """If a row of ``student`` holds NaN or inf, raise naming the field and that row's sample.
+
+    Called when mixing refused a batch, so the error says which sample to look at
+    (``index``: the rows' dataset indices; None: rows are named by batch position).
+    """
+    if not isinstance(student, torch.Tensor) or not student.is_floating_point() or not student.numel():
+        return
+    bad = ~torch.isfinite(student.reshape(student.shape[0], -1))
+    rows = bad.any(1).nonzero().reshape(-1)
+    if rows.numel():
+        row = int(rows[0])
+        where = f"sample {int(index[row])}" if index is not None else f"row {row} of the batch"
+        fail(f"field {field!r} of {where}", "finite values (no NaN or inf)",
+             f"{int(bad[row].sum())} non-finite entries (rows with any: {rows.numel()} of {student.shape[0]})",
+             raw=True)
 
 
 def pack(tensors: Sequence[torch.Tensor], *, shared: bool = False) -> List[torch.Tensor]:

@@ -17,9 +17,10 @@ from torch.utils.data import default_collate, get_worker_info
 from ._fields import Field, as_student, as_target, check_targets_batch, get_field
 from ._planner import PlanOptions, bank_plan
 from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability
-from ._shared import batch_index, batch_student, keep_real_batch, mix_batch, output_options, pack_batch, with_field
-from ._validation import fail
-from .exceptions import DeviceError
+from ._shared import (batch_index, batch_student, keep_real_batch, mix_batch, name_nonfinite_row, output_options,
+                      pack_batch, with_field)
+from ._validation import fail, field_error
+from .exceptions import DeviceError, ValidationError
 
 __all__ = ["CMDACollate"]
 
@@ -95,8 +96,9 @@ class CMDACollate(SharedEpochMixin):
         exclude_self: a row never uses its own sample (a row with no other partner keeps itself).
         label_smoothing: epsilon of the soft targets.
         seed: the seed of the draws.
-        rank: the distributed rank (part of the seed; None: the rank of the initialised
-            torch.distributed process group, 0 without one).
+        rank: the distributed rank, part of the seed. None (the default): the rank of the
+            initialised torch.distributed process group, 0 without one, read when this object
+            is made (make it after ``init_process_group``); an int chooses it.
         fields: modality -> field of the sample (default: the modality name; ints for tuples).
         index_field: field holding the dataset index (tuples: the last position).
         info_key: name of the mix record in dict batches.
@@ -119,7 +121,7 @@ class CMDACollate(SharedEpochMixin):
                  intra: Optional[str] = "soft", similarity: str = "abs_cosine", normalize: str = "row",
                  temperature: Optional[float] = None, self_weight: Optional[float] = None,
                  exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
-                 seed: int = 0, rank: Optional[int] = 0, fields: Optional[Mapping[str, Field]] = None,
+                 seed: int = 0, rank: Optional[int] = None, fields: Optional[Mapping[str, Field]] = None,
                  index_field: Field = "index", info_key: str = "mix_info", keep_real: bool = False) -> None:
         from .bank import EmbeddingBank
 
@@ -148,12 +150,29 @@ class CMDACollate(SharedEpochMixin):
     def _check_samples(self, samples: Sequence[Any]) -> None:
         """Per-sample checks, so errors name the field and the dataset index."""
         tuple_index = -1 if isinstance(self.index_field, str) else self.index_field
+        shapes: dict = {}  # field -> (shape, index) of the first sample
         for position, sample in enumerate(samples):
             index_key = self.index_field if isinstance(sample, Mapping) else tuple_index
             index = get_field(sample, index_key, f"{position} of the batch")
-            as_student(get_field(sample, self.student_field, index), self.student_field, index)
+            if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point() \
+                    and index.dtype != torch.bool:
+                index = int(index)
+            if isinstance(index, bool) or not isinstance(index, int):
+                field_error(index_key, f"{position} of the batch", "an int dataset index (wrap the dataset in "
+                            "IndexedDataset so every sample carries its index)", index)
+            values = [(self.student_field, as_student(get_field(sample, self.student_field, index),
+                                                      self.student_field, index))]
             if self.target is not None:
-                as_target(get_field(sample, self.target, index), self.target, index)
+                target = as_target(get_field(sample, self.target, index), self.target, index)
+                if target.ndim == 0 and self.num_classes is not None and not 0 <= int(target) < self.num_classes:
+                    field_error(self.target, index, f"a class index in [0, {self.num_classes}) (num_classes)",
+                                int(target))
+                values.append((self.target, target))
+            for field, value in values:
+                shape, first = shapes.setdefault(field, (tuple(value.shape), index))
+                if tuple(value.shape) != shape:
+                    field_error(field, index, f"shape {shape} like sample {first} (samples of a batch are "
+                                "stacked)", tuple(value.shape))
 
     def __call__(self, samples: Sequence[Any]) -> Any:
         if isinstance(samples, (str, bytes, Mapping)) or not isinstance(samples, Sequence) or not samples:
@@ -170,10 +189,14 @@ class CMDACollate(SharedEpochMixin):
         real = batch
         if self.keep_real:  # mix a copy of the student: the real one is kept
             batch = with_field(batch, self.student_field, batch_student(batch, self.student_field).clone())
-        out = mix_batch(batch, plan, student=self.student_field, target=self.target,
-                        num_classes=self.num_classes, label_smoothing=self.label_smoothing, index=index,
-                        info_key=self.info_key, reuse_student=True, square=True,
-                        arange_partners=self.options.top_k is None)
+        try:
+            out = mix_batch(batch, plan, student=self.student_field, target=self.target,
+                            num_classes=self.num_classes, label_smoothing=self.label_smoothing, index=index,
+                            info_key=self.info_key, reuse_student=True, square=True,
+                            arange_partners=self.options.top_k is None)
+        except ValidationError:
+            name_nonfinite_row(batch_student(batch, self.student_field), index, self.student_field)
+            raise
         if self.keep_real:
             out = keep_real_batch(real, out, plan, target=self.target, num_classes=self.num_classes,
                                   label_smoothing=self.label_smoothing, info_key=self.info_key)
@@ -189,9 +212,14 @@ class CMDACollate(SharedEpochMixin):
                 batch = tuple(batch)
             index = batch_index(batch, self.index_field)
             batch_student(batch, self.student_field)
+            targets = None
             if self.target is not None:
-                check_targets_batch(get_field(batch, self.target, "batch"), self.target, self.num_classes)
+                targets = check_targets_batch(get_field(batch, self.target, "batch"), self.target, self.num_classes)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
             self._check_samples(samples)  # raises a FieldError naming the field and the sample
             raise
+        if targets is not None and not targets.is_floating_point() and targets.numel():
+            low, high = torch.aminmax(targets)
+            if int(low) < 0 or int(high) >= self.num_classes:
+                self._check_samples(samples)  # names the sample whose class index is out of range
         return batch, index

@@ -18,9 +18,9 @@ from . import functional as Fn
 from ._fields import Field, as_student, as_target, get_field, replace_fields
 from ._planner import PlanOptions, bank_plan
 from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability, draw_row, row_generator
-from ._shared import output_options
-from ._validation import check_int, check_option, fail
-from .exceptions import FieldError, ShapeError
+from ._shared import name_nonfinite_row, output_options
+from ._validation import check_int, check_option, fail, field_error
+from .exceptions import FieldError, ShapeError, ValidationError
 
 __all__ = ["CrossModalAugmentedDataset", "IndexedDataset"]
 
@@ -102,8 +102,9 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
         temperature: see :func:`cmda_data.functional.inter_modal_weights`.
         exclude_self: keep the item's own sample out of its pool.
         seed: the seed of the draws.
-        rank: the distributed rank (part of the seed; None: the rank of the initialised
-            torch.distributed process group, 0 without one).
+        rank: the distributed rank, part of the seed. None (the default): the rank of the
+            initialised torch.distributed process group, 0 without one, read when this object
+            is made (make it after ``init_process_group``); an int chooses it.
         label_smoothing: epsilon of the soft targets.
         fields: modality -> sample field (default: the modality name; ints for tuples).
         info_key: name of the mix record in dict samples (tuples: appended last).
@@ -124,7 +125,7 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
                  teachers: Optional[Union[str, Sequence[str]]] = None, target: Optional[Field] = None,
                  num_classes: Optional[int] = None, pool_size: int = 32, top_k: Optional[int] = 8, p: float = 0.5,
                  mode: str = "replace", intra: Optional[str] = "soft", similarity: str = "abs_cosine",
-                 temperature: Optional[float] = None, exclude_self: bool = False, seed: int = 0, rank: Optional[int] = 0,
+                 temperature: Optional[float] = None, exclude_self: bool = False, seed: int = 0, rank: Optional[int] = None,
                  label_smoothing: float = 0.0, fields: Optional[Mapping[str, Field]] = None,
                  info_key: str = "mix_info") -> None:
         from .bank import EmbeddingBank
@@ -218,16 +219,28 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
         samples = self._fetch(sample, base, [int(partners[u]) for u in used])
         updates = {}
         if mixed:
-            stack = torch.stack([as_student(get_field(s, self.student_field, j), self.student_field, j)
-                                 for j, s in samples])
-            if stack.shape[1:] != student.shape:
-                fail(f"field {self.student_field!r} of sample {samples[-1][0]}",
-                     f"shape {tuple(student.shape)} like sample {base}", tuple(stack.shape[1:]), FieldError)
-            updates[self.student_field] = Fn.mix(weights[used][None].to(stack.device), stack)[0]
+            values = []
+            for j, s in samples:
+                value = as_student(get_field(s, self.student_field, j), self.student_field, j)
+                if value.shape != student.shape:
+                    fail(f"field {self.student_field!r} of sample {j}",
+                         f"shape {tuple(student.shape)} like sample {base} (its mixing partner)",
+                         tuple(value.shape), FieldError)
+                values.append(value)
+            stack = torch.stack(values)
+            try:
+                updates[self.student_field] = Fn.mix(weights[used][None].to(stack.device), stack)[0]
+            except ValidationError:
+                name_nonfinite_row(stack, torch.tensor([j for j, _ in samples]), self.student_field)
+                raise
         if self.target is not None:
             targets = [as_target(get_field(s, self.target, j), self.target, j) for j, s in samples]
             if targets[0].ndim == 0 and self.num_classes is None:
                 fail("num_classes", f"an integer (field {self.target!r} holds class indices)", None)
+            for (j, _), target in zip(samples, targets):
+                if target.ndim == 0 and not 0 <= int(target) < self.num_classes:
+                    field_error(self.target, j, f"a class index in [0, {self.num_classes}) (num_classes)",
+                                int(target))
             updates[self.target] = Fn.mix_targets(weights[used][None], torch.stack(targets), self.num_classes,
                                                   self.label_smoothing)[0]
         info = {"index": torch.tensor(base), "partners": partners, "weights": weights,

@@ -7,10 +7,10 @@ JSON bytes in a ``uint8`` tensor.
 
 * :func:`get_rank`, :func:`get_world_size`, :func:`is_distributed`.
 * :func:`rank_seed`, :func:`rank_generator`: seeds from ``(seed, epoch, rank)`` with the
-  splitmix64 hash the entry points use for ``(seed, epoch, rank, index)``. Pass
-  ``rank=get_rank()`` to :class:`~cmda_data.CMDACollate`,
-  :class:`~cmda_data.CrossModalAugmentedDataset` or :class:`~cmda_data.streaming.CandidateBuffer`
-  so that ranks draw differently for the same index.
+  splitmix64 hash the entry points use for ``(seed, epoch, rank, index)``. The entry
+  points (:class:`~cmda_data.CMDACollate`, :class:`~cmda_data.CrossModalAugmentedDataset`,
+  :class:`~cmda_data.CMDAugment`, :class:`~cmda_data.streaming.CandidateBuffer`) take this
+  process's rank by default (``rank=None``), so ranks draw differently for the same index.
 * :func:`shard_indices`: the interleaved indices of a rank (``rank::world_size``, no padding).
 * :func:`build_bank_distributed`: each rank embeds its shard, the embeddings are
   all-gathered, rank ``src`` fits the Gaussian mixture and broadcasts the bank: every rank

@@ -22,9 +22,9 @@ from ._bank_build import embeds_by_index
 from ._fields import Field, get_field, resolve_fields
 from ._planner import PlanOptions, bank_plan, row_draws, square_plan
 from ._seeding import check_p, hash_ints
-from ._shared import batch_index, batch_student, keep_real_batch, mix_batch, output_options
+from ._shared import batch_index, batch_student, keep_real_batch, mix_batch, name_nonfinite_row, output_options
 from ._validation import check_int, fail
-from .exceptions import FieldError
+from .exceptions import FieldError, ValidationError
 
 __all__ = ["CMDAugment"]
 
@@ -103,7 +103,7 @@ class CMDAugment(nn.Module):
                  fit_on: str = "teacher", similarity: str = "abs_cosine", normalize: str = "row",
                  temperature: Optional[float] = None, self_weight: Optional[float] = None,
                  exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
-                 seed: int = 0, rank: Optional[int] = 0, fields: Optional[Mapping[str, Field]] = None,
+                 seed: int = 0, rank: Optional[int] = None, fields: Optional[Mapping[str, Field]] = None,
                  index_field: Optional[Field] = "index", info_key: str = "mix_info",
                  keep_real: bool = False) -> None:
         super().__init__()
@@ -293,10 +293,15 @@ class CMDAugment(nn.Module):
         plan = self.plan(batch)
         index = self._index(batch, required=False)
         # the plan is square (the batch is its own pool) and the library's own: no re-checks
-        out = mix_batch(batch, plan, student=self.fields[self.options.student], target=self.target,
-                        num_classes=self.num_classes, label_smoothing=self.label_smoothing,
-                        index=None if index is None else index.to(plan.device), info_key=self.info_key,
-                        square=True)
+        student = self.fields[self.options.student]
+        try:
+            out = mix_batch(batch, plan, student=student, target=self.target,
+                            num_classes=self.num_classes, label_smoothing=self.label_smoothing,
+                            index=None if index is None else index.to(plan.device), info_key=self.info_key,
+                            square=True)
+        except ValidationError:
+            name_nonfinite_row(batch_student(batch, student), index, student)
+            raise
         if self.keep_real:
             out = keep_real_batch(batch, out, plan, target=self.target, num_classes=self.num_classes,
                                   label_smoothing=self.label_smoothing, info_key=self.info_key)

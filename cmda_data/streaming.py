@@ -34,7 +34,7 @@ from . import functional as Fn
 from ._codec import UNSAFE_EXTENSIONS, SafeDecoder, SkipCounter, SkippedSamplesWarning, encode_field
 from ._fields import Field, as_student, as_target, get_field, replace_fields
 from ._planner import PlanOptions, bank_plan, row_draws
-from ._seeding import SharedEpoch, SharedEpochMixin
+from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability
 from ._shared import output_options
 from ._validation import check_int, fail
 from .exceptions import FieldError, MissingDependencyError, ShapeError
@@ -238,7 +238,9 @@ class CandidateBuffer(SharedEpochMixin):
         exclude_self: see :class:`~cmda_data.CrossModalAugmentedDataset`.
         label_smoothing: epsilon of the soft targets.
         seed: part of the draws' seed.
-        rank: the distributed rank, part of the draws' seed.
+        rank: the distributed rank, part of the seed. None (the default): the rank of the
+            initialised torch.distributed process group, 0 without one, read when this object
+            is made (make it after ``init_process_group``); an int chooses it.
         fields: modality -> sample field (default: the modality name).
         index_field: the field with the dataset index (``"index"``, as written by
             :func:`write_shards`).
@@ -260,7 +262,7 @@ class CandidateBuffer(SharedEpochMixin):
                  num_classes: Optional[int] = None, buffer_size: int = 64, top_k: Optional[int] = 8,
                  p: float = 0.5, intra: Optional[str] = "soft", similarity: str = "abs_cosine",
                  temperature: Optional[float] = None, exclude_self: bool = False, label_smoothing: float = 0.0,
-                 seed: int = 0, rank: int = 0, fields: Optional[Mapping[str, Field]] = None,
+                 seed: int = 0, rank: Optional[int] = None, fields: Optional[Mapping[str, Field]] = None,
                  index_field: Field = "index", info_key: str = "mix_info") -> None:
         from .bank import EmbeddingBank
 
@@ -278,10 +280,11 @@ class CandidateBuffer(SharedEpochMixin):
         pool = self.buffer_size + (0 if exclude_self else 1)
         self.k = pool if self.options.top_k is None else min(self.options.top_k, pool)
         self._epoch = SharedEpoch(0)
+        self._p = SharedProbability(self.options.p)
 
     def __repr__(self) -> str:
         o = self.options
-        return (f"CandidateBuffer(buffer_size={self.buffer_size}, p={o.p}, top_k={o.top_k}, "
+        return (f"CandidateBuffer(buffer_size={self.buffer_size}, p={self.p}, top_k={o.top_k}, "
                 f"intra={o.intra!r}, seed={o.seed}, epoch={self.epoch})")
 
     def _index(self, sample: Any, position: int) -> int:
@@ -296,7 +299,7 @@ class CandidateBuffer(SharedEpochMixin):
 
     def mix_one(self, sample: Any, index: int, buffer: Sequence[tuple]) -> Any:
         """The output for ``sample`` (dataset ``index``) given ``buffer`` of ``(index, sample)``."""
-        o = self.options
+        o = self._current_options()
         drawn, choice = row_draws(torch.tensor([index]), o, self.epoch)  # the entry points' draws
         mixed, teacher = bool(drawn[0]), int(choice[0])
         student = as_student(get_field(sample, self.student_field, index), self.student_field, index)

@@ -190,6 +190,31 @@ def test_missing_student_field_names_dataset_index(bank):
         collate_for(bank)(samples)
 
 
+def test_bad_values_name_the_field_and_the_sample(data, bank):
+    """Shapes, index types, class indices and NaN: the error names the field and the dataset index."""
+    def batch(**change):
+        samples = [dict(IndexedDataset(data)[i]) for i in (3, 8, 11)]
+        for key, value in change.items():
+            samples[1][key] = value  # sample 8
+        return samples
+
+    with pytest.raises(FieldError, match=r"field 'image' of sample 8: expected shape \(3, 4, 4\) like sample 3 "
+                                         r"\(samples of a batch are stacked\), got \(3, 5, 5\)"):
+        collate_for(bank)(batch(image=torch.zeros(3, 5, 5)))
+    with pytest.raises(FieldError, match=r"field 'index' of sample 1 of the batch: expected an int dataset index"):
+        collate_for(bank)(batch(index="x"))
+    with pytest.raises(FieldError, match=rf"field 'label' of sample 8: expected a class index in \[0, {NUM_CLASSES}\) "
+                                         rf"\(num_classes\), got {NUM_CLASSES + 2}"):
+        collate_for(bank)(batch(label=NUM_CLASSES + 2))
+    with pytest.raises(FieldError, match=r"field 'label' of sample 8: expected a class index in .*got -1"):
+        collate_for(bank)(batch(label=-1))
+    nan = data[8]["image"].clone()
+    nan[0, 1, 1] = float("nan")
+    with pytest.raises(ValidationError, match=r"field 'image' of sample 8: expected finite values \(no NaN or inf\), "
+                                              r"got 1 non-finite entries \(rows with any: 1 of 3\)"):
+        collate_for(bank, p=1.0)(batch(image=nan))
+
+
 def test_token_ids_raise(bank):
     samples = [IndexedDataset(TokenDataset(N))[i] for i in (2, 3)]
     with pytest.raises(FieldError, match="field 'tokens' of sample 2: .*mix embeddings instead"):

@@ -265,6 +265,43 @@ def test_bad_target_and_missing_num_classes(data, bank):
         aug[0]
 
 
+class _Changed(torch.utils.data.Dataset):
+    """``data`` with sample ``at``'s field ``key`` set to ``value``."""
+
+    def __init__(self, data, at, key, value):
+        self.data, self.at, self.key, self.value = data, at, key, value
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        sample = dict(self.data[i])
+        if i == self.at:
+            sample[self.key] = self.value
+        return sample
+
+
+def test_bad_partner_values_name_the_field_and_the_sample(data, bank):
+    def first_error(dataset, **options):
+        aug = CrossModalAugmentedDataset(dataset, bank, target="label", num_classes=NUM_CLASSES, p=1.0,
+                                         pool_size=N, top_k=None, **options)
+        for i in range(N):  # every item has every sample in its pool: each one meets sample 5
+            if i != 5:
+                aug[i]
+        raise AssertionError("no error")
+
+    with pytest.raises(FieldError, match=r"field 'image' of sample 5: expected shape \(3, 4, 4\) like sample 0 "
+                                         r"\(its mixing partner\), got \(3, 5, 5\)"):
+        first_error(_Changed(data, 5, "image", torch.zeros(3, 5, 5)))
+    with pytest.raises(FieldError, match=rf"field 'label' of sample 5: expected a class index in \[0, {NUM_CLASSES}\) "
+                                         r"\(num_classes\), got 99"):
+        first_error(_Changed(data, 5, "label", 99))
+    nan = data[5]["image"].clone()
+    nan[1, 2, 3] = float("inf")
+    with pytest.raises(ValidationError, match=r"field 'image' of sample 5: expected finite values"):
+        first_error(_Changed(data, 5, "image", nan))
+
+
 def test_configuration_errors(data, bank):
     with pytest.raises(ShapeError, match=r"bank: expected one row per sample of the dataset \(10 rows\)"):
         CrossModalAugmentedDataset(PairedDataset(10), bank)

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from cmda_data.bank import EmbeddingBank
+from cmda_data.module import CMDAugment
 from cmda_data.collate import CMDACollate
 from cmda_data.dataset import CrossModalAugmentedDataset, IndexedDataset
 from cmda_data.distributed import (
@@ -92,6 +93,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                    "resp": bank.responsibilities, "gmm.means": bank.gmm.means_,
                    "gen": torch.rand(4, generator=rank_generator(7, epoch=1))}
         results.update(_draws(bank, data, None))  # rank=None: the process group rank
+        # the default rank is the process group's too (made after init_process_group)
+        batch = [IndexedDataset(data)[i] for i in range(len(data))]
+        default = CMDACollate(bank, target="label", num_classes=NUM_CLASSES, p=0.5, intra="soft", seed=7)(batch)
+        results["default.collate.mixed"] = default["mix_info"]["mixed"]
+        module = CMDAugment(bank=bank, target="label", num_classes=NUM_CLASSES, p=0.5, intra="soft", seed=7)
+        results["default.augment.mixed"] = module(default_collate(batch))[1].mixed
         for r, part in enumerate(all_gather_rows(torch.full((rank + 1, 2), float(rank)))):
             results[f"gather.{r}"] = part
         copy = broadcast_bank(bank if rank == 0 else None)
@@ -167,8 +174,10 @@ def test_both_ranks_hold_the_single_process_bank(ranks, reference):
 
 def test_draws_differ_between_ranks_and_reproduce_per_rank(ranks, reference):
     results, _ = ranks
-    for key in ("collate.mixed", "aug.mixed"):
+    for key in ("collate.mixed", "aug.mixed", "default.augment.mixed"):
         assert not torch.equal(results[0][key], results[1][key]), key  # the rank is part of the seed
+    for r in results:  # no rank argument: the process group's rank, as rank=None
+        assert torch.equal(r["default.collate.mixed"], r["collate.mixed"])
     assert not torch.equal(results[0]["gen"], results[1]["gen"])
     data = make_data()
     for rank, r in enumerate(results):  # the same draws again, in this process, from (seed, epoch, rank)

@@ -185,6 +185,12 @@ def test_errors(data, bank):
     tokens["image"] = torch.zeros(N, 3, dtype=torch.long)
     with pytest.raises(FieldError, match="field 'image' of the batch: .*mix embeddings instead"):
         CMDAugment(bank=bank)(tokens)
+    nan = full_batch(data)
+    nan["image"] = nan["image"].clone()
+    nan["image"][4, 0, 0, 0] = float("nan")
+    with pytest.raises(ValidationError, match=rf"field 'image' of sample {int(nan['index'][4])}: expected finite "
+                                              r"values \(no NaN or inf\), got 1 non-finite entries"):
+        CMDAugment(bank=bank, p=1.0)(nan)
 
 
 def test_set_p(data, bank):

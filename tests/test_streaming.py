@@ -360,6 +360,14 @@ def test_buffer_is_deterministic_and_follows_seed_epoch_p(shards):
     _, identity = run(p=0.0)
     for x, y in zip(identity, samples):
         assert torch.equal(x["image"], y["image"]) and not bool(x["mix_info"]["mixed"])
+    # set_p: the same draws as a stage made with that p (the attenuation coefficient)
+    stage = CandidateBuffer(bank, buffer_size=3, top_k=2, intra=None, p=0.9, seed=1)
+    assert stage.p == 0.9 and "p=0.9" in repr(stage)
+    stage.set_p(0.5)
+    assert stage.p == 0.5
+    assert [bool(s["mix_info"]["mixed"]) for s in stage(iter(samples))] == flags
+    stage.set_p(0.0)
+    assert not any(bool(s["mix_info"]["mixed"]) for s in stage(iter(samples)))
     # the input samples are never modified
     assert all(torch.equal(s["image"], t["image"]) for s, t in zip(samples, read_all(paths)))
     assert "mix_info" not in samples[0]
