@@ -118,6 +118,21 @@ def speed_table(results: Path) -> List[str]:
             "| benchmark | case | ratio | value | target |", "|---|---|---|---|---|", *rows]
 
 
+def aligner_table(results: Path) -> List[str]:
+    """bench_aligner.json: retrieval on the Wikipedia test pairs, one row per latent space."""
+    path = results / "bench_aligner.json"
+    if not path.is_file():
+        return []
+    payload = json.loads(path.read_text())
+    settings = payload.get("settings", {})
+    rows = [f"| {r['method']} | {r['i2t_top1']:.4f} | {r['t2i_top1']:.4f} | {r['i2t_mAP']:.4f} | {r['t2i_mAP']:.4f} | "
+            f"{r['mean_mAP']:.4f} |" for r in payload.get("rows", [])]
+    return [f"**bench_aligner** (Wikipedia test pairs, {settings.get('epochs')} epochs, dim {settings.get('dim')}, "
+            f"tau {settings.get('tau')}; mean mAP of a random ranking is about 0.11)", "",
+            "| latent space | image→text top-1 | text→image top-1 | image→text mAP | text→image mAP | mean mAP |",
+            "|---|---|---|---|---|---|", *rows]
+
+
 def render(results: Path, plots: str) -> str:
     """The generated Markdown block: task tables with their plots, then the speed table."""
     parts: List[str] = []
@@ -134,6 +149,9 @@ def render(results: Path, plots: str) -> str:
     speed = speed_table(results)
     if speed:
         parts.append("\n".join(speed))
+    aligner = aligner_table(results)
+    if aligner:
+        parts.append("\n".join(aligner))
     return "\n\n".join(parts) + "\n"
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, List, Optional, Union
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from . import functional as Fn
 from ._fields import Field, as_student, as_target, get_field, replace_fields
@@ -20,7 +20,7 @@ from ._planner import PlanOptions, bank_plan
 from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability, draw_row, row_generator
 from ._shared import name_nonfinite_row, output_options
 from ._validation import check_int, check_option, fail, field_error
-from .exceptions import FieldError, ShapeError, ValidationError
+from .exceptions import DeviceError, FieldError, ShapeError, ValidationError
 
 __all__ = ["CrossModalAugmentedDataset", "IndexedDataset"]
 
@@ -197,6 +197,10 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
         if not 0 <= item < len(self):
             raise IndexError(f"index: expected an integer in [0, {len(self)}), got {item}")
         base, forced = (item - n, True) if item >= n else (item, False)
+        if self.bank.device.type != "cpu" and get_worker_info() is not None:
+            fail("CrossModalAugmentedDataset bank", "a CPU bank inside DataLoader worker processes (CUDA cannot "
+                 "run in workers): use bank.to('cpu'), or mix on the GPU after the loader with CMDAugment",
+                 f"a bank on {self.bank.device}", DeviceError, raw=True)
         generator = row_generator(self.options.seed, self.epoch, base, self.options.rank)
         mixed, teacher = draw_row(generator, self.p, len(self.options.teachers))
         if self.mode == "append":

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from _entry_data import (NUM_CLASSES, CountingDataset, PairedDataset, TokenDataset, TupleDataset, batches_per_p,
                          make_bank)
 from cmda_data.dataset import CrossModalAugmentedDataset, IndexedDataset
-from cmda_data.exceptions import FieldError, ShapeError, ValidationError
+from cmda_data.exceptions import DeviceError, FieldError, ShapeError, ValidationError
+from conftest import needs_cuda
 
 N = 24
 
@@ -335,3 +336,12 @@ def test_set_p_reaches_persistent_workers(data, bank):
     assert "p=0.5" in repr(aug)
     with pytest.raises(ValidationError, match="p: expected"):
         aug.set_p(2)
+
+
+@needs_cuda
+@pytest.mark.needs_cuda
+def test_cuda_bank_inside_a_worker_points_to_cmdaugment(data):
+    aug = CrossModalAugmentedDataset(data, make_bank(N).to("cuda"), p=1.0)
+    loader = DataLoader(aug, batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    with pytest.raises(DeviceError, match="CMDAugment"):
+        next(iter(loader))
