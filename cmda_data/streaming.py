@@ -55,7 +55,7 @@ def _wds() -> Any:
     try:
         import webdataset
     except ImportError as error:
-        fail("webdataset", "the optional dependency 'webdataset' (pip install cmda-data[webdataset])",
+        fail("webdataset", "the optional dependency 'webdataset' (pip install -e '.[webdataset]')",
              repr(error), MissingDependencyError, raw=True)
     return webdataset
 

@@ -149,7 +149,7 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
     status, _, err = run("demo")
     assert status == 2
     assert err.startswith("cmda: error: matplotlib: expected the optional dependency matplotlib")
-    assert err.strip().endswith("(hint: pip install cmda-data[bench])")
+    assert err.strip().endswith("(hint: pip install -e '.[bench]')")
 
 
 # ------------------------------------------------------------------------------------ demo

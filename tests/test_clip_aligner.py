@@ -29,7 +29,7 @@ def test_import_does_not_pull_in_transformers():
 
 def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
-    with pytest.raises(MissingDependencyError, match=r"pip install cmda-data\[clip\]"):
+    with pytest.raises(MissingDependencyError, match=r"pip install -e '\.\[clip\]'"):
         CLIPAligner.from_pretrained("anything")
     with pytest.raises(ImportError, match=r"CLIPAligner: expected the optional package 'transformers'"):
         CLIPAligner(object())

@@ -348,7 +348,7 @@ def test_import_pulls_in_neither_scipy_nor_pillow():
 def test_missing_scipy_names_the_extra(monkeypatch):
     require_data("wikipedia")
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # makes `from scipy.io import ...` fail
-    with pytest.raises(MissingDependencyError, match=r"scipy: expected .*pip install cmda-data\[bench\]"):
+    with pytest.raises(MissingDependencyError, match=r"scipy: expected .*pip install -e '\.\[bench\]'"):
         load_wikipedia()
 
 
@@ -356,5 +356,5 @@ def test_missing_pillow_names_the_extra(monkeypatch):
     require_data("webnews")
     photos = load_webnews(image="pixels", split="test", captions=False)
     monkeypatch.setitem(sys.modules, "PIL", None)
-    with pytest.raises(MissingDependencyError, match=r"Pillow: expected .*pip install cmda-data\[vision\]"):
+    with pytest.raises(MissingDependencyError, match=r"Pillow: expected .*pip install -e '\.\[vision\]'"):
         photos[0]

@@ -24,7 +24,7 @@ MISSING = [m for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handl
            if importlib.util.find_spec(m.split(".")[0]) is None
            or (m == "mkdocstrings_handlers.python" and importlib.util.find_spec(m) is None)]
 pytestmark = pytest.mark.skipif(
-    bool(MISSING), reason=f"the docs toolchain is not installed ({', '.join(MISSING)}): pip install cmda-data[docs]")
+    bool(MISSING), reason=f"the docs toolchain is not installed ({', '.join(MISSING)}): pip install -e '.[docs]'")
 
 #: link attributes checked, per tag
 LINK_ATTRS = {"a": ("href",), "link": ("href",), "img": ("src",), "script": ("src",), "source": ("src",)}

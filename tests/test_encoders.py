@@ -226,7 +226,7 @@ def test_encoders_train_only_the_heads_of_a_contrastive_aligner(minilm, effnet):
 ])
 def test_missing_package_names_the_extra(monkeypatch, module, build):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
-    with pytest.raises(MissingDependencyError, match=r"pip install cmda-data\[bench\]") as info:
+    with pytest.raises(MissingDependencyError, match=r"pip install -e '\.\[bench\]'") as info:
         build()
     assert isinstance(info.value, ImportError)
 

@@ -279,9 +279,9 @@ def test_import_does_not_pull_in_webdataset():
 
 def test_missing_webdataset_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "webdataset", None)
-    with pytest.raises(MissingDependencyError, match=r"pip install cmda-data\[webdataset\]"):
+    with pytest.raises(MissingDependencyError, match=r"pip install -e '\.\[webdataset\]'"):
         write_shards(make_data(1), str(tmp_path / "m-%d.tar"))
-    with pytest.raises(MissingDependencyError, match=r"pip install cmda-data\[webdataset\]"):
+    with pytest.raises(MissingDependencyError, match=r"pip install -e '\.\[webdataset\]'"):
         read_shards([str(tmp_path / "m-0.tar")])
 
 

@@ -3,7 +3,7 @@
 ``transformers`` is imported only inside the functions that need it, so
 ``import cmda_data.aligners`` works without the ``clip`` extra; using CLIP without it
 raises :class:`~cmda_data.exceptions.MissingDependencyError` naming
-``pip install cmda-data[clip]``.
+``pip install -e '.[clip]'``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .base import Aligner, register_aligner
 
 __all__ = ["CLIPAligner", "require_transformers"]
 
-EXTRA = "pip install cmda-data[clip]"
+EXTRA = "pip install -e '.[clip]'"
 
 
 def require_transformers() -> Any:

@@ -10,7 +10,7 @@ are ``images/<category>/<id>.jpg`` (longer side <= 256 px in the shared copy; th
 names keep a space before ``.jpg``, as the index does).
 
 ``image="pixels"`` decodes photos lazily in ``__getitem__`` with Pillow (shipped with
-torchvision and matplotlib; ``pip install cmda-data[vision]``), imported only then.
+torchvision and matplotlib; ``pip install -e '.[vision]'``), imported only then.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _image_module() -> Any:
         from PIL import Image
     except ImportError as error:
         fail("Pillow", "the optional dependency Pillow to decode photos "
-             "(pip install cmda-data[vision], or pip install pillow)", repr(error),
+             "(pip install -e '.[vision]', or pip install pillow)", repr(error),
              MissingDependencyError, raw=True)
     return Image
 

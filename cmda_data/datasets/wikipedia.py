@@ -12,7 +12,7 @@ Image features: ``"sift128"`` (SIFT bag-of-visual-words histograms, ``raw_featur
 ``"lda50"``. The raw article sections (``texts/<text_id>.xml``) come with
 ``raw_text=True`` or :func:`wikipedia_article`.
 
-Reading ``.mat`` files needs scipy (``pip install cmda-data[bench]``); it is imported only
+Reading ``.mat`` files needs scipy (``pip install -e '.[bench]'``); it is imported only
 here, only when called.
 """
 
@@ -67,7 +67,7 @@ def _loadmat(path: Path) -> dict:
         from scipy.io import loadmat
     except ImportError as error:
         fail("scipy", f"the optional dependency scipy to read {path.name} "
-             "(pip install cmda-data[bench], or pip install scipy)", repr(error),
+             "(pip install -e '.[bench]', or pip install scipy)", repr(error),
              MissingDependencyError, raw=True)
     return loadmat(str(path))
 
