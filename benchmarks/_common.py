@@ -133,9 +133,11 @@ def summarise_method(per_seed_curves: Sequence[Sequence[float]], **extra: Any) -
     return record
 
 
-def result_path(out: Any, task: str, dataset: str, student: str, suffix: str = "") -> Path:
-    name = f"{task}-{dataset}-{student}{('-' + suffix) if suffix else ''}.json"
-    return Path(out) / name
+def result_path(out: Any, task: str, dataset: str, student: str, suffix: str = "", *, quick: bool = False) -> Path:
+    """``<task>-<dataset>-<student>[-suffix][-quick].json``: a ``--quick`` (or ``--smoke``) run
+    never overwrites the full result of the same benchmark (report.py skips ``-quick`` files)."""
+    parts = [task, dataset, student, *(p for p in (suffix, "quick" if quick else "") if p)]
+    return Path(out) / ("-".join(parts) + ".json")
 
 
 def write_result(path: Path, payload: Mapping[str, Any], *, plot: bool = True) -> Path:

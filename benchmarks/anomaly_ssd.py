@@ -159,8 +159,8 @@ def evaluate(trunk: nn.Module, train_x: torch.Tensor, test_x: torch.Tensor, targ
     return ssd.ssd_evaluate(feats[0], feats[1], target)
 
 
-def study_path(out: Path, dataset: str, student: str) -> Path:
-    return Path(out) / f"study-anomaly-{dataset}-{student}.json"
+def study_path(out: Path, dataset: str, student: str, quick: bool = False) -> Path:
+    return Path(out) / f"study-anomaly-{dataset}-{student}{'-quick' if quick else ''}.json"
 
 
 def _task(data: Dict[str, Any], method: str, cfg: Dict[str, Any], seed: int,
@@ -204,7 +204,7 @@ def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
                "validation": "20% of the train normals + the train-split anomalies (unused by the test)",
                "method": "cmda", "seeds": seeds, "epochs": args.epochs, "rows": rows,
                "best": max(rows, key=lambda r: r["val_auroc"]), "references": references}
-    path = study_path(Path(args.out), dataset, student)
+    path = study_path(Path(args.out), dataset, student, args.quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
@@ -213,9 +213,9 @@ def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
 def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     data = prepare(dataset)
     seeds = list(range(args.seeds))
-    path = C.result_path(args.out, "anomaly", dataset, student)
+    path = C.result_path(args.out, "anomaly", dataset, student, quick=args.quick)
     plan = [] if args.add_tuned else [(m, T.FAITHFUL) for m in args.methods]
-    sp = study_path(Path(args.out), dataset, student)
+    sp = study_path(Path(args.out), dataset, student, args.quick)
     if sp.is_file() and not args.no_tuned:
         tuned = T.MixConfig(**json.loads(sp.read_text())["best"]["config"])
         plan += [(m + "_tuned", tuned) for m in args.methods if m.startswith("cmda")]

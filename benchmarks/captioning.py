@@ -214,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "caption_of_mixed_rows": "the caption of the guiding teacher sample (the row's own caption)",
         "bleu": "corpus BLEU-4 over characters, no smoothing, greedy decoding", "seconds": timings,
     }
-    path = C.result_path(args.out, "captioning", "webnews", "image")
+    path = C.result_path(args.out, "captioning", "webnews", "image", quick=args.quick)
     C.write_result(path, payload, plot=not args.no_plot)
     if not args.no_plot:
         box_plot(payload, path.with_name(path.stem + "-box.png"))

@@ -265,8 +265,8 @@ def complete_seeds(done: Dict[tuple, Any], names: List[str], seeds: List[int]) -
 
 
 # ------------------------------------------------------------------------------------ drivers
-def study_path(out: Path, dataset: str, student: str, space: str) -> Path:
-    suffix = "" if space == "features" else "-pixels"
+def study_path(out: Path, dataset: str, student: str, space: str, quick: bool = False) -> Path:
+    suffix = ("" if space == "features" else "-pixels") + ("-quick" if quick else "")
     return Path(out) / f"study-classification-{dataset}-{student}{suffix}.json"
 
 
@@ -301,14 +301,14 @@ def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
     payload = {"task": "classification", "dataset": dataset, "student": student, "split": "validation",
                "method": args.study_method, "seeds": seeds, "epochs": args.epochs, "quick": bool(args.quick),
                "rows": rows, "best": best, "references": reference_rows}
-    path = study_path(Path(args.out), dataset, student, args.student_space)
+    path = study_path(Path(args.out), dataset, student, args.student_space, args.quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
 
 
 def tuned_config(args: argparse.Namespace, dataset: str, student: str) -> Optional[T.MixConfig]:
-    path = study_path(Path(args.out), dataset, student, args.student_space)
+    path = study_path(Path(args.out), dataset, student, args.student_space, args.quick)
     if not path.is_file():
         return None
     return T.MixConfig(**json.loads(path.read_text())["best"]["config"])
@@ -321,7 +321,7 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     methods: Dict[str, Any] = {}
     configs: Dict[str, Any] = {}
     suffix = "-".join(part for part in ("" if args.student_space == "features" else "pixels", args.tag) if part)
-    path = C.result_path(args.out, "classification", dataset, student, suffix)
+    path = C.result_path(args.out, "classification", dataset, student, suffix, quick=args.quick)
     plan = [] if args.add_tuned else [(m, T.FAITHFUL) for m in args.methods]
     tuned = tuned_config(args, dataset, student)
     if tuned is not None and not args.no_tuned:

@@ -138,6 +138,8 @@ def render(results: Path, plots: str) -> str:
     parts: List[str] = []
     for task in ("classification", "anomaly", "captioning"):
         for path in sorted(results.glob(f"{task}-*.json")):
+            if path.stem.endswith("-quick"):  # --quick / --smoke runs: smoke checks, not results
+                continue
             lines = table(json.loads(path.read_text()))
             png = path.with_suffix(".png")
             if png.is_file():
@@ -189,6 +191,8 @@ def main() -> None:
             if args.write:
                 path.write_text(new, encoding="utf-8")
     for png in sorted(results.glob("*.png")):
+        if "-quick" in png.stem:
+            continue
         copy = assets / png.name
         if not copy.is_file() or copy.read_bytes() != png.read_bytes():
             stale.append(str(copy.relative_to(REPO)))

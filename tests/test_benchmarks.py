@@ -72,16 +72,17 @@ def test_check_result_rejects_out_of_range():
 def test_classification_features_smoke(tmp_path):
     require_data("wikipedia")
     run_script("classification.py", "--dataset", "wikipedia", "--student", "text", tmp_path=tmp_path)
-    payload = check_file(tmp_path / "classification-wikipedia-text.json", task="classification", metric="accuracy",
+    payload = check_file(tmp_path / "classification-wikipedia-text-quick.json", task="classification", metric="accuracy",
                          methods=("base", "mixup", "cmda", "cmda_offline"))
     assert payload["teacher"] == "image"
     assert payload["cmda_configs"]["cmda"]["top_k"] is None  # the faithful configuration
+    assert not (tmp_path / "classification-wikipedia-text.json").exists()  # never the full result's name
 
 
 def test_classification_pixels_smoke(tmp_path):
     require_data("webnews")
     run_script("classification.py", "--student-space", "pixels", "--seeds", "2", tmp_path=tmp_path)
-    payload = check_file(tmp_path / "classification-webnews-image-pixels.json", task="classification",
+    payload = check_file(tmp_path / "classification-webnews-image-pixels-quick.json", task="classification",
                          metric="accuracy", methods=("base", "cmda_offline"))
     assert payload["student_space"] == "pixels"
 
@@ -125,7 +126,7 @@ def test_run_pool_in_processes_deadline_and_errors():
 def test_classification_resume_uses_finished_runs_and_redoes_the_rest(tmp_path):
     """--resume takes the runs in the .partial.jsonl (same epochs) and trains only the others."""
     require_data("wikipedia")
-    partial = tmp_path / "classification-wikipedia-text.partial.jsonl"
+    partial = tmp_path / "classification-wikipedia-text-quick.partial.jsonl"
     fake = {("base", 0): [0.11, 0.12], ("base", 1): [0.21, 0.22], ("mixup", 0): [0.31, 0.32]}
     config = {"top_k": None, "p": 1.0, "temperature": None, "self_weight": None, "intra": "soft", "n_components": 2,
               "similarity": "abs_cosine"}  # the faithful configuration, as the runs record it
@@ -138,7 +139,7 @@ def test_classification_resume_uses_finished_runs_and_redoes_the_rest(tmp_path):
     partial.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
     run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--methods", "base", "mixup",
                "cmda_offline", "--resume", tmp_path=tmp_path)
-    payload = check_file(tmp_path / "classification-wikipedia-text.json", task="classification", metric="accuracy",
+    payload = check_file(tmp_path / "classification-wikipedia-text-quick.json", task="classification", metric="accuracy",
                          methods=("base", "mixup", "cmda_offline"))
     assert payload["methods"]["cmda_offline"]["per_seed_curves"][0] != [0.8, 0.8]
     assert payload["methods"]["base"]["per_seed_curves"] == [fake[("base", 0)], fake[("base", 1)]]
@@ -155,7 +156,7 @@ def test_classification_max_minutes_zero_reports_no_finished_seed(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode != 0
     assert "--max-minutes: no seed finished for every method" in proc.stderr
-    assert not (tmp_path / "classification-wikipedia-text.json").exists()
+    assert not (tmp_path / "classification-wikipedia-text-quick.json").exists()
 
 
 def test_classification_study_then_tuned_rows(tmp_path):
@@ -164,14 +165,14 @@ def test_classification_study_then_tuned_rows(tmp_path):
     require_data("wikipedia")
     run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--study",
                "--study-method", "cmda_offline", "--study-seeds", "2", tmp_path=tmp_path)
-    study = json.loads((tmp_path / "study-classification-wikipedia-text.json").read_text())
+    study = json.loads((tmp_path / "study-classification-wikipedia-text-quick.json").read_text())
     assert study["split"] == "validation" and study["seeds"] == [0, 1]
     assert set(study["references"]) == {"base", "mixup"}
     assert all(len(r["per_seed"]) == 2 for r in [*study["rows"], *study["references"].values()])
     assert study["best"] == max(study["rows"], key=lambda r: r["val_accuracy"])
     run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--methods", "base",
                "cmda_offline", "--tag", "t1", tmp_path=tmp_path)
-    payload = check_file(tmp_path / "classification-wikipedia-text-t1.json", task="classification",
+    payload = check_file(tmp_path / "classification-wikipedia-text-t1-quick.json", task="classification",
                          metric="accuracy", methods=("base", "cmda_offline", "cmda_offline_tuned"))
     assert payload["tag"] == "t1"
     assert payload["cmda_configs"]["cmda_offline_tuned"] == study["best"]["config"]
@@ -216,7 +217,7 @@ def test_weight_diagnostics_script(tmp_path):
 def test_anomaly_smoke(tmp_path):
     require_data("webnews")
     run_script("anomaly_ssd.py", "--dataset", "webnews", "--student", "image", tmp_path=tmp_path)
-    payload = check_file(tmp_path / "anomaly-webnews-image.json", task="anomaly", metric="auroc",
+    payload = check_file(tmp_path / "anomaly-webnews-image-quick.json", task="anomaly", metric="auroc",
                          methods=("base", "mixup", "cmda", "cmda_offline"))
     assert set(payload["metrics"]["aupr"]) == set(payload["methods"])  # AUPR beside AUROC
     assert payload["split"]["test_anomaly"] > 0
@@ -226,7 +227,7 @@ def test_anomaly_study_in_two_processes(tmp_path):
     require_data("wikipedia")
     run_script("anomaly_ssd.py", "--dataset", "wikipedia", "--student", "image", "--study", "--study-seeds", "2",
                "--jobs", "2", tmp_path=tmp_path)
-    study = json.loads((tmp_path / "study-anomaly-wikipedia-image.json").read_text())
+    study = json.loads((tmp_path / "study-anomaly-wikipedia-image-quick.json").read_text())
     assert set(study["references"]) == {"base", "mixup"} and len(study["rows"]) == 3  # the smoke grid
     assert all(len(r["per_seed"]) == 2 and 0.0 <= r["val_auroc"] <= 1.0
                for r in [*study["rows"], *study["references"].values()])
@@ -236,9 +237,9 @@ def test_anomaly_study_in_two_processes(tmp_path):
 def test_captioning_smoke(tmp_path):
     require_data("webnews")
     run_script("captioning.py", tmp_path=tmp_path)
-    payload = check_file(tmp_path / "captioning-webnews-image.json", task="captioning", metric="bleu4",
+    payload = check_file(tmp_path / "captioning-webnews-image-quick.json", task="captioning", metric="bleu4",
                          methods=("base", "cmda"))
-    assert (tmp_path / "captioning-webnews-image-box.png").is_file()
+    assert (tmp_path / "captioning-webnews-image-quick-box.png").is_file()
     assert "attenuation" in payload
 
 

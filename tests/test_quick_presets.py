@@ -26,10 +26,10 @@ import _common  # noqa: E402
 
 PAIRS = [(d, s) for d in ("wikipedia", "webnews") for s in ("image", "text")]
 CASES = {
-    "classification": (["classification.py"], [f"classification-{d}-{s}.json" for d, s in PAIRS]),
-    "anomaly": (["anomaly_ssd.py"], [f"anomaly-{d}-{s}.json" for d, s in PAIRS]),
-    "captioning": (["captioning.py"], ["captioning-webnews-image.json"]),
-    "pixels": (["classification.py", "--student-space", "pixels"], ["classification-webnews-image-pixels.json"]),
+    "classification": (["classification.py"], [f"classification-{d}-{s}-quick.json" for d, s in PAIRS]),
+    "anomaly": (["anomaly_ssd.py"], [f"anomaly-{d}-{s}-quick.json" for d, s in PAIRS]),
+    "captioning": (["captioning.py"], ["captioning-webnews-image-quick.json"]),
+    "pixels": (["classification.py", "--student-space", "pixels"], ["classification-webnews-image-pixels-quick.json"]),
 }
 
 
