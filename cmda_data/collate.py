@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
@@ -156,6 +157,8 @@ class CMDACollate(SharedEpochMixin):
             index = get_field(sample, index_key, f"{position} of the batch")
             if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point() \
                     and index.dtype != torch.bool:
+                index = int(index)
+            elif isinstance(index, np.integer):
                 index = int(index)
             if isinstance(index, bool) or not isinstance(index, int):
                 field_error(index_key, f"{position} of the batch", "an int dataset index (wrap the dataset in "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,6 +209,9 @@ def test_bad_values_name_the_field_and_the_sample(data, bank):
         collate_for(bank)(batch(label=NUM_CLASSES + 2))
     with pytest.raises(FieldError, match=r"field 'label' of sample 8: expected a class index in .*got -1"):
         collate_for(bank)(batch(label=-1))
+    numpy_index = [dict(s, index=np.int64(s["index"])) for s in batch(label=-1)]  # numpy ints are indices too
+    with pytest.raises(FieldError, match=r"field 'label' of sample 8: expected a class index in .*got -1"):
+        collate_for(bank)(numpy_index)
     nan = data[8]["image"].clone()
     nan[0, 1, 1] = float("nan")
     with pytest.raises(ValidationError, match=r"field 'image' of sample 8: expected finite values \(no NaN or inf\), "
