@@ -17,6 +17,9 @@ B generated samples to the B real ones; every loss uses soft targets):
   is ``L_task + 0.1 * L_align`` (Eq. 8), and :class:`~cmda_data.CMDAugment` mixes every batch
   with weights from the current latents; the Eq. 11 GMM (M = 2) is refitted every epoch on
   the language latents of the train set.
+* ``align``: a control, not in the default set: ``base`` plus the Eq. 9 alignment term of
+  ``cmda`` (the trunk is the aligner's student encoder, ``L_task + 0.1 * L_align``), and no
+  mixing. ``cmda`` minus ``align`` is what the mixing itself adds.
 * ``cmda_offline``: ContrastiveAligner trained first (Eq. 8, 30 epochs), an EmbeddingBank
   (GMM with M = 2, the paper's BIC choice, on the language latents) and :class:`~cmda_data.CMDACollate`.
 * ``cmda_tuned`` / ``cmda_offline_tuned``: the same with the configuration chosen on the
@@ -27,7 +30,8 @@ stratified 20 % validation split and scores the validation split (the grid, plus
 ``mixup`` on the same split and seeds as references).
 
 Run: ``python benchmarks/classification.py --dataset all --student all`` (full, 5 seeds),
-``--quick`` (2 seeds, few epochs), ``--study`` (validation study of the CMDA choices).
+``--quick`` (2 seeds, few epochs), ``--study`` (validation study of the CMDA choices),
+``--methods align --add`` (run the control and merge it into the existing result files).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from cmda_data.dataset import IndexedDataset  # noqa: E402
 from cmda_data.datasets import classification_split, load_webnews, validation_split  # noqa: E402
 
 METHODS = ("base", "mixup", "cmda", "cmda_offline")
+CONTROLS = ("align",)  # run on request (--methods align --add)
 MIXUP_ALPHA = 0.25
 LAMBDA = 0.1  # Eq. 9
 
@@ -147,10 +152,11 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
         off = T.fit_offline_aligner(feat_cols, student, loss="eq8", epochs=aligner_epochs, seed=seed)
         bank = T.build_bank(off, IndexedDataset(T.ColumnDataset(feat_cols)), student, cfg, seed)
         collate = T.RealAndMixed(T.make_collate(bank, cfg, num_classes=num_classes, seed=seed))
-    elif method.startswith("cmda"):
+    elif method.startswith("cmda") or method == "align":
         aligner = T.make_aligner(student, trunk, width, train[teacher].shape[1], loss="eq8", seed=seed)
         params = list(aligner.parameters()) + list(classifier.parameters())
-        augment = T.make_augment(aligner, student, cfg, num_classes=num_classes, seed=seed)
+        if method != "align":  # the control keeps the alignment term and mixes nothing
+            augment = T.make_augment(aligner, student, cfg, num_classes=num_classes, seed=seed)
     trunk.to(device), classifier.to(device)
     if aligner is not None:
         aligner.to(device)
@@ -324,10 +330,15 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     path = C.result_path(args.out, "classification", dataset, student, suffix, quick=args.quick)
     plan = [] if args.add_tuned else [(m, T.FAITHFUL) for m in args.methods]
     tuned = tuned_config(args, dataset, student)
-    if tuned is not None and not args.no_tuned:
+    if tuned is not None and not args.no_tuned and not args.add:
         plan += [(m + "_tuned", tuned) for m in args.methods if m.startswith("cmda")]
-    previous = json.loads(path.read_text()) if args.add_tuned and path.is_file() else None
-    if previous is not None:  # merge the tuned methods into the existing result file
+    merge = args.add_tuned or args.add
+    if args.add and not path.is_file():
+        raise SystemExit(f"--add: expected an existing result file {path} to add {args.methods} to")
+    previous = json.loads(path.read_text()) if merge and path.is_file() else None
+    if previous is not None and previous["epochs"] != args.epochs:
+        raise SystemExit(f"--add/--add-tuned: expected the epochs of {path} ({previous['epochs']}), got {args.epochs}")
+    if previous is not None:  # merge the new methods into the existing result file
         methods.update(previous["methods"])
         configs.update(previous.get("cmda_configs", {}))
     timings = dict(previous.get("seconds", {})) if previous else {}
@@ -340,7 +351,7 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         raise SystemExit("--max-minutes: no seed finished for every method; give it more time "
                          f"(finished runs are kept in {partial}; --resume continues)")
     if previous is not None and previous["seeds"] != finished:
-        raise SystemExit(f"--add-tuned: expected the seeds of {path} ({previous['seeds']}), got {finished}")
+        raise SystemExit(f"--add/--add-tuned: expected the seeds of {path} ({previous['seeds']}), got {finished}")
     for name, cfg in plan:
         methods[name] = C.summarise_method([done[(name, s)]["curve"] for s in finished])
         if name.replace("_tuned", "").startswith("cmda"):
@@ -376,7 +387,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--dataset", default="all", choices=(*T.DATASETS, "all"))
     parser.add_argument("--student", default="all", choices=(*T.STUDENTS, "all"))
     parser.add_argument("--student-space", default="features", choices=("features", "pixels"))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, *CONTROLS))
     parser.add_argument("--study", action="store_true", help="validation study of the CMDA choices")
     parser.add_argument("--study-seeds", type=int, default=2)
     parser.add_argument("--study-method", default="cmda", choices=("cmda", "cmda_offline"))
@@ -387,6 +398,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--no-tuned", action="store_true", help="skip the *_tuned methods")
     parser.add_argument("--add-tuned", action="store_true",
                         help="only run the *_tuned methods and merge them into the existing result file")
+    parser.add_argument("--add", action="store_true",
+                        help="run --methods (e.g. the align control) and merge them into the existing result file")
     parser.add_argument("--pixel-subset", type=int, default=None, help="pixels: train on this many photos")
     parser.add_argument("--image-size", type=int, default=64, help="pixels: photo height and width")
     parser.add_argument("--jobs", type=int, default=1,

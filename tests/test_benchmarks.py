@@ -148,6 +148,26 @@ def test_classification_resume_uses_finished_runs_and_redoes_the_rest(tmp_path):
     assert not partial.exists()  # folded into the result file
 
 
+def test_classification_align_control_merges_into_the_result(tmp_path):
+    """--methods align --add: the control (Eq. 9 alignment term, no mixing) joins the existing file."""
+    require_data("wikipedia")
+    run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--methods", "base", "cmda",
+               tmp_path=tmp_path)
+    before = json.loads((tmp_path / "classification-wikipedia-text-quick.json").read_text())
+    run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--methods", "align", "--add",
+               tmp_path=tmp_path)
+    payload = check_file(tmp_path / "classification-wikipedia-text-quick.json", task="classification",
+                         metric="accuracy", methods=("base", "cmda", "align"))
+    assert payload["methods"]["base"] == before["methods"]["base"]  # merged, not retrained
+    assert payload["methods"]["align"]["per_seed_curves"] != payload["methods"]["base"]["per_seed_curves"]
+    assert payload["methods"]["align"]["per_seed_curves"] != payload["methods"]["cmda"]["per_seed_curves"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(BENCH / "classification.py"), "--smoke", "--no-progress", "--out",
+                           str(tmp_path / "empty"), "--dataset", "wikipedia", "--student", "text", "--methods",
+                           "align", "--add"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 0 and "--add: expected an existing result file" in proc.stderr
+
+
 def test_classification_max_minutes_zero_reports_no_finished_seed(tmp_path):
     require_data("wikipedia")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
