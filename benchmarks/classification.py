@@ -314,10 +314,18 @@ def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
 
 
 def tuned_config(args: argparse.Namespace, dataset: str, student: str) -> Optional[T.MixConfig]:
+    study = tuned_study(args, dataset, student)
+    return None if study is None else T.MixConfig(**study["best"]["config"])
+
+
+def tuned_study(args: argparse.Namespace, dataset: str, student: str) -> Optional[Dict[str, Any]]:
+    """The study whose pick the *_tuned rows use: its file, method (what it validated) and best."""
     path = study_path(Path(args.out), dataset, student, args.student_space, args.quick)
     if not path.is_file():
         return None
-    return T.MixConfig(**json.loads(path.read_text())["best"]["config"])
+    study = json.loads(path.read_text())
+    return {"file": path.name, "method": study["method"], "seeds": study["seeds"], "epochs": study["epochs"],
+            "best": study["best"]}
 
 
 def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
@@ -361,6 +369,11 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         print(f"  {dataset}/{student} {name:20s} acc {100 * rec['mean']:.2f} ± {100 * rec['ci95']:.2f} "
               f"({timings[name]} s)", flush=True)
     seeds = finished
+    # the *_tuned rows' study: which method it validated (its pick is applied to every cmda method)
+    study = tuned_study(args, dataset, student)
+    tuned_from = previous.get("tuned_from") if previous else None
+    if study is not None and any(name.endswith("_tuned") for name in methods):
+        tuned_from = {key: value for key, value in study.items() if key != "best"}
     payload = {
         "task": "classification", "dataset": dataset, "student": student, "teacher": T.other(student),
         "student_space": args.student_space,
@@ -374,6 +387,7 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         "data_dir": os.environ.get("CMDA_DATA_DIR", "../shared/data"),
         "split": {"train": int(len(data["train_rows"])), "test": int(len(data["eval_rows"]))},
         "methods": methods, "cmda_configs": configs, "seconds": timings,
+        "tuned_from": tuned_from,
         "protocol": "last epoch on the official test split; tuned configs chosen on a validation split carved "
                     "from train (see the study file)",
     }

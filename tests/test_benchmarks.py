@@ -196,6 +196,8 @@ def test_classification_study_then_tuned_rows(tmp_path):
                          metric="accuracy", methods=("base", "cmda_offline", "cmda_offline_tuned"))
     assert payload["tag"] == "t1"
     assert payload["cmda_configs"]["cmda_offline_tuned"] == study["best"]["config"]
+    assert payload["tuned_from"] == {"file": "study-classification-wikipedia-text-quick.json",
+                                     "method": "cmda_offline", "seeds": [0, 1], "epochs": study["epochs"]}
 
 
 def test_weight_diagnostics_on_hand_cases():
