@@ -271,8 +271,11 @@ def complete_seeds(done: Dict[tuple, Any], names: List[str], seeds: List[int]) -
 
 
 # ------------------------------------------------------------------------------------ drivers
-def study_path(out: Path, dataset: str, student: str, space: str, quick: bool = False) -> Path:
-    suffix = ("" if space == "features" else "-pixels") + ("-quick" if quick else "")
+def study_path(out: Path, dataset: str, student: str, space: str, quick: bool = False,
+               method: str = "cmda_offline") -> Path:
+    """The study file of ``method``: offline studies have the plain name, online ones ``-online``."""
+    suffix = ("" if space == "features" else "-pixels") + ("-online" if method == "cmda" else "") \
+        + ("-quick" if quick else "")
     return Path(out) / f"study-classification-{dataset}-{student}{suffix}.json"
 
 
@@ -307,25 +310,23 @@ def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
     payload = {"task": "classification", "dataset": dataset, "student": student, "split": "validation",
                "method": args.study_method, "seeds": seeds, "epochs": args.epochs, "quick": bool(args.quick),
                "rows": rows, "best": best, "references": reference_rows}
-    path = study_path(Path(args.out), dataset, student, args.student_space, args.quick)
+    path = study_path(Path(args.out), dataset, student, args.student_space, args.quick, args.study_method)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
 
 
-def tuned_config(args: argparse.Namespace, dataset: str, student: str) -> Optional[T.MixConfig]:
-    study = tuned_study(args, dataset, student)
-    return None if study is None else T.MixConfig(**study["best"]["config"])
-
-
-def tuned_study(args: argparse.Namespace, dataset: str, student: str) -> Optional[Dict[str, Any]]:
-    """The study whose pick the *_tuned rows use: its file, method (what it validated) and best."""
-    path = study_path(Path(args.out), dataset, student, args.student_space, args.quick)
-    if not path.is_file():
-        return None
-    study = json.loads(path.read_text())
-    return {"file": path.name, "method": study["method"], "seeds": study["seeds"], "epochs": study["epochs"],
-            "best": study["best"]}
+def tuned_study(args: argparse.Namespace, dataset: str, student: str, method: str) -> Optional[Dict[str, Any]]:
+    """The study whose pick ``<method>_tuned`` uses: its file, the method it validated, seeds,
+    epochs and best row. A method's own study when there is one, else the other method's."""
+    other = "cmda_offline" if method == "cmda" else "cmda"
+    for studied in (method, other):
+        path = study_path(Path(args.out), dataset, student, args.student_space, args.quick, studied)
+        if path.is_file():
+            study = json.loads(path.read_text())
+            return {"file": path.name, "method": study["method"], "seeds": study["seeds"],
+                    "epochs": study["epochs"], "best": study["best"]}
+    return None
 
 
 def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
@@ -337,9 +338,9 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     suffix = "-".join(part for part in ("" if args.student_space == "features" else "pixels", args.tag) if part)
     path = C.result_path(args.out, "classification", dataset, student, suffix, quick=args.quick)
     plan = [] if args.add_tuned else [(m, T.FAITHFUL) for m in args.methods]
-    tuned = tuned_config(args, dataset, student)
-    if tuned is not None and not args.no_tuned and not args.add:
-        plan += [(m + "_tuned", tuned) for m in args.methods if m.startswith("cmda")]
+    studies = {m: tuned_study(args, dataset, student, m) for m in args.methods if m.startswith("cmda")}
+    if not args.no_tuned and not args.add:
+        plan += [(m + "_tuned", T.MixConfig(**study["best"]["config"])) for m, study in studies.items() if study]
     merge = args.add_tuned or args.add
     if args.add and not path.is_file():
         raise SystemExit(f"--add: expected an existing result file {path} to add {args.methods} to")
@@ -369,11 +370,13 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         print(f"  {dataset}/{student} {name:20s} acc {100 * rec['mean']:.2f} ± {100 * rec['ci95']:.2f} "
               f"({timings[name]} s)", flush=True)
     seeds = finished
-    # the *_tuned rows' study: which method it validated (its pick is applied to every cmda method)
-    study = tuned_study(args, dataset, student)
-    tuned_from = previous.get("tuned_from") if previous else None
-    if study is not None and any(name.endswith("_tuned") for name in methods):
-        tuned_from = {key: value for key, value in study.items() if key != "best"}
+    # each *_tuned row's study: the file and the method it validated (a method without a study of
+    # its own takes the other method's pick)
+    tuned_from = dict(previous.get("tuned_from") or {}) if previous else {}
+    for name, _ in plan:
+        study = studies.get(name[:-len("_tuned")]) if name.endswith("_tuned") else None
+        if study is not None:
+            tuned_from[name] = {key: value for key, value in study.items() if key != "best"}
     payload = {
         "task": "classification", "dataset": dataset, "student": student, "teacher": T.other(student),
         "student_space": args.student_space,

@@ -196,8 +196,20 @@ def test_classification_study_then_tuned_rows(tmp_path):
                          metric="accuracy", methods=("base", "cmda_offline", "cmda_offline_tuned"))
     assert payload["tag"] == "t1"
     assert payload["cmda_configs"]["cmda_offline_tuned"] == study["best"]["config"]
-    assert payload["tuned_from"] == {"file": "study-classification-wikipedia-text-quick.json",
-                                     "method": "cmda_offline", "seeds": [0, 1], "epochs": study["epochs"]}
+    assert payload["tuned_from"] == {"cmda_offline_tuned": {
+        "file": "study-classification-wikipedia-text-quick.json", "method": "cmda_offline", "seeds": [0, 1],
+        "epochs": study["epochs"]}}
+    # an online study has its own file; each *_tuned row takes its own method's study
+    run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--study",
+               "--study-method", "cmda", "--study-seeds", "1", "--no-references", tmp_path=tmp_path)
+    online = json.loads((tmp_path / "study-classification-wikipedia-text-online-quick.json").read_text())
+    assert online["method"] == "cmda" and online["seeds"] == [0]
+    run_script("classification.py", "--dataset", "wikipedia", "--student", "text", "--methods", "cmda",
+               "cmda_offline", "--seeds", "1", "--tag", "t2", tmp_path=tmp_path)
+    payload = json.loads((tmp_path / "classification-wikipedia-text-t2-quick.json").read_text())
+    assert {name: rec["method"] for name, rec in payload["tuned_from"].items()} == {
+        "cmda_tuned": "cmda", "cmda_offline_tuned": "cmda_offline"}
+    assert payload["cmda_configs"]["cmda_tuned"] == online["best"]["config"]
 
 
 def test_weight_diagnostics_on_hand_cases():
