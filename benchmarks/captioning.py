@@ -31,7 +31,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader

@@ -40,8 +40,6 @@ import argparse
 import json
 import os
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 

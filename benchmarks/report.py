@@ -62,11 +62,14 @@ def table(payload: Dict) -> List[str]:
 
 #: GPU rows also show the kernels without the argument checks, and TF32; CPU rows the matmul
 #: floor (no targets: where the time goes)
-KERNEL_RATIOS = {"dense_kernel/clone": "dense mix without argument checks",
-                 "topk_kernel/clone": "top-k mix without argument checks",
-                 "dense_tf32/clone": "dense, no checks, TF32 matmul"}
-FLOOR_RATIOS = {"matmul_floor/clone": "the dense flops at the measured sgemm peak: no fp32 mix is faster",
-                "dense_bf16/clone_bf16": "bfloat16 batch, dense mix without checks vs a bfloat16 clone"}
+BF16_RATIO = {"dense_bf16/clone_bf16": "bfloat16 batch, dense mix without checks vs a bfloat16 clone"}
+EXTRA_RATIOS = {  # device type -> the no-target rows shown for it, in this order
+    "cuda": {"dense_kernel/clone": "dense mix without argument checks",
+             "topk_kernel/clone": "top-k mix without argument checks",
+             "dense_tf32/clone": "dense, no checks, TF32 matmul", **BF16_RATIO},
+    "cpu": {"matmul_floor/clone": "the dense flops at the measured sgemm peak: no fp32 mix is faster",
+            **BF16_RATIO},
+}
 
 
 def speed_table(results: Path) -> List[str]:
@@ -81,10 +84,8 @@ def speed_table(results: Path) -> List[str]:
             for ratio, target in result.get("targets", {}).items():
                 rows.append(f"| bench_mixing | {case} | {ratio} ({target['target']}) | {target['value']:.2f} | "
                             f"{'PASS' if target['pass'] else 'FAIL'} |")
-            for ratio, what in {**KERNEL_RATIOS, **FLOOR_RATIOS}.items():
-                shown = result["device"].startswith("cuda") == (ratio in KERNEL_RATIOS) \
-                    or ratio == "dense_bf16/clone_bf16"
-                if shown and ratio in result.get("ratios", {}):
+            for ratio, what in EXTRA_RATIOS["cuda" if result["device"].startswith("cuda") else "cpu"].items():
+                if ratio in result.get("ratios", {}):
                     rows.append(f"| bench_mixing | {case} | {ratio} ({what}) | {result['ratios'][ratio]:.2f} | "
                                 f"no target |")
     for gmm in sorted(results.glob("bench_gmm*.json")):

@@ -18,6 +18,7 @@ from .exceptions import FieldError, ValidationError
 
 __all__ = [
     "Field",
+    "as_index",
     "as_student",
     "as_target",
     "get_field",
@@ -123,14 +124,30 @@ def as_student(value: Any, field: Field, index: Any) -> torch.Tensor:
     return value
 
 
-def as_target(value: Any, field: Field, index: Any) -> torch.Tensor:
-    """Check a target field: a class index (int or integer scalar tensor) or a float vector [C]."""
+def as_index(value: Any, field: Field, where: str, hint: str) -> int:
+    """Check a dataset-index field: an int, numpy integer or integer scalar tensor; ``where``
+    names the sample (``"3 of the batch"``), ``hint`` says how to get an index."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = int(value)
+    elif isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        field_error(field, where, f"an int dataset index ({hint})", value)
+    return value
+
+
+def as_target(value: Any, field: Field, index: Any, num_classes: Optional[int] = None) -> torch.Tensor:
+    """Check a target field: a class index (int or integer scalar tensor; in ``[0, num_classes)``
+    when ``num_classes`` is given) or a float vector [C]."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return torch.tensor(int(value), dtype=torch.long)
+        value = torch.tensor(int(value), dtype=torch.long)
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point() and value.dtype != torch.bool and value.ndim == 0:
+            if num_classes is not None and not 0 <= int(value) < num_classes:
+                field_error(field, index, f"a class index in [0, {num_classes}) (num_classes)", int(value))
             return value.long()
         if value.is_floating_point() and value.ndim == 1:
             return value

@@ -11,16 +11,17 @@ from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from torch.utils.data import get_worker_info
 
 from . import functional as Fn
 from ._fields import TOKEN_ID_HINT, Field, check_field_name, check_targets_batch, get_field
 from ._kernels import _targets_as_probabilities
 from ._planner import mix_info
 from ._validation import check_int, check_positive_float, fail
-from .exceptions import FieldError
+from .exceptions import DeviceError, FieldError
 
 __all__ = ["batch_index", "batch_student", "check_label_smoothing", "keep_real_batch", "mix_batch",
-           "name_nonfinite_row", "pack", "pack_batch", "with_field"]
+           "check_cpu_bank_in_workers", "name_nonfinite_row", "pack", "pack_batch", "with_field"]
 
 
 def check_label_smoothing(value: Any) -> float:
@@ -61,6 +62,14 @@ def batch_student(batch: Any, field: Field) -> torch.Tensor:
     if not value.is_floating_point():
         fail(f"field {field!r} of the batch", TOKEN_ID_HINT, value, FieldError)
     return value
+
+
+def check_cpu_bank_in_workers(bank: Any, owner: str) -> None:
+    """Refuse a bank on a GPU inside a DataLoader worker process (CUDA cannot run there)."""
+    if bank.device.type != "cpu" and get_worker_info() is not None:
+        fail(f"{owner} bank", "a CPU bank inside DataLoader worker processes (CUDA cannot run in workers): use "
+             "bank.to('cpu'), or mix on the GPU after the loader with CMDAugment", f"a bank on {bank.device}",
+             DeviceError, raw=True)
 
 
 def name_nonfinite_row(student: torch.Tensor, index: Optional[torch.Tensor], field: Field) -> None:

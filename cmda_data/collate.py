@@ -11,17 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
-from ._fields import Field, as_student, as_target, check_targets_batch, get_field
+from ._fields import Field, as_index, as_student, as_target, check_targets_batch, get_field
 from ._planner import PlanOptions, bank_plan
 from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability
-from ._shared import (batch_index, batch_student, keep_real_batch, mix_batch, name_nonfinite_row, output_options,
-                      pack_batch, with_field)
+from ._shared import (batch_index, batch_student, check_cpu_bank_in_workers, keep_real_batch, mix_batch,
+                      name_nonfinite_row, output_options, pack_batch, with_field)
 from ._validation import fail, field_error
-from .exceptions import DeviceError, ValidationError
+from .exceptions import ValidationError
 
 __all__ = ["CMDACollate"]
 
@@ -154,23 +153,14 @@ class CMDACollate(SharedEpochMixin):
         shapes: dict = {}  # field -> (shape, index) of the first sample
         for position, sample in enumerate(samples):
             index_key = self.index_field if isinstance(sample, Mapping) else tuple_index
-            index = get_field(sample, index_key, f"{position} of the batch")
-            if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point() \
-                    and index.dtype != torch.bool:
-                index = int(index)
-            elif isinstance(index, np.integer):
-                index = int(index)
-            if isinstance(index, bool) or not isinstance(index, int):
-                field_error(index_key, f"{position} of the batch", "an int dataset index (wrap the dataset in "
-                            "IndexedDataset so every sample carries its index)", index)
+            where = f"{position} of the batch"
+            index = as_index(get_field(sample, index_key, where), index_key, where,
+                             "wrap the dataset in IndexedDataset so every sample carries its index")
             values = [(self.student_field, as_student(get_field(sample, self.student_field, index),
                                                       self.student_field, index))]
             if self.target is not None:
-                target = as_target(get_field(sample, self.target, index), self.target, index)
-                if target.ndim == 0 and self.num_classes is not None and not 0 <= int(target) < self.num_classes:
-                    field_error(self.target, index, f"a class index in [0, {self.num_classes}) (num_classes)",
-                                int(target))
-                values.append((self.target, target))
+                values.append((self.target, as_target(get_field(sample, self.target, index), self.target, index,
+                                                      self.num_classes)))
             for field, value in values:
                 shape, first = shapes.setdefault(field, (tuple(value.shape), index))
                 if tuple(value.shape) != shape:
@@ -181,10 +171,7 @@ class CMDACollate(SharedEpochMixin):
         if isinstance(samples, (str, bytes, Mapping)) or not isinstance(samples, Sequence) or not samples:
             fail("samples", "a non-empty list of samples", samples)
         bank = self.bank
-        if bank.device.type != "cpu" and get_worker_info() is not None:
-            fail("CMDACollate bank", "a CPU bank inside DataLoader worker processes (CUDA cannot run in "
-                 "workers): use bank.to('cpu'), or mix on the GPU after the loader with CMDAugment",
-                 f"a bank on {bank.device}", DeviceError, raw=True)
+        check_cpu_bank_in_workers(bank, "CMDACollate")
         batch, index = self._collate(list(samples))
         plan = bank_plan(bank, index, index, self._current_options(), self.epoch)
         if plan.device.type != "cpu":

@@ -12,15 +12,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any, List, Optional, Union
 
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from . import functional as Fn
 from ._fields import Field, as_student, as_target, get_field, replace_fields
 from ._planner import PlanOptions, bank_plan
 from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability, draw_row, row_generator
-from ._shared import name_nonfinite_row, output_options
-from ._validation import check_int, check_option, fail, field_error
-from .exceptions import DeviceError, FieldError, ShapeError, ValidationError
+from ._shared import check_cpu_bank_in_workers, name_nonfinite_row, output_options
+from ._validation import check_int, check_option, fail
+from .exceptions import FieldError, ShapeError, ValidationError
 
 __all__ = ["CrossModalAugmentedDataset", "IndexedDataset"]
 
@@ -197,10 +197,7 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
         if not 0 <= item < len(self):
             raise IndexError(f"index: expected an integer in [0, {len(self)}), got {item}")
         base, forced = (item - n, True) if item >= n else (item, False)
-        if self.bank.device.type != "cpu" and get_worker_info() is not None:
-            fail("CrossModalAugmentedDataset bank", "a CPU bank inside DataLoader worker processes (CUDA cannot "
-                 "run in workers): use bank.to('cpu'), or mix on the GPU after the loader with CMDAugment",
-                 f"a bank on {self.bank.device}", DeviceError, raw=True)
+        check_cpu_bank_in_workers(self.bank, "CrossModalAugmentedDataset")
         generator = row_generator(self.options.seed, self.epoch, base, self.options.rank)
         mixed, teacher = draw_row(generator, self.p, len(self.options.teachers))
         if self.mode == "append":
@@ -238,13 +235,9 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
                 name_nonfinite_row(stack, torch.tensor([j for j, _ in samples]), self.student_field)
                 raise
         if self.target is not None:
-            targets = [as_target(get_field(s, self.target, j), self.target, j) for j, s in samples]
+            targets = [as_target(get_field(s, self.target, j), self.target, j, self.num_classes) for j, s in samples]
             if targets[0].ndim == 0 and self.num_classes is None:
                 fail("num_classes", f"an integer (field {self.target!r} holds class indices)", None)
-            for (j, _), target in zip(samples, targets):
-                if target.ndim == 0 and not 0 <= int(target) < self.num_classes:
-                    field_error(self.target, j, f"a class index in [0, {self.num_classes}) (num_classes)",
-                                int(target))
             updates[self.target] = Fn.mix_targets(weights[used][None], torch.stack(targets), self.num_classes,
                                                   self.label_smoothing)[0]
         info = {"index": torch.tensor(base), "partners": partners, "weights": weights,

@@ -32,12 +32,12 @@ import torch
 
 from . import functional as Fn
 from ._codec import UNSAFE_EXTENSIONS, SafeDecoder, SkipCounter, SkippedSamplesWarning, encode_field
-from ._fields import Field, as_student, as_target, get_field, replace_fields
+from ._fields import Field, as_index, as_student, as_target, get_field, replace_fields
 from ._planner import PlanOptions, bank_plan, row_draws
 from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability
 from ._shared import output_options
 from ._validation import check_int, fail
-from .exceptions import FieldError, MissingDependencyError, ShapeError
+from .exceptions import MissingDependencyError, ShapeError
 
 __all__ = [
     "CandidateBuffer",
@@ -140,8 +140,8 @@ def write_shards(samples: Any, pattern: str, *, maxcount: int = 1000, maxsize: f
                 if names is None or not isinstance(sample, (tuple, list)) or len(names) != len(sample):
                     fail(f"sample {index}", "a dict, or a tuple with names= for its positions", sample)
                 sample = dict(zip(names, sample))
-            if isinstance(index, bool) or not isinstance(index, int):
-                fail(f"field {index_field!r} of sample {position}", "an int dataset index", index, FieldError)
+            index = as_index(index, index_field, str(position),
+                             "or no such field: map-style datasets use the position")
             record: Dict[str, Any] = {"__key__": f"{position:09d}",
                                       f"{index_field}.cls": str(int(index)).encode("ascii")}
             chosen = wanted if wanted is not None else {k: None for k in sample}
@@ -288,14 +288,9 @@ class CandidateBuffer(SharedEpochMixin):
                 f"intra={o.intra!r}, seed={o.seed}, epoch={self.epoch})")
 
     def _index(self, sample: Any, position: int) -> int:
-        value = get_field(sample, self.index_field, f"{position} of the stream")
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail(f"field {self.index_field!r} of sample {position} of the stream",
-                 "an int dataset index (write shards with write_shards, which stores index.cls)", value,
-                 FieldError)
-        return value
+        where = f"{position} of the stream"
+        return as_index(get_field(sample, self.index_field, where), self.index_field, where,
+                        "write shards with write_shards, which stores index.cls")
 
     def mix_one(self, sample: Any, index: int, buffer: Sequence[tuple]) -> Any:
         """The output for ``sample`` (dataset ``index``) given ``buffer`` of ``(index, sample)``."""
@@ -334,7 +329,8 @@ class CandidateBuffer(SharedEpochMixin):
             updates[self.student_field] = Fn.mix(weights[:len(stack)][None], torch.stack(stack))[0]
         if self.target is not None:
             pairs = chosen if mixed else [(index, sample)]
-            targets = torch.stack([as_target(get_field(s, self.target, j), self.target, j) for j, s in pairs])
+            targets = torch.stack([as_target(get_field(s, self.target, j), self.target, j, self.num_classes)
+                                   for j, s in pairs])
             if targets.ndim == 1 and self.num_classes is None:
                 fail("num_classes", f"an integer (field {self.target!r} holds class indices)", None)
             w = weights[:len(pairs)][None] if mixed else torch.ones(1, 1)

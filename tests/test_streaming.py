@@ -100,6 +100,8 @@ def test_indexed_dataset_and_iterable_keep_their_index(tmp_path):
     stream = ({**data[i], "index": 10 + i} for i in (2, 0))  # an iterable carrying other indices
     got = read_all(write_shards(stream, str(tmp_path / "b-%02d.tar")))
     assert [s["index"] for s in got] == [12, 10]
+    stream = ({**data[i], "index": torch.tensor(20 + i)} for i in (1,))  # a tensor index is an index too
+    assert [s["index"] for s in read_all(write_shards(stream, str(tmp_path / "d-%02d.tar")))] == [21]
     tuples = [(d["image"], d["label"]) for d in data[:2]]
     got = read_all(write_shards(tuples, str(tmp_path / "c-%02d.tar"), names=["image", "label"]))
     assert torch.equal(got[1]["image"], data[1]["image"]) and got[1]["index"] == 1
@@ -119,6 +121,8 @@ def test_write_shards_errors(tmp_path):
         write_shards([(1, 2)], str(tmp_path / "w-%d.tar"))
     with pytest.raises(FieldError, match="field 'nope' of sample 0"):
         write_shards(data, str(tmp_path / "v-%d.tar"), fields={"nope": None})
+    with pytest.raises(FieldError, match="field 'index' of sample 0: expected an int dataset index"):
+        write_shards(iter([{"image": torch.zeros(2), "index": "a"}]), str(tmp_path / "u-%d.tar"))
 
 
 def test_custom_encoder_and_image_decoding(tmp_path):
@@ -387,6 +391,12 @@ def test_buffer_exclude_self_and_errors(shards):
                                atol=1e-6)
     with pytest.raises(FieldError, match="field 'index' of sample 0 of the stream"):
         list(stage(iter([{"image": torch.zeros(2)}])))
+    with pytest.raises(FieldError, match=r"field 'index' of sample 0 of the stream: expected an int dataset index"):
+        list(stage(iter([{"image": torch.zeros(2), "index": torch.tensor(True)}])))
+    labelled = CandidateBuffer(bank, buffer_size=2, p=1.0, intra=None, target="label", num_classes=3)
+    with pytest.raises(FieldError, match=r"field 'label' of sample 1: expected a class index in \[0, 3\)"):
+        list(labelled(iter([{"image": torch.zeros(2), "index": 0, "label": 0},
+                            {"image": torch.ones(2), "index": 1, "label": 7}])))
     with pytest.raises(ValidationError, match="buffer_size: expected an integer >= 1"):
         CandidateBuffer(bank, buffer_size=0, intra=None)
     with pytest.raises(ValidationError, match="bank: expected an EmbeddingBank"):
