@@ -140,11 +140,49 @@ def result_path(out: Any, task: str, dataset: str, student: str, suffix: str = "
     return Path(out) / ("-".join(parts) + ".json")
 
 
+def paired_blocks(methods: Mapping[str, Mapping[str, Any]], *, reference: str = "base") -> Dict[str, Any]:
+    """``{"paired", "teacher_effect"}`` of a metric's method records (per-seed last epochs):
+    :func:`cmda_data.stats.compare_methods`, Holm over every comparison of the file."""
+    from cmda_data.stats import compare_methods
+
+    return compare_methods({name: rec["per_seed"] for name, rec in methods.items()}, reference=reference)
+
+
+#: the order of the rows in result files and tables (unknown names go last, as they came)
+METHOD_ORDER = ("base", "base_matched", "align", "mixup", "cmda", "random_teacher", "shuffled_teacher",
+                "cmda_constant", "cmda_offline", "random_teacher_offline", "shuffled_teacher_offline",
+                "cmda_tuned", "cmda_offline_tuned")
+
+
+def ordered(methods: Mapping[str, Any]) -> Dict[str, Any]:
+    """``methods`` with the rows in :data:`METHOD_ORDER` (a control beside its method)."""
+    rank = {name: i for i, name in enumerate(METHOD_ORDER)}
+    return {name: methods[name] for name in sorted(methods, key=lambda n: rank.get(n, len(rank)))}
+
+
+def with_paired(payload: Mapping[str, Any]) -> Dict[str, Any]:
+    """``payload`` with its ``paired`` / ``teacher_effect`` blocks computed from ``per_seed``
+    (the primary metric; an anomaly file's AUPR blocks go to ``metrics_paired``)."""
+    out = dict(payload)
+    out["methods"] = ordered(payload["methods"])
+    if payload.get("metrics"):
+        out["metrics"] = {metric: ordered(methods) for metric, methods in payload["metrics"].items()}
+    out.update(paired_blocks(payload["methods"]))
+    extra = {metric: paired_blocks(methods) for metric, methods in payload.get("metrics", {}).items()}
+    if extra:
+        out["metrics_paired"] = extra
+    return out
+
+
 def write_result(path: Path, payload: Mapping[str, Any], *, plot: bool = True) -> Path:
-    """Write the JSON, a Markdown table (``.md``) and the convergence plot (``.png``) next to it."""
+    """Write the JSON, a Markdown table (``.md``) and the convergence plot (``.png``) next to it.
+
+    The paired statistics (:func:`paired_blocks`) are computed here from ``per_seed``, so
+    every result file carries them.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(payload)
+    payload = with_paired(payload)
     payload.setdefault("schema_version", SCHEMA_VERSION)
     payload.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
     payload.setdefault("host", {"python": platform.python_version(), "torch": torch.__version__,

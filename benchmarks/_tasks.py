@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, default_collate
 from cmda_data.aligners import ContrastiveAligner
 from cmda_data.bank import EmbeddingBank
 from cmda_data.collate import CMDACollate
+from cmda_data.controls import random_teacher, shuffled_teacher
 from cmda_data.datasets import load_webnews, load_wikipedia
 from cmda_data.mixture import GaussianMixture
 from cmda_data.module import CMDAugment
@@ -173,3 +174,72 @@ def make_augment(aligner: Any, student: str, cfg: MixConfig, *, num_classes: Opt
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+# ------------------------------------------------------------------------------------ controls
+#: teacher controls and the method whose pipeline each one copies (the teacher effect is the
+#: method minus its control, on the same seeds)
+TEACHER_CONTROLS = {"random_teacher": "cmda", "shuffled_teacher": "cmda",
+                    "random_teacher_offline": "cmda_offline", "shuffled_teacher_offline": "cmda_offline"}
+LOSS_FORMS = ("sum", "mean")
+
+
+def method_parts(method: str) -> tuple:
+    """``(pipeline, control)`` of a method name: pipeline ``"none"`` (base, base_matched,
+    mixup), ``"align"``, ``"online"`` (cmda, its controls) or ``"offline"`` (cmda_offline,
+    its controls); control None, ``"random"`` or ``"shuffled"``.
+
+    Examples:
+        >>> method_parts("random_teacher_offline"), method_parts("cmda_tuned"), method_parts("mixup")
+        (('offline', 'random'), ('online', None), ('none', None))
+    """
+    name = method.replace("_tuned", "")
+    control = "random" if name.startswith("random_teacher") else "shuffled" if name.startswith("shuffled_teacher") \
+        else None
+    if name == "align":
+        return "align", None
+    if name.endswith("_offline"):
+        return "offline", control
+    if name == "cmda" or control is not None:
+        return "online", control
+    return "none", None
+
+
+def control_bank(bank: EmbeddingBank, control: Optional[str], seed: int) -> EmbeddingBank:
+    """The bank of an offline method: as built, or its uninformative-teacher control."""
+    if control is None:
+        return bank
+    return (random_teacher if control == "random" else shuffled_teacher)(bank, seed=seed)
+
+
+def control_aligner(aligner: Any, control: Optional[str], student: str, seed: int) -> Any:
+    """The aligner the online mixing sees: the trained one, or a wrapper with a useless teacher."""
+    if control is None:
+        return aligner
+    return (random_teacher if control == "random" else shuffled_teacher)(aligner, teachers=other(student), seed=seed)
+
+
+def task_loss(logits: torch.Tensor, targets: Sequence[torch.Tensor], *, loss_form: str = "sum",
+              gen_weight: float = 1.0, scale: float = 1.0) -> torch.Tensor:
+    """The classification loss over the real rows (``targets[0]``) and the generated ones.
+
+    ``"sum"``: ``CE(real) + gen_weight * CE(generated)``: the real rows weigh 1 in every
+    method (the official code adds the generated rows in a second step at weight 1).
+    ``"mean"``: one mean over all rows (the real rows then weigh ``B / (B + G)``).
+    ``scale`` multiplies the whole loss (``base_matched`` under ``"mean"``).
+    """
+    if loss_form == "mean" or len(targets) == 1:
+        return scale * soft_cross_entropy(logits, torch.cat(list(targets)))
+    n = len(targets[0])
+    real = soft_cross_entropy(logits[:n], targets[0])
+    return scale * (real + gen_weight * soft_cross_entropy(logits[n:], torch.cat(list(targets[1:]))))
+
+
+def matched_scale(loss_form: str, cfg: MixConfig) -> float:
+    """The weight of the real rows in the augmented methods, relative to Base.
+
+    ``"sum"``: 1 (``base_matched`` is Base). ``"mean"``: a batch of B real rows gets
+    ``p * B`` generated rows (Mixup and CMDA at ``p = 1``: B), so each real row weighs
+    ``1 / (1 + p)`` of what it weighs in Base.
+    """
+    return 1.0 if loss_form == "sum" else 1.0 / (1.0 + cfg.p)

@@ -47,7 +47,9 @@ from cmda_data.dataset import IndexedDataset  # noqa: E402
 from cmda_data.datasets import WEBNEWS_NORMAL_CLASSES, WIKIPEDIA_NORMAL_CLASSES, anomaly_split  # noqa: E402
 from cmda_data.losses import supcon_loss  # noqa: E402
 
-METHODS = ("base", "mixup", "cmda", "cmda_offline")
+METHODS = ("base", "base_matched", "mixup", "cmda", "cmda_offline", "random_teacher", "random_teacher_offline",
+           "shuffled_teacher_offline")
+CONTROLS = ("shuffled_teacher",)  # run on request (--methods shuffled_teacher --add)
 NORMAL = {"wikipedia": WIKIPEDIA_NORMAL_CLASSES, "webnews": WEBNEWS_NORMAL_CLASSES}
 MIXUP_ALPHA = 0.25
 LAMBDA = 0.1
@@ -86,7 +88,12 @@ def ntxent(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def run_one(method: str, data: Dict[str, Any], student: str, seed: int, epochs: int, cfg: T.MixConfig,
             device: torch.device, *, sigma: float = 1.0, batch_size: int = 128,
             aligner_epochs: int = 30) -> Dict[str, List[float]]:
-    """Train one SSD student; return AUROC and AUPR after every epoch."""
+    """Train one SSD student; return AUROC and AUPR after every epoch.
+
+    The generated views add a second NT-Xent term at weight 1, so the real views weigh the
+    same in every method (``base_matched`` is ``base``).
+    """
+    pipeline, control = T.method_parts(method)
     train, test = data["train"], data["test"]
     teacher = T.other(student)
     gen = C.generator(seed, 3)
@@ -94,13 +101,14 @@ def run_one(method: str, data: Dict[str, Any], student: str, seed: int, epochs: 
     aligner = T.make_aligner(student, trunk, 512, train[teacher].shape[1], loss="eq7", seed=seed).to(device)
     cols = {"image": train["image"], "text": train["text"], "label": train["label"]}
     dataset = IndexedDataset(T.ColumnDataset(cols))
-    augment = collate = None
-    if method == "cmda_offline":
+    augment = collate = mixing_aligner = None
+    if pipeline == "offline":
         off = T.fit_offline_aligner(cols, student, loss="eq7", epochs=aligner_epochs, seed=seed)
-        bank = T.build_bank(off, dataset, student, cfg, seed)
+        bank = T.control_bank(T.build_bank(off, dataset, student, cfg, seed), control, seed)
         collate = T.RealAndMixed(T.make_collate(bank, cfg, num_classes=None, seed=seed, target=None))
-    elif method == "cmda":
-        augment = T.make_augment(aligner, student, cfg, num_classes=None, seed=seed, target=None)
+    elif pipeline == "online":  # a teacher control changes only the latents the mixing sees
+        mixing_aligner = T.control_aligner(aligner, control, student, seed)
+        augment = T.make_augment(mixing_aligner, student, cfg, num_classes=None, seed=seed, target=None)
     opt = torch.optim.SGD(aligner.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=C.generator(seed, 4),
@@ -113,7 +121,7 @@ def run_one(method: str, data: Dict[str, Any], student: str, seed: int, epochs: 
             collate.cmda.set_epoch(epoch)
         if augment is not None:
             augment.set_epoch(epoch)
-            augment.gmm = T.refit_gmm(aligner, train["text"], cfg, seed + epoch, device)
+            augment.gmm = T.refit_gmm(mixing_aligner, train["text"], cfg, seed + epoch, device)
         aligner.train()
         for batch in loader:
             mixed = None
@@ -138,7 +146,7 @@ def run_one(method: str, data: Dict[str, Any], student: str, seed: int, epochs: 
                 x_new = noise(mixed[student]).to(device)
             if x_new is not None:
                 loss = loss + ntxent(aligner(student, x_new), z2)
-            if method == "cmda":
+            if pipeline == "online":
                 loss = aligner.joint_loss(loss, {student: v1, teacher: batch[teacher].to(device)}, lam=LAMBDA)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -219,9 +227,17 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     if sp.is_file() and not args.no_tuned:
         tuned = T.MixConfig(**json.loads(sp.read_text())["best"]["config"])
         plan += [(m + "_tuned", tuned) for m in args.methods if m.startswith("cmda")]
-    previous = json.loads(path.read_text()) if args.add_tuned and path.is_file() else None
-    if previous is not None and previous["seeds"] != seeds:
-        raise SystemExit(f"--add-tuned: expected the seeds of {path} ({previous['seeds']}), got {seeds}")
+    if args.add and not path.is_file():
+        raise SystemExit(f"--add: expected an existing result file {path} to add {args.methods} to")
+    previous = json.loads(path.read_text()) if (args.add_tuned or args.add) and path.is_file() else None
+    if previous is not None and (previous["seeds"], previous["epochs"]) != (seeds, args.epochs):
+        raise SystemExit(f"--add/--add-tuned: expected the seeds and epochs of {path} ({previous['seeds']}, "
+                         f"{previous['epochs']}), got {seeds}, {args.epochs}")
+    if args.add:
+        plan = [(name, cfg) for name, cfg in plan if not name.endswith("_tuned")]
+    # the real views weigh 1 in every method: base_matched is base (not rerun)
+    alias = "base_matched" in dict(plan) and ("base" in dict(plan) or previous is not None)
+    plan = [(name, cfg) for name, cfg in plan if name != "base_matched"]
     auroc: Dict[str, Any] = dict(previous["methods"]) if previous else {}
     aupr: Dict[str, Any] = dict(previous["metrics"]["aupr"]) if previous else {}
     configs = dict(previous.get("cmda_configs", {})) if previous else {}
@@ -232,18 +248,24 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         runs = [done[(name, s)] for s in seeds]
         auroc[name] = C.summarise_method([r["auroc"] for r in runs])
         aupr[name] = C.summarise_method([r["aupr"] for r in runs])
-        if name.replace("_tuned", "").startswith("cmda"):
+        if T.method_parts(name)[0] in ("online", "offline"):
             configs[name] = cfg.as_dict()
         timings[name] = round(sum(r["seconds"] for r in runs), 1)
         print(f"  {dataset}/{student} {name:20s} AUROC {100 * auroc[name]['mean']:.2f} ± {100 * auroc[name]['ci95']:.2f}"
               f"  AUPR {100 * aupr[name]['mean']:.2f} ± {100 * aupr[name]['ci95']:.2f} ({timings[name]} s)", flush=True)
+    if alias:
+        note = "the generated views add a separate term at weight 1: the real views weigh 1 in every method"
+        auroc["base_matched"] = dict(auroc["base"], identical_to="base", note=note)
+        aupr["base_matched"] = dict(aupr["base"], identical_to="base", note=note)
+        timings["base_matched"] = 0.0
     payload = {
         "task": "anomaly", "dataset": dataset, "student": student, "teacher": T.other(student),
         "student_features": T.FEATURE_NAMES[dataset][student],
         "teacher_features": T.FEATURE_NAMES[dataset][T.other(student)],
         "normal_classes": list(NORMAL[dataset]), "split": data["sizes"],
         "metric": "auroc", "quick": bool(args.quick), "seeds": seeds, "epochs": args.epochs,
-        "aligner_epochs": args.aligner_epochs,
+        "aligner_epochs": args.aligner_epochs, "loss_form": "sum",
+        "loss": "L_SSD(real views) + L_SSD(generated view, second real view) at weight 1",
         "methods": auroc, "metrics": {"aupr": aupr}, "cmda_configs": configs, "seconds": timings,
         "ssd": {"clusters": 1, "features": "trunk output (before the projection head)", "view_noise_sigma": args.sigma},
         "protocol": "last epoch on the test split; anomalies positive; AUPR = average precision (AUPR-Out); "
@@ -257,7 +279,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="all", choices=(*T.DATASETS, "all"))
     parser.add_argument("--student", default="all", choices=(*T.STUDENTS, "all"))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, *CONTROLS))
+    parser.add_argument("--add", action="store_true",
+                        help="run --methods (e.g. the teacher controls) and merge them into the existing result file")
     parser.add_argument("--sigma", type=float, default=1.0, help="std of the Gaussian noise views")
     parser.add_argument("--study", action="store_true", help="validation study of the CMDA choices")
     parser.add_argument("--study-seeds", type=int, default=2)

@@ -24,6 +24,7 @@ Run: ``python benchmarks/captioning.py`` (``--quick``, ``--smoke``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -43,7 +44,9 @@ from _bleu import corpus_bleu  # noqa: E402
 from cmda_data.dataset import IndexedDataset  # noqa: E402
 from cmda_data.datasets import classification_split, load_webnews  # noqa: E402
 
-METHODS = ("base", "cmda", "cmda_constant")
+METHODS = ("base", "base_matched", "cmda", "cmda_constant", "random_teacher", "shuffled_teacher")
+#: the teacher controls copy cmda's pipeline (offline bank, attenuation) with a useless teacher
+CONTROL_OF = {"random_teacher": "random", "shuffled_teacher": "shuffled"}
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 
 
@@ -113,9 +116,9 @@ def prepare(max_len: int, subset: Optional[int] = None) -> Dict[str, Any]:
 
 def share(method: str, epoch: int, epochs: int, p0: float) -> float:
     """Mixed-row share of epoch ``epoch``: the attenuation coefficient (cmda) or constant."""
-    if method == "cmda":
-        return p0 * (1.0 - epoch / epochs)
-    return p0
+    if method == "cmda_constant":
+        return p0
+    return p0 * (1.0 - epoch / epochs)  # cmda and its teacher controls
 
 
 def run_one(method: str, data: Dict[str, Any], seed: int, epochs: int, device: torch.device, *, p0: float = 0.5,
@@ -129,7 +132,8 @@ def run_one(method: str, data: Dict[str, Any], seed: int, epochs: int, device: t
     if method != "base":
         pairs = {"image": train["image"], "text": train["text"], "label": train["label"]}
         aligner = T.fit_offline_aligner(pairs, "image", loss="eq7", epochs=aligner_epochs, seed=seed)
-        bank = T.build_bank(aligner, IndexedDataset(T.ColumnDataset(pairs)), "image", cfg, seed)
+        bank = T.control_bank(T.build_bank(aligner, IndexedDataset(T.ColumnDataset(pairs)), "image", cfg, seed),
+                              CONTROL_OF.get(method), seed)
     # one collate for the whole run: set_epoch and set_p (the attenuation coefficient) per epoch
     collate = None if bank is None else T.make_collate(bank, replace(cfg, p=p0), num_classes=None, seed=seed,
                                                        target=None)
@@ -182,6 +186,8 @@ def box_plot(payload: Dict[str, Any], path: Path) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--add", action="store_true",
+                        help="run --methods (e.g. the teacher controls) and merge them into the existing result file")
     parser.add_argument("--max-len", type=int, default=20)
     parser.add_argument("--p0", type=float, default=0.5, help="initial share of mixed rows")
     parser.add_argument("--subset", type=int, default=None, help="train on this many pairs (smoke)")
@@ -194,8 +200,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     device = C.resolve_device(args.device)
     data = prepare(args.max_len, args.subset)
     seeds = list(range(args.seeds))
-    methods, timings = {}, {}
-    for name in args.methods:
+    path = C.result_path(args.out, "captioning", "webnews", "image", quick=args.quick)
+    if args.add and not path.is_file():
+        raise SystemExit(f"--add: expected an existing result file {path} to add {args.methods} to")
+    previous = json.loads(path.read_text()) if args.add else None
+    if previous is not None and (previous["seeds"], previous["epochs"]) != (seeds, args.epochs):
+        raise SystemExit(f"--add: expected the seeds and epochs of {path} ({previous['seeds']}, "
+                         f"{previous['epochs']}), got {seeds}, {args.epochs}")
+    methods = dict(previous["methods"]) if previous else {}
+    timings = dict(previous.get("seconds", {})) if previous else {}
+    # mixed rows replace real ones (no rows are added): every row weighs 1/B in every method,
+    # so base_matched is base (not rerun)
+    for name in [m for m in args.methods if m != "base_matched"]:
         start = time.time()
         curves = [run_one(name, data, s, args.epochs, device, p0=args.p0,
                           aligner_epochs=2 if args.smoke else 10 if args.quick else 30)
@@ -204,16 +220,21 @@ def main(argv: Optional[List[str]] = None) -> None:
         timings[name] = round(time.time() - start, 1)
         print(f"  captioning {name:14s} BLEU-4 {100 * methods[name]['mean']:.2f} ± {100 * methods[name]['ci95']:.2f} "
               f"({timings[name]} s)", flush=True)
+    if "base_matched" in args.methods and "base" in methods:
+        methods["base_matched"] = dict(methods["base"], identical_to="base",
+                                       note="mixed rows replace real rows: every row weighs 1/B in every method")
+        timings["base_matched"] = 0.0
     payload = {
         "task": "captioning", "dataset": "webnews", "student": "image", "teacher": "text",
         "student_features": T.FEATURE_NAMES["webnews"]["image"], "teacher_features": T.FEATURE_NAMES["webnews"]["text"],
         "metric": "bleu4", "quick": bool(args.quick), "seeds": seeds, "epochs": args.epochs, "methods": methods,
         "split": data["sizes"], "vocab_size": len(data["vocab"]), "max_len": args.max_len,
-        "attenuation": f"p_e = {args.p0} * (1 - e / E) for cmda, constant {args.p0} for cmda_constant",
+        "attenuation": f"p_e = {args.p0} * (1 - e / E) for cmda and its teacher controls, constant {args.p0} "
+                       "for cmda_constant",
+        "loss_form": "replace", "loss": "mean cross-entropy over the B rows of a batch, mixed rows replacing real ones",
         "caption_of_mixed_rows": "the caption of the guiding teacher sample (the row's own caption)",
         "bleu": "corpus BLEU-4 over characters, no smoothing, greedy decoding", "seconds": timings,
     }
-    path = C.result_path(args.out, "captioning", "webnews", "image", quick=args.quick)
     C.write_result(path, payload, plot=not args.no_plot)
     if not args.no_plot:
         box_plot(payload, path.with_name(path.stem + "-box.png"))

@@ -55,8 +55,9 @@ import _tasks as T  # noqa: E402
 from cmda_data.dataset import IndexedDataset  # noqa: E402
 from cmda_data.datasets import classification_split, load_webnews, validation_split  # noqa: E402
 
-METHODS = ("base", "mixup", "cmda", "cmda_offline")
-CONTROLS = ("align",)  # run on request (--methods align --add)
+METHODS = ("base", "base_matched", "mixup", "cmda", "cmda_offline", "random_teacher", "random_teacher_offline",
+           "shuffled_teacher_offline")
+CONTROLS = ("align", "shuffled_teacher")  # run on request (--methods align --add)
 MIXUP_ALPHA = 0.25
 LAMBDA = 0.1  # Eq. 9
 
@@ -130,8 +131,14 @@ def prepare(dataset: str, student: str, space: str, *, study: bool, quick_pixels
 # ------------------------------------------------------------------------------------ training
 def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: int, epochs: int,
             cfg: T.MixConfig, device: torch.device, *, batch_size: int = 128,
-            aligner_epochs: int = 30) -> List[float]:
-    """Train one model; return the eval-set accuracy after every epoch."""
+            aligner_epochs: int = 30, loss_form: str = "sum", gen_weight: float = 1.0) -> List[float]:
+    """Train one model; return the eval-set accuracy after every epoch.
+
+    ``loss_form="sum"``: ``CE(real) + gen_weight * CE(generated)``, so the real rows weigh the
+    same in every method; ``"mean"``: one mean over the real and generated rows (the form of
+    the earlier results: the real rows of an augmented method then weigh ``B / (B + G)``).
+    """
+    pipeline, control = T.method_parts(method)
     train, evaluation, num_classes = data["train"], data["eval"], data["num_classes"]
     teacher = T.other(student)
     gen = C.generator(seed, 1)
@@ -144,17 +151,21 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
     base_cols = {"image": train["image"], "text": train["text"], "label": train["label"]}
     dataset = IndexedDataset(T.ColumnDataset(base_cols))
 
-    if method.startswith("cmda_offline"):
+    mixing_aligner = None
+    if pipeline == "offline":
         # latent space learned first, on the train pairs (pixels: on the photos' EfficientNet features)
         feat_cols = dict(base_cols, image=data.get("train_features", train["image"]))
         off = T.fit_offline_aligner(feat_cols, student, loss="eq8", epochs=aligner_epochs, seed=seed)
-        bank = T.build_bank(off, IndexedDataset(T.ColumnDataset(feat_cols)), student, cfg, seed)
+        bank = T.control_bank(T.build_bank(off, IndexedDataset(T.ColumnDataset(feat_cols)), student, cfg, seed),
+                              control, seed)
         collate = T.RealAndMixed(T.make_collate(bank, cfg, num_classes=num_classes, seed=seed))
-    elif method.startswith("cmda") or method == "align":
+    elif pipeline in ("online", "align"):
         aligner = T.make_aligner(student, trunk, width, train[teacher].shape[1], loss="eq8", seed=seed)
         params = list(aligner.parameters()) + list(classifier.parameters())
-        if method != "align":  # the control keeps the alignment term and mixes nothing
-            augment = T.make_augment(aligner, student, cfg, num_classes=num_classes, seed=seed)
+        if pipeline == "online":  # the align control keeps the alignment term and mixes nothing
+            # a teacher control changes only the latents the mixing sees; Eq. 9 trains as usual
+            mixing_aligner = T.control_aligner(aligner, control, student, seed)
+            augment = T.make_augment(mixing_aligner, student, cfg, num_classes=num_classes, seed=seed)
     trunk.to(device), classifier.to(device)
     if aligner is not None:
         aligner.to(device)
@@ -170,7 +181,7 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
             collate.cmda.set_epoch(epoch)
         if augment is not None:
             augment.set_epoch(epoch)
-            augment.gmm = T.refit_gmm(aligner, train["text"], cfg, seed + epoch, device)
+            augment.gmm = T.refit_gmm(mixing_aligner, train["text"], cfg, seed + epoch, device)
         for batch in loader:
             mixed = None
             if collate is not None:
@@ -198,7 +209,8 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
                 inputs.append(xm)
                 targets.append(mixed["label"].to(device))
             logits = classifier(trunk(torch.cat(inputs)))
-            loss = T.soft_cross_entropy(logits, torch.cat(targets))
+            loss = T.task_loss(logits, targets, loss_form=loss_form, gen_weight=gen_weight,
+                               scale=T.matched_scale(loss_form, cfg) if method == "base_matched" else 1.0)
             if aligner is not None and len(x) > 1:
                 loss = aligner.joint_loss(loss, {student: x, teacher: batch[teacher].to(device), "label": y},
                                           lam=LAMBDA, target="label")
@@ -221,7 +233,8 @@ def accuracy(trunk: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.
 def _task(data: Dict[str, Any], method: str, cfg: Dict[str, Any], seed: int, spec: Dict[str, Any]) -> List[float]:
     """One (method, configuration, seed) training run (in a worker process with ``--jobs``)."""
     return run_one(method, data, spec["student"], spec["space"], seed, spec["epochs"], T.MixConfig(**cfg),
-                   torch.device(spec["device"]), aligner_epochs=spec["aligner_epochs"])
+                   torch.device(spec["device"]), aligner_epochs=spec["aligner_epochs"],
+                   loss_form=spec["loss_form"], gen_weight=spec["gen_weight"])
 
 
 def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool, data: Dict[str, Any],
@@ -233,14 +246,16 @@ def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool,
     (JSON lines; ``--resume`` skips the runs found there).
     """
     spec = {"student": student, "space": args.student_space, "epochs": args.epochs,
-            "aligner_epochs": args.aligner_epochs, "device": str(args.device)}
+            "aligner_epochs": args.aligner_epochs, "device": str(args.device), "loss_form": args.loss_form,
+            "gen_weight": args.gen_weight}
     prepare_kwargs = {"dataset": dataset, "student": student, "space": args.student_space, "study": study,
                       "quick_pixels": args.pixel_subset, "image_size": args.image_size}
     done: Dict[tuple, Dict[str, Any]] = {}
     if partial is not None and args.resume and partial.is_file():
         for line in partial.read_text().splitlines():
             rec = json.loads(line)
-            if rec["epochs"] == args.epochs and len(rec["curve"]) == args.epochs:
+            if rec["epochs"] == args.epochs and len(rec["curve"]) == args.epochs and \
+                    (rec.get("loss_form", "mean"), rec.get("gen_weight", 1.0)) == (args.loss_form, args.gen_weight):
                 done[(rec["name"], rec["seed"])] = rec
     # a finished run counts only for the same configuration (a new study changes the tuned one)
     done = {(name, seed): done[(name, seed)] for name, _, cfg, seed in tasks
@@ -250,7 +265,8 @@ def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool,
     def record(i: int, result: Dict[str, Any]) -> None:
         name, _, cfg, seed = todo[i]
         rec = {"curve": result["value"], "seconds": result["seconds"], "name": name, "seed": seed,
-               "epochs": args.epochs, "config": cfg, "device": str(args.device)}
+               "epochs": args.epochs, "config": cfg, "device": str(args.device), "loss_form": args.loss_form,
+               "gen_weight": args.gen_weight}
         done[(name, seed)] = rec
         if partial is not None:
             partial.parent.mkdir(parents=True, exist_ok=True)
@@ -307,6 +323,7 @@ def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
     best = max(rows, key=lambda r: r["val_accuracy"])
     payload = {"task": "classification", "dataset": dataset, "student": student, "split": "validation",
                "method": args.study_method, "seeds": seeds, "epochs": args.epochs, "quick": bool(args.quick),
+               "loss_form": args.loss_form, "gen_weight": args.gen_weight,
                "rows": rows, "best": best, "references": reference_rows}
     path = study_path(Path(args.out), dataset, student, args.student_space, args.quick, args.study_method)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +339,8 @@ def tuned_study(args: argparse.Namespace, dataset: str, student: str, method: st
         path = study_path(Path(args.out), dataset, student, args.student_space, args.quick, studied)
         if path.is_file():
             study = json.loads(path.read_text())
+            if study.get("loss_form", "mean") != args.loss_form:
+                continue  # a pick made under another loss is not this run's pick
             return {"file": path.name, "method": study["method"], "seeds": study["seeds"],
                     "epochs": study["epochs"], "best": study["best"]}
     return None
@@ -345,10 +364,18 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     previous = json.loads(path.read_text()) if merge and path.is_file() else None
     if previous is not None and previous["epochs"] != args.epochs:
         raise SystemExit(f"--add/--add-tuned: expected the epochs of {path} ({previous['epochs']}), got {args.epochs}")
+    if previous is not None and previous.get("loss_form", "mean") != args.loss_form:
+        raise SystemExit(f"--add/--add-tuned: expected the loss form of {path} "
+                         f"({previous.get('loss_form', 'mean')!r}), got --loss-form {args.loss_form!r}")
     if previous is not None:  # merge the new methods into the existing result file
         methods.update(previous["methods"])
         configs.update(previous.get("cmda_configs", {}))
     timings = dict(previous.get("seconds", {})) if previous else {}
+    # under the sum form the real rows weigh 1 in every method: base_matched is base (not rerun)
+    alias = {"base_matched": "base"} if args.loss_form == "sum" and any(n == "base" for n, _ in plan) else {}
+    if alias and not any(n == "base_matched" for n, _ in plan):
+        alias = {}
+    plan = [(name, cfg) for name, cfg in plan if name not in alias]
     # seed-major order: with --max-minutes the seeds that finish are complete for every method
     tasks = [(name, name.replace("_tuned", ""), cfg.as_dict(), s) for s in seeds for name, cfg in plan]
     partial = path.with_suffix(".partial.jsonl")
@@ -361,12 +388,16 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         raise SystemExit(f"--add/--add-tuned: expected the seeds of {path} ({previous['seeds']}), got {finished}")
     for name, cfg in plan:
         methods[name] = C.summarise_method([done[(name, s)]["curve"] for s in finished])
-        if name.replace("_tuned", "").startswith("cmda"):
+        if T.method_parts(name)[0] in ("online", "offline"):
             configs[name] = cfg.as_dict()
         timings[name] = round(sum(done[(name, s)]["seconds"] for s in finished), 1)
         rec = methods[name]
         print(f"  {dataset}/{student} {name:20s} acc {100 * rec['mean']:.2f} ± {100 * rec['ci95']:.2f} "
               f"({timings[name]} s)", flush=True)
+    for name, same in alias.items():
+        methods[name] = dict(methods[same], identical_to=same,
+                             note="loss_form 'sum': the real rows weigh 1 in every method, so Base is matched")
+        timings[name] = 0.0
     seeds = finished
     # each *_tuned row's study: the file and the method it validated (a method without a study of
     # its own takes the other method's pick)
@@ -385,6 +416,10 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         "epochs": args.epochs,
         "device": ",".join(sorted({done[(n, s)].get("device", str(args.device)) for n, _ in plan for s in finished})),
         "aligner_epochs": args.aligner_epochs, "tag": args.tag,
+        "loss_form": args.loss_form, "gen_weight": args.gen_weight,
+        "loss": "sum: CE(real) + gen_weight * CE(generated), the real rows weigh 1 in every method"
+                if args.loss_form == "sum" else "mean: one mean over the real and the generated rows "
+                "(an augmented method's real rows weigh B / (B + G); base_matched copies that weight)",
         "data_dir": os.environ.get("CMDA_DATA_DIR", "../shared/data"),
         "split": {"train": int(len(data["train_rows"])), "test": int(len(data["eval_rows"]))},
         "methods": methods, "cmda_configs": configs, "seconds": timings,
@@ -415,6 +450,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="only run the *_tuned methods and merge them into the existing result file")
     parser.add_argument("--add", action="store_true",
                         help="run --methods (e.g. the align control) and merge them into the existing result file")
+    parser.add_argument("--loss-form", default="sum", choices=T.LOSS_FORMS,
+                        help="sum: CE(real) + gen-weight * CE(generated) (default; the real rows weigh 1 in every "
+                             "method); mean: one mean over all rows (the results before the controls)")
+    parser.add_argument("--gen-weight", type=float, default=1.0, help="weight of the generated rows' loss (sum)")
     parser.add_argument("--pixel-subset", type=int, default=None, help="pixels: train on this many photos")
     parser.add_argument("--image-size", type=int, default=64, help="pixels: photo height and width")
     parser.add_argument("--jobs", type=int, default=1,
