@@ -32,7 +32,8 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TASKS = ("anomaly", "classification", "captioning")
-METRICS = {"auroc": (0.0, 1.0), "aupr": (0.0, 1.0), "accuracy": (0.0, 1.0), "bleu4": (0.0, 1.0)}
+METRICS = {"auroc": (0.0, 1.0), "aupr": (0.0, 1.0), "accuracy": (0.0, 1.0), "bleu4": (0.0, 1.0),
+           "auroc_all_abnormal": (0.0, 1.0), "aupr_all_abnormal": (0.0, 1.0)}
 SCHEMA_VERSION = 1
 
 # two-sided 97.5 % quantiles of Student's t for small degrees of freedom (scipy if available)

@@ -53,10 +53,31 @@ class ColumnDataset(Dataset):
         return {k: (v[i] if v[i].ndim else int(v[i])) for k, v in self.columns.items()}
 
 
-def load_table(dataset: str):
+#: Wikipedia's text features, weakest to strongest teacher (logistic regression: 67 / 81 / 85 %)
+TEXT_FEATURES = {"lda10": "LDA-10 topic proportions", "lda50": "LDA-50 topic proportions",
+                 "minilm384": "all-MiniLM-L6-v2 (384)"}
+
+
+def text_features_name(dataset: str, text_features: str = "default") -> str:
+    """The Wikipedia text features a run uses (``"default"``: MiniLM); Web News has one kind."""
+    if dataset != "wikipedia":
+        return "default"
+    return "minilm384" if text_features == "default" else text_features
+
+
+def feature_name(dataset: str, modality: str, text_features: str = "default") -> str:
+    if dataset == "wikipedia" and modality == "text":
+        return TEXT_FEATURES[text_features_name(dataset, text_features)]
+    return FEATURE_NAMES[dataset][modality]
+
+
+def load_table(dataset: str, text_features: str = "default"):
     """The full table (train rows then test rows) of ``dataset`` as features."""
     if dataset == "wikipedia":
-        return load_wikipedia(split="all", text_features="minilm384")
+        return load_wikipedia(split="all", text_features=text_features_name(dataset, text_features))
+    if text_features != "default":
+        raise SystemExit(f"--text-features: expected default for {dataset} (it has one text feature), "
+                         f"got {text_features!r}")
     if dataset == "webnews":
         return load_webnews(split="all", image="features", captions=False)
     raise SystemExit(f"--dataset: expected one of {DATASETS}, got {dataset!r}")
@@ -140,13 +161,24 @@ def build_bank(aligner: Any, dataset: Dataset, student: str, cfg: MixConfig, see
 
 class RealAndMixed:
     """collate_fn giving ``(real_batch, generated_batch)``: the paper adds B generated samples
-    to the B real ones, so CMDACollate runs with ``p`` and the real batch is kept beside it."""
+    to the B real ones, so CMDACollate runs with ``p`` and the real batch is kept beside it.
 
-    def __init__(self, cmda_collate: CMDACollate) -> None:
+    With more collates (other seeds: independent draws) the second item is the list of their
+    generated batches.
+    """
+
+    def __init__(self, cmda_collate: CMDACollate, *more: CMDACollate) -> None:
         self.cmda = cmda_collate
+        self.more = more
+
+    def set_epoch(self, epoch: int) -> None:
+        for collate in (self.cmda, *self.more):
+            collate.set_epoch(epoch)
 
     def __call__(self, samples: Sequence[Any]) -> tuple:
-        return default_collate(list(samples)), self.cmda(samples)
+        if not self.more:
+            return default_collate(list(samples)), self.cmda(samples)
+        return default_collate(list(samples)), [c(samples) for c in (self.cmda, *self.more)]
 
 
 def make_collate(bank: EmbeddingBank, cfg: MixConfig, *, num_classes: Optional[int], seed: int,
@@ -223,8 +255,10 @@ def task_loss(logits: torch.Tensor, targets: Sequence[torch.Tensor], *, loss_for
               gen_weight: float = 1.0, scale: float = 1.0) -> torch.Tensor:
     """The classification loss over the real rows (``targets[0]``) and the generated ones.
 
-    ``"sum"``: ``CE(real) + gen_weight * CE(generated)``: the real rows weigh 1 in every
-    method (the official code adds the generated rows in a second step at weight 1).
+    ``"sum"``: ``CE(real) + gen_weight * sum CE(generated rows) / B``: the real rows weigh 1 in
+    every method, and each generated row ``gen_weight`` times a real row (for the B generated
+    rows of ``p = 1``: ``gen_weight * CE(generated)``; the official code adds them in a
+    second step at weight 1).
     ``"mean"``: one mean over all rows (the real rows then weigh ``B / (B + G)``).
     ``scale`` multiplies the whole loss (``base_matched`` under ``"mean"``).
     """
@@ -232,7 +266,10 @@ def task_loss(logits: torch.Tensor, targets: Sequence[torch.Tensor], *, loss_for
         return scale * soft_cross_entropy(logits, torch.cat(list(targets)))
     n = len(targets[0])
     real = soft_cross_entropy(logits[:n], targets[0])
-    return scale * (real + gen_weight * soft_cross_entropy(logits[n:], torch.cat(list(targets[1:]))))
+    generated = torch.cat(list(targets[1:]))
+    per_row = -(generated * torch.log_softmax(logits[n:], dim=1)).sum(1)
+    # each generated row weighs gen_weight times a real row (B generated rows: gen_weight * their mean)
+    return scale * (real + gen_weight * per_row.sum() / n)
 
 
 def matched_scale(loss_form: str, cfg: MixConfig) -> float:

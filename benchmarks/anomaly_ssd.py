@@ -55,25 +55,53 @@ MIXUP_ALPHA = 0.25
 LAMBDA = 0.1
 
 
-def prepare(dataset: str, *, study: bool = False) -> Dict[str, Any]:
+def prepare(dataset: str, *, study: bool = False, normal: Optional[List[int]] = None,
+            all_abnormal: bool = False) -> Dict[str, Any]:
     """Train normals and the test set (``study``: 20 % of the train normals + the train-split
-    anomalies, which the test never uses, as a validation set)."""
+    anomalies, which the test never uses, as a validation set).
+
+    ``normal``: the normal classes (default: the paper's set). ``all_abnormal``: also score
+    the paper's test set (the test normals and every anomaly of both splits) as
+    ``auroc_all_abnormal`` / ``aupr_all_abnormal``.
+    """
     table = T.load_table(dataset)
-    parts = anomaly_split(table.labels.numpy(), NORMAL[dataset], table.is_train.numpy(), variant="split")
+    normal = list(NORMAL[dataset] if normal is None else normal)
+    parts = anomaly_split(table.labels.numpy(), normal, table.is_train.numpy(), variant="split")
     train_rows, test_rows, target = parts["train_normal"], parts["test"], parts["test_target"]
+    extra = {}
+    if all_abnormal and not study:
+        wide = anomaly_split(table.labels.numpy(), normal, table.is_train.numpy(), variant="all_abnormal")
+        extra["all_abnormal"] = {"x": T.columns(table, wide["test"], train_rows), "target": wide["test_target"]}
     if study:
         gen = torch.Generator().manual_seed(0)
         order = torch.randperm(len(train_rows), generator=gen).numpy()
         cut = len(train_rows) // 5
         val_normal, train_rows = np.sort(train_rows[order[:cut]]), np.sort(train_rows[order[cut:]])
-        normal = np.isin(table.labels.numpy(), NORMAL[dataset])
+        normal = np.isin(table.labels.numpy(), normal)
         val_anomaly = np.flatnonzero(~normal & table.is_train.numpy())
         test_rows = np.concatenate([val_normal, val_anomaly])
         target = np.concatenate([np.zeros(len(val_normal), np.int64), np.ones(len(val_anomaly), np.int64)])
+    sizes = {"train_normal": int(len(train_rows)), "test_normal": int((target == 0).sum()),
+             "test_anomaly": int((target == 1).sum())}
+    if extra:
+        sizes["all_abnormal_test_anomaly"] = int((extra["all_abnormal"]["target"] == 1).sum())
     return {"train": T.columns(table, train_rows, train_rows), "test": T.columns(table, test_rows, train_rows),
-            "target": target, "sizes": {"train_normal": int(len(train_rows)),
-                                        "test_normal": int((target == 0).sum()),
-                                        "test_anomaly": int((target == 1).sum())}}
+            "target": target, "extra_tests": extra, "sizes": sizes}
+
+
+def normal_classes(args: argparse.Namespace, dataset: str) -> List[int]:
+    """``--normal`` as a sorted list of class ids (default: the paper's normal set)."""
+    if not args.normal:
+        return list(NORMAL[dataset])
+    try:
+        return sorted({int(c) for c in args.normal.split(",")})
+    except ValueError:
+        raise SystemExit(f"--normal: expected comma-separated class ids such as 0,3,7, got {args.normal!r}")
+
+
+def class_names(dataset: str, classes: List[int]) -> List[str]:
+    names = T.load_table(dataset).class_names
+    return [names[c] if c < len(names) else str(c) for c in classes]
 
 
 def trunk_for(in_dim: int, seed: int) -> nn.Module:
@@ -115,7 +143,9 @@ def run_one(method: str, data: Dict[str, Any], student: str, seed: int, epochs: 
                         collate_fn=collate)
     rng = np.random.default_rng(seed)
     noise = lambda x: x + sigma * torch.randn(x.shape, generator=gen).to(x.device)  # noqa: E731
-    curves: Dict[str, List[float]] = {"auroc": [], "aupr": []}
+    extra_tests = data.get("extra_tests", {})
+    curves: Dict[str, List[float]] = {"auroc": [], "aupr": [],
+                                      **{f"{m}_{name}": [] for name in extra_tests for m in ("auroc", "aupr")}}
     for epoch in range(epochs):
         if collate is not None:
             collate.cmda.set_epoch(epoch)
@@ -155,6 +185,10 @@ def run_one(method: str, data: Dict[str, Any], student: str, seed: int, epochs: 
         result = evaluate(trunk, train[student], test[student], data["target"], device)
         curves["auroc"].append(result["auroc"])
         curves["aupr"].append(result["aupr"])
+        for name, extra in extra_tests.items():
+            result = evaluate(trunk, train[student], extra["x"][student], extra["target"], device)
+            curves[f"auroc_{name}"].append(result["auroc"])
+            curves[f"aupr_{name}"].append(result["aupr"])
     return curves
 
 
@@ -184,14 +218,17 @@ def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool,
     spec = {"student": student, "epochs": args.epochs, "device": str(args.device), "sigma": args.sigma,
             "aligner_epochs": args.aligner_epochs}
     results = C.run_grid(_task, [(method, cfg, seed, spec) for _, method, cfg, seed in tasks], data=data,
-                         prepare=prepare, prepare_kwargs={"dataset": dataset, "study": study}, jobs=args.jobs,
+                         prepare=prepare, prepare_kwargs={"dataset": dataset, "study": study,
+                                                          "normal": normal_classes(args, dataset),
+                                                          "all_abnormal": args.all_abnormal and not study},
+                         jobs=args.jobs,
                          desc=desc, enabled=not args.no_progress)
     return {(tasks[i][0], tasks[i][3]): dict(r["value"], seconds=r["seconds"]) for i, r in results.items()}
 
 
 def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
     """Validation study of the CMDA choices (online CMDA), with base and mixup as references."""
-    data = prepare(dataset, study=True)
+    data = prepare(dataset, study=True, normal=normal_classes(args, dataset))
     seeds = list(range(args.study_seeds))
     grid = T.STUDY_GRID[:3] if args.smoke else T.STUDY_GRID
     tasks = [(cfg.label(), "cmda", cfg.as_dict(), s) for s in seeds for cfg in grid]
@@ -219,9 +256,11 @@ def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
 
 
 def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
-    data = prepare(dataset)
+    normal = normal_classes(args, dataset)
+    data = prepare(dataset, normal=normal, all_abnormal=args.all_abnormal)
     seeds = list(range(args.seeds))
-    path = C.result_path(args.out, "anomaly", dataset, student, quick=args.quick)
+    suffix = "-".join(p for p in ("normal-" + "-".join(map(str, normal)) if args.normal else "", args.tag) if p)
+    path = C.result_path(args.out, "anomaly", dataset, student, suffix, quick=args.quick)
     plan = [] if args.add_tuned else [(m, T.FAITHFUL) for m in args.methods]
     sp = study_path(Path(args.out), dataset, student, args.quick)
     if sp.is_file() and not args.no_tuned:
@@ -240,6 +279,10 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     plan = [(name, cfg) for name, cfg in plan if name != "base_matched"]
     auroc: Dict[str, Any] = dict(previous["methods"]) if previous else {}
     aupr: Dict[str, Any] = dict(previous["metrics"]["aupr"]) if previous else {}
+    extra_metrics = [f"{m}_all_abnormal" for m in ("auroc", "aupr")] if args.all_abnormal else []
+    if previous is not None and any(m not in previous.get("metrics", {}) for m in extra_metrics):
+        raise SystemExit(f"--add: {path} has no all_abnormal metrics; run it again with --all-abnormal")
+    extra: Dict[str, Dict[str, Any]] = {m: dict(previous["metrics"][m]) if previous else {} for m in extra_metrics}
     configs = dict(previous.get("cmda_configs", {})) if previous else {}
     timings = dict(previous.get("seconds", {})) if previous else {}
     tasks = [(name, name.replace("_tuned", ""), cfg.as_dict(), s) for s in seeds for name, cfg in plan]
@@ -248,6 +291,8 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         runs = [done[(name, s)] for s in seeds]
         auroc[name] = C.summarise_method([r["auroc"] for r in runs])
         aupr[name] = C.summarise_method([r["aupr"] for r in runs])
+        for metric in extra_metrics:
+            extra[metric][name] = C.summarise_method([r[metric] for r in runs])
         if T.method_parts(name)[0] in ("online", "offline"):
             configs[name] = cfg.as_dict()
         timings[name] = round(sum(r["seconds"] for r in runs), 1)
@@ -257,16 +302,18 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         note = "the generated views add a separate term at weight 1: the real views weigh 1 in every method"
         auroc["base_matched"] = dict(auroc["base"], identical_to="base", note=note)
         aupr["base_matched"] = dict(aupr["base"], identical_to="base", note=note)
+        for metric in extra_metrics:
+            extra[metric]["base_matched"] = dict(extra[metric]["base"], identical_to="base", note=note)
         timings["base_matched"] = 0.0
     payload = {
         "task": "anomaly", "dataset": dataset, "student": student, "teacher": T.other(student),
         "student_features": T.FEATURE_NAMES[dataset][student],
         "teacher_features": T.FEATURE_NAMES[dataset][T.other(student)],
-        "normal_classes": list(NORMAL[dataset]), "split": data["sizes"],
+        "normal_classes": normal, "normal_class_names": class_names(dataset, normal), "split": data["sizes"],
         "metric": "auroc", "quick": bool(args.quick), "seeds": seeds, "epochs": args.epochs,
         "aligner_epochs": args.aligner_epochs, "loss_form": "sum",
         "loss": "L_SSD(real views) + L_SSD(generated view, second real view) at weight 1",
-        "methods": auroc, "metrics": {"aupr": aupr}, "cmda_configs": configs, "seconds": timings,
+        "methods": auroc, "metrics": {"aupr": aupr, **extra}, "cmda_configs": configs, "seconds": timings,
         "ssd": {"clusters": 1, "features": "trunk output (before the projection head)", "view_noise_sigma": args.sigma},
         "protocol": "last epoch on the test split; anomalies positive; AUPR = average precision (AUPR-Out); "
                     "tuned configs chosen on a validation split (see the study file)",
@@ -283,6 +330,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--add", action="store_true",
                         help="run --methods (e.g. the teacher controls) and merge them into the existing result file")
     parser.add_argument("--sigma", type=float, default=1.0, help="std of the Gaussian noise views")
+    parser.add_argument("--normal", default=None,
+                        help="the normal classes, comma-separated ids (default: the paper's set); the result file "
+                             "is named ...-normal-<ids>")
+    parser.add_argument("--all-abnormal", action="store_true",
+                        help="also score the paper's test set (every anomaly of both splits): "
+                             "auroc_all_abnormal / aupr_all_abnormal")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--study", action="store_true", help="validation study of the CMDA choices")
     parser.add_argument("--study-seeds", type=int, default=2)
     parser.add_argument("--no-tuned", action="store_true", help="skip the *_tuned methods")

@@ -23,7 +23,21 @@ B generated samples to the B real ones; every loss uses soft targets):
 * ``cmda_offline``: ContrastiveAligner trained first (Eq. 8, 30 epochs), an EmbeddingBank
   (GMM with M = 2, the paper's BIC choice, on the language latents) and :class:`~cmda_data.CMDACollate`.
 * ``cmda_tuned`` / ``cmda_offline_tuned``: the same with the configuration chosen on the
-  validation split by ``--study`` (read from ``study-classification-<dataset>-<student>.json``).
+  validation split by ``--study`` (read from ``study-classification-<dataset>-<student>.json``;
+  only a study made with the same ``--loss-form``).
+
+Controls (in the default set; the teacher effect is a method minus its control, paired):
+
+* ``base_matched``: Base with the real-row loss weight and the step budget of the augmented
+  methods. With ``--loss-form sum`` (the default: ``CE(real) + gen_weight * CE(generated)``)
+  the real rows weigh 1 in every method, so it *is* Base and is recorded as such; with
+  ``--loss-form mean`` (one mean over the real and generated rows, the form of the results
+  before the controls) it is trained with its loss times ``1 / (1 + p)`` = 0.5.
+* ``random_teacher``: ``cmda`` with every teacher latent replaced by a random unit vector
+  fixed per sample (:func:`cmda_data.controls.random_teacher` on the aligner: the mixing sees
+  a useless teacher, Eq. 9 still trains with the real one).
+* ``random_teacher_offline`` / ``shuffled_teacher_offline``: ``cmda_offline`` with the bank's
+  teacher rows random / permuted across samples (``shuffled_teacher``, online, on request).
 
 Model selection never looks at the test split: ``--study`` trains on train minus a
 stratified 20 % validation split and scores the validation split (the grid, plus ``base`` and
@@ -105,13 +119,25 @@ def augment_pixels(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ data
 def prepare(dataset: str, student: str, space: str, *, study: bool, quick_pixels: Optional[int] = None,
-            image_size: int = 64) -> Dict[str, Any]:
-    """Train / eval sets: (train, test) or, for --study, (train minus validation, validation)."""
-    table = T.load_table(dataset)
+            image_size: int = 64, text_features: str = "default", train_frac: float = 1.0,
+            select_on_val: bool = False) -> Dict[str, Any]:
+    """Train / eval sets: (train, test) or, for --study, (train minus validation, validation).
+
+    ``train_frac`` < 1 keeps a stratified share of the train split (seed 0, the same rows for
+    every method and seed); ``select_on_val`` carves a stratified 20 % validation split out of
+    the train rows (seed 1) on which the reported epoch is chosen.
+    """
+    table = T.load_table(dataset, text_features)
+    labels = table.labels.numpy()
     split = classification_split(table.is_train.numpy())
     train_rows, eval_rows = split["train"], split["test"]
+    if train_frac < 1.0:
+        train_rows, _ = validation_split(train_rows, labels, fraction=1.0 - train_frac, seed=0)
+    val_rows = None
     if study:
-        train_rows, eval_rows = validation_split(train_rows, table.labels.numpy(), fraction=0.2, seed=0)
+        train_rows, eval_rows = validation_split(train_rows, labels, fraction=0.2, seed=0)
+    elif select_on_val:
+        train_rows, val_rows = validation_split(train_rows, labels, fraction=0.2, seed=1)
     if space == "pixels" and quick_pixels:
         gen = torch.Generator().manual_seed(0)
         train_rows = np.sort(train_rows[torch.randperm(len(train_rows), generator=gen)[:quick_pixels].numpy()])
@@ -119,6 +145,8 @@ def prepare(dataset: str, student: str, space: str, *, study: bool, quick_pixels
     train = T.columns(table, train_rows, train_rows)
     evaluation = T.columns(table, eval_rows, train_rows)
     info = {"train_rows": train_rows, "eval_rows": eval_rows, "num_classes": table.num_classes}
+    if val_rows is not None:
+        info["val"], info["val_rows"] = T.columns(table, val_rows, train_rows), val_rows
     if space == "pixels":
         photos = load_webnews(split="all", image="pixels", image_size=image_size, captions=False, cache=True)
         gen_rows = lambda rows: torch.stack([photos[int(r)]["image"] for r in rows])  # noqa: E731
@@ -131,8 +159,12 @@ def prepare(dataset: str, student: str, space: str, *, study: bool, quick_pixels
 # ------------------------------------------------------------------------------------ training
 def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: int, epochs: int,
             cfg: T.MixConfig, device: torch.device, *, batch_size: int = 128,
-            aligner_epochs: int = 30, loss_form: str = "sum", gen_weight: float = 1.0) -> List[float]:
-    """Train one model; return the eval-set accuracy after every epoch.
+            aligner_epochs: int = 30, loss_form: str = "sum", gen_weight: float = 1.0,
+            gen_per_real: int = 1) -> Any:
+    """Train one model; return the eval-set accuracy after every epoch (and, when ``data``
+    has a validation split, ``(eval curve, validation curve)``).
+
+    ``gen_per_real`` generated batches (independent draws) come with every real batch.
 
     ``loss_form="sum"``: ``CE(real) + gen_weight * CE(generated)``, so the real rows weigh the
     same in every method; ``"mean"``: one mean over the real and generated rows (the form of
@@ -158,14 +190,17 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
         off = T.fit_offline_aligner(feat_cols, student, loss="eq8", epochs=aligner_epochs, seed=seed)
         bank = T.control_bank(T.build_bank(off, IndexedDataset(T.ColumnDataset(feat_cols)), student, cfg, seed),
                               control, seed)
-        collate = T.RealAndMixed(T.make_collate(bank, cfg, num_classes=num_classes, seed=seed))
+        collate = T.RealAndMixed(*[T.make_collate(bank, cfg, num_classes=num_classes, seed=seed + 1000 * j)
+                                   for j in range(gen_per_real)])
     elif pipeline in ("online", "align"):
         aligner = T.make_aligner(student, trunk, width, train[teacher].shape[1], loss="eq8", seed=seed)
         params = list(aligner.parameters()) + list(classifier.parameters())
         if pipeline == "online":  # the align control keeps the alignment term and mixes nothing
             # a teacher control changes only the latents the mixing sees; Eq. 9 trains as usual
             mixing_aligner = T.control_aligner(aligner, control, student, seed)
-            augment = T.make_augment(mixing_aligner, student, cfg, num_classes=num_classes, seed=seed)
+            augments = [T.make_augment(mixing_aligner, student, cfg, num_classes=num_classes, seed=seed + 1000 * j)
+                        for j in range(gen_per_real)]
+            augment = augments[0]
     trunk.to(device), classifier.to(device)
     if aligner is not None:
         aligner.to(device)
@@ -174,40 +209,45 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=C.generator(seed, 2),
                         collate_fn=collate, drop_last=False)
     rng = np.random.default_rng(seed)
-    curve = []
+    curve, val_curve = [], []
     for epoch in range(epochs):
         trunk.train(), classifier.train()
         if collate is not None:
-            collate.cmda.set_epoch(epoch)
+            collate.set_epoch(epoch)
         if augment is not None:
-            augment.set_epoch(epoch)
-            augment.gmm = T.refit_gmm(mixing_aligner, train["text"], cfg, seed + epoch, device)
+            gmm = T.refit_gmm(mixing_aligner, train["text"], cfg, seed + epoch, device)
+            for module in augments:
+                module.set_epoch(epoch)
+                module.gmm = gmm
         for batch in loader:
-            mixed = None
+            mixed = []
             if collate is not None:
                 batch, mixed = batch
+                mixed = mixed if isinstance(mixed, list) else [mixed]
             x = batch[student].to(device)
             y = batch["label"].to(device)
             if space == "pixels":
                 x = augment_pixels(x, gen)
             inputs, targets = [x], [nn.functional.one_hot(y, num_classes).float()]
             if method == "mixup" and len(x) > 1:
-                lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA))
-                perm = torch.randperm(len(x), generator=gen).to(device)
-                inputs.append(lam * x + (1 - lam) * x[perm])
-                targets.append(lam * targets[0] + (1 - lam) * targets[0][perm])
+                for _ in range(gen_per_real):
+                    lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA))
+                    perm = torch.randperm(len(x), generator=gen).to(device)
+                    inputs.append(lam * x + (1 - lam) * x[perm])
+                    targets.append(lam * targets[0] + (1 - lam) * targets[0][perm])
             elif augment is not None and len(x) > 1:
                 real = {student: x, teacher: batch[teacher].to(device), "label": y,
                         "index": batch["index"].to(device)}
-                out, _ = augment(real)
-                inputs.append(out[student])
-                targets.append(out["label"])
-            elif mixed is not None:
-                xm = mixed[student].to(device)
+                for module in augments:
+                    out, _ = module(real)
+                    inputs.append(out[student])
+                    targets.append(out["label"])
+            for part in mixed:
+                xm = part[student].to(device)
                 if space == "pixels":
                     xm = augment_pixels(xm, gen)
                 inputs.append(xm)
-                targets.append(mixed["label"].to(device))
+                targets.append(part["label"].to(device))
             logits = classifier(trunk(torch.cat(inputs)))
             loss = T.task_loss(logits, targets, loss_form=loss_form, gen_weight=gen_weight,
                                scale=T.matched_scale(loss_form, cfg) if method == "base_matched" else 1.0)
@@ -219,7 +259,9 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
             opt.step()
         sched.step()
         curve.append(accuracy(trunk, classifier, evaluation[student], evaluation["label"], device))
-    return curve
+        if "val" in data:
+            val_curve.append(accuracy(trunk, classifier, data["val"][student], data["val"]["label"], device))
+    return (curve, val_curve) if "val" in data else curve
 
 
 @torch.no_grad()
@@ -234,7 +276,7 @@ def _task(data: Dict[str, Any], method: str, cfg: Dict[str, Any], seed: int, spe
     """One (method, configuration, seed) training run (in a worker process with ``--jobs``)."""
     return run_one(method, data, spec["student"], spec["space"], seed, spec["epochs"], T.MixConfig(**cfg),
                    torch.device(spec["device"]), aligner_epochs=spec["aligner_epochs"],
-                   loss_form=spec["loss_form"], gen_weight=spec["gen_weight"])
+                   loss_form=spec["loss_form"], gen_weight=spec["gen_weight"], gen_per_real=spec["gen_per_real"])
 
 
 def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool, data: Dict[str, Any],
@@ -247,15 +289,16 @@ def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool,
     """
     spec = {"student": student, "space": args.student_space, "epochs": args.epochs,
             "aligner_epochs": args.aligner_epochs, "device": str(args.device), "loss_form": args.loss_form,
-            "gen_weight": args.gen_weight}
+            "gen_weight": args.gen_weight, "gen_per_real": args.gen_per_real}
     prepare_kwargs = {"dataset": dataset, "student": student, "space": args.student_space, "study": study,
-                      "quick_pixels": args.pixel_subset, "image_size": args.image_size}
+                      "quick_pixels": args.pixel_subset, "image_size": args.image_size, **data_options(args)}
     done: Dict[tuple, Dict[str, Any]] = {}
     if partial is not None and args.resume and partial.is_file():
         for line in partial.read_text().splitlines():
             rec = json.loads(line)
             if rec["epochs"] == args.epochs and len(rec["curve"]) == args.epochs and \
-                    (rec.get("loss_form", "mean"), rec.get("gen_weight", 1.0)) == (args.loss_form, args.gen_weight):
+                    (rec.get("loss_form", "mean"), rec.get("gen_weight", 1.0)) == (args.loss_form, args.gen_weight) \
+                    and rec.get("variant", {}) == variant(args):
                 done[(rec["name"], rec["seed"])] = rec
     # a finished run counts only for the same configuration (a new study changes the tuned one)
     done = {(name, seed): done[(name, seed)] for name, _, cfg, seed in tasks
@@ -264,7 +307,10 @@ def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool,
 
     def record(i: int, result: Dict[str, Any]) -> None:
         name, _, cfg, seed = todo[i]
-        rec = {"curve": result["value"], "seconds": result["seconds"], "name": name, "seed": seed,
+        value = result["value"]
+        curve, val_curve = value if isinstance(value, tuple) else (value, None)
+        rec = {"curve": curve, "val_curve": val_curve, "variant": variant(args), "seconds": result["seconds"],
+               "name": name, "seed": seed,
                "epochs": args.epochs, "config": cfg, "device": str(args.device), "loss_form": args.loss_form,
                "gen_weight": args.gen_weight}
         done[(name, seed)] = rec
@@ -284,6 +330,39 @@ def complete_seeds(done: Dict[tuple, Any], names: List[str], seeds: List[int]) -
     return [s for s in seeds if all((n, s) in done for n in names)]
 
 
+def data_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The :func:`prepare` options of a variant run (teacher strength, train share, selection)."""
+    return {"text_features": args.text_features, "train_frac": args.train_frac, "select_on_val": args.select_on_val}
+
+
+def variant(args: argparse.Namespace) -> Dict[str, Any]:
+    """What makes a run differ from the committed one besides method, configuration and loss."""
+    return {key: value for key, value in {**data_options(args), "gen_per_real": args.gen_per_real}.items()
+            if value != {"text_features": "default", "train_frac": 1.0, "select_on_val": False,
+                         "gen_per_real": 1}[key]}
+
+
+def variant_parts(args: argparse.Namespace) -> List[str]:
+    """File-name parts of a variant run, so that it never overwrites the committed result."""
+    v = variant(args)
+    return [part for part in (f"text-{v['text_features']}" if "text_features" in v else "",
+                              f"frac{round(100 * v['train_frac'])}" if "train_frac" in v else "",
+                              "valsel" if v.get("select_on_val") else "",
+                              f"gen{v['gen_per_real']}" if "gen_per_real" in v else "",
+                              f"w{args.gen_weight:g}" if args.gen_weight != 1.0 else "") if part]
+
+
+def selected_on_validation(record: Dict[str, Any], val_curves: List[List[float]]) -> Dict[str, Any]:
+    """The method record with each seed's result at its epoch of best validation accuracy
+    (the earliest such epoch); the last-epoch figures stay under ``last_epoch``."""
+    epochs = [int(np.argmax(np.asarray(v))) for v in val_curves]
+    chosen = [curve[e] for curve, e in zip(record["per_seed_curves"], epochs)]
+    mean, ci = C.mean_ci95(chosen)
+    return dict(record, mean=mean, ci95=ci, per_seed=chosen, selected_epoch=[e + 1 for e in epochs],
+                per_seed_val_curves=val_curves,
+                last_epoch={"mean": record["mean"], "ci95": record["ci95"], "per_seed": record["per_seed"]})
+
+
 # ------------------------------------------------------------------------------------ drivers
 def study_path(out: Path, dataset: str, student: str, space: str, quick: bool = False,
                method: str = "cmda_offline") -> Path:
@@ -296,7 +375,7 @@ def study_path(out: Path, dataset: str, student: str, space: str, quick: bool = 
 def run_study(args: argparse.Namespace, dataset: str, student: str) -> Path:
     """Validation study of the open CMDA choices (``--study-method``), train minus validation only."""
     data = prepare(dataset, student, args.student_space, study=True, quick_pixels=args.pixel_subset,
-                   image_size=args.image_size)
+                   image_size=args.image_size, **data_options(args))
     seeds = list(range(args.study_seeds))
     grid = T.STUDY_GRID[:3] if args.smoke else T.STUDY_GRID
     references = [] if args.no_references else ["base", "mixup"]
@@ -348,11 +427,12 @@ def tuned_study(args: argparse.Namespace, dataset: str, student: str, method: st
 
 def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     data = prepare(dataset, student, args.student_space, study=False, quick_pixels=args.pixel_subset,
-                   image_size=args.image_size)
+                   image_size=args.image_size, **data_options(args))
     seeds = list(range(args.seeds))
     methods: Dict[str, Any] = {}
     configs: Dict[str, Any] = {}
-    suffix = "-".join(part for part in ("" if args.student_space == "features" else "pixels", args.tag) if part)
+    suffix = "-".join(part for part in ("" if args.student_space == "features" else "pixels", *variant_parts(args),
+                                        args.tag) if part)
     path = C.result_path(args.out, "classification", dataset, student, suffix, quick=args.quick)
     plan = [] if args.add_tuned else [(m, T.FAITHFUL) for m in args.methods]
     studies = {m: tuned_study(args, dataset, student, m) for m in args.methods if m.startswith("cmda")}
@@ -388,6 +468,8 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         raise SystemExit(f"--add/--add-tuned: expected the seeds of {path} ({previous['seeds']}), got {finished}")
     for name, cfg in plan:
         methods[name] = C.summarise_method([done[(name, s)]["curve"] for s in finished])
+        if args.select_on_val:
+            methods[name] = selected_on_validation(methods[name], [done[(name, s)]["val_curve"] for s in finished])
         if T.method_parts(name)[0] in ("online", "offline"):
             configs[name] = cfg.as_dict()
         timings[name] = round(sum(done[(name, s)]["seconds"] for s in finished), 1)
@@ -410,21 +492,28 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         "task": "classification", "dataset": dataset, "student": student, "teacher": T.other(student),
         "student_space": args.student_space,
         "student_features": f"photos {args.image_size}px, ResNet-18 from scratch" if args.student_space == "pixels"
-        else T.FEATURE_NAMES[dataset][student],
-        "teacher_features": T.FEATURE_NAMES[dataset][T.other(student)],
+        else T.feature_name(dataset, student, args.text_features),
+        "teacher_features": T.feature_name(dataset, T.other(student), args.text_features),
         "metric": "accuracy", "quick": bool(args.quick), "seeds": seeds, "seeds_requested": args.seeds,
         "epochs": args.epochs,
         "device": ",".join(sorted({done[(n, s)].get("device", str(args.device)) for n, _ in plan for s in finished})),
         "aligner_epochs": args.aligner_epochs, "tag": args.tag,
         "loss_form": args.loss_form, "gen_weight": args.gen_weight,
-        "loss": "sum: CE(real) + gen_weight * CE(generated), the real rows weigh 1 in every method"
+        "loss": "sum: CE(real rows) + gen_weight * (sum of CE over the generated rows) / B: the real rows weigh 1 "
+                "in every method, each generated row gen_weight times a real row"
                 if args.loss_form == "sum" else "mean: one mean over the real and the generated rows "
                 "(an augmented method's real rows weigh B / (B + G); base_matched copies that weight)",
         "data_dir": os.environ.get("CMDA_DATA_DIR", "../shared/data"),
-        "split": {"train": int(len(data["train_rows"])), "test": int(len(data["eval_rows"]))},
+        "split": {"train": int(len(data["train_rows"])), "test": int(len(data["eval_rows"])),
+                  **({"validation": int(len(data["val_rows"]))} if "val_rows" in data else {})},
+        "text_features": T.text_features_name(dataset, args.text_features), "train_frac": args.train_frac,
+        "gen_per_real": args.gen_per_real,
+        "selection": "the test accuracy at each seed's epoch of best validation accuracy (a stratified 20 % of the "
+                     "train rows, never trained on)" if args.select_on_val else "last epoch",
         "methods": methods, "cmda_configs": configs, "seconds": timings,
         "tuned_from": tuned_from,
-        "protocol": "last epoch on the official test split; tuned configs chosen on a validation split carved "
+        "protocol": ("test accuracy at the epoch of best validation accuracy" if args.select_on_val else
+                     "last epoch on the official test split") + "; tuned configs chosen on a validation split carved "
                     "from train (see the study file)",
     }
     C.write_result(path, payload, plot=not args.no_plot)
@@ -454,6 +543,15 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="sum: CE(real) + gen-weight * CE(generated) (default; the real rows weigh 1 in every "
                              "method); mean: one mean over all rows (the results before the controls)")
     parser.add_argument("--gen-weight", type=float, default=1.0, help="weight of the generated rows' loss (sum)")
+    parser.add_argument("--gen-per-real", type=int, default=1,
+                        help="generated batches (independent draws) with every real batch (default 1)")
+    parser.add_argument("--text-features", default="default", choices=("default", "minilm384", "lda10", "lda50"),
+                        help="Wikipedia's text modality (default: minilm384); a teacher of another strength")
+    parser.add_argument("--train-frac", type=float, default=1.0,
+                        help="train on a stratified share of the train split (the same rows for every method)")
+    parser.add_argument("--select-on-val", action="store_true",
+                        help="train on 80 %% of the train rows and report each seed's test accuracy at its epoch "
+                             "of best accuracy on the other 20 %%")
     parser.add_argument("--pixel-subset", type=int, default=None, help="pixels: train on this many photos")
     parser.add_argument("--image-size", type=int, default=64, help="pixels: photo height and width")
     parser.add_argument("--jobs", type=int, default=1,

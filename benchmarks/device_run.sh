@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a GPU machine: the CUDA tests, the GPU benchmarks, and the raw-pixel
-# Web News classification at full length.
+# Web News classification at full length with the controls (base_matched, random_teacher,
+# random_teacher_offline, shuffled_teacher_offline; the sum loss form, as the feature runs).
 #
 #   OUT=/tmp/gpu WINDOW=540 bash benchmarks/device_run.sh
 #

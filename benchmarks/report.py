@@ -17,7 +17,12 @@ import argparse
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, List
+import sys
+from typing import Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,32 +37,148 @@ PAPER = {
 }
 
 
+#: the loss form of result files written before they recorded it
+LOSS_FORM = {"classification": "mean", "anomaly": "sum", "captioning": "replace"}
+
+
 def cell(rec: Dict) -> str:
     return f"{100 * rec['mean']:.2f} ± {100 * rec['ci95']:.2f}"
 
 
+def fmt_p(p) -> str:
+    return "—" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def delta_cell(stats: Dict) -> str:
+    """``+1.23 [+0.20, +2.26]`` in percentage points (paired over the shared seeds)."""
+    if stats.get("ci95") is None:
+        return f"{100 * stats['delta']:+.2f}"
+    low, high = stats["delta"] - stats["ci95"], stats["delta"] + stats["ci95"]
+    return f"{100 * stats['delta']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def title(payload: Dict) -> str:
+    loss = {"sum": "real rows weigh 1 in every method", "mean": "old loss form: one mean over real and generated rows",
+            "replace": "mixed rows replace real ones"}.get(payload.get("loss_form", LOSS_FORM[payload["task"]]), "")
+    return (f"**{payload['task']} · {payload['dataset']} · student {payload['student']}** "
+            f"({payload.get('student_features', '')} ← teacher {payload.get('teacher_features', payload['teacher'])}; "
+            f"{len(payload['seeds'])} seeds, {payload['epochs']} epochs{', quick' if payload['quick'] else ''}"
+            f"{'; ' + loss if loss else ''})")
+
+
 def table(payload: Dict) -> List[str]:
+    """One row per method: the metric(s), then the paired comparison with base on the same seeds."""
     key = (payload["task"], payload["dataset"], payload["student"])
     paper = PAPER.get(key, {})
+    payload = C.with_paired(payload)
     metrics = [payload["metric"], *payload.get("metrics", {})]
     blocks = {payload["metric"]: payload["methods"], **payload.get("metrics", {})}
-    base = {m: blocks[m].get("base") for m in metrics}
     head = " | ".join(f"{m} (ours)" for m in metrics)
     paper_head = " | ".join(f"{m} (paper)" for m in metrics) if paper else ""
-    lines = [f"**{payload['task']} · {payload['dataset']} · student {payload['student']}** "
-             f"({payload.get('student_features', '')} ← teacher {payload.get('teacher_features', payload['teacher'])}; "
-             f"{len(payload['seeds'])} seeds, {payload['epochs']} epochs{', quick' if payload['quick'] else ''})", "",
-             f"| method | {head} | Δ vs base ({metrics[0]}) |" + (f" {paper_head} |" if paper else ""),
-             "|---" * (2 + len(metrics) + (len(metrics) if paper else 0)) + "|"]
-    for name, rec in payload["methods"].items():
+    lines = [title(payload), "",
+             f"| method | {head} | Δ vs base, paired [95 % CI] ({metrics[0]}) | p | p (Holm) |"
+             + (f" {paper_head} |" if paper else ""),
+             "|---" * (4 + len(metrics) + (len(metrics) if paper else 0)) + "|"]
+    for name in payload["methods"]:
         cells = [cell(blocks[m][name]) for m in metrics]
-        delta = "" if base[metrics[0]] is None else f"{100 * (rec['mean'] - base[metrics[0]]['mean']):+.2f}"
-        row = f"| {name} | " + " | ".join(cells) + f" | {delta} |"
+        stats = payload["paired"].get(name)
+        if name == "base" or stats is None:
+            compare = "— | — | —"
+        elif payload["methods"][name].get("identical_to") == "base":
+            compare = "= base (identical by construction) | — | —"
+        else:
+            compare = f"{delta_cell(stats)} | {fmt_p(stats['p'])} | {fmt_p(stats['p_holm'])}"
+        row = f"| {name} | " + " | ".join(cells) + f" | {compare} |"
         if paper:
             values = paper.get(name.replace("_tuned", "") if not name.endswith("_tuned") else "", ())
             row += " " + " | ".join(f"{v:.2f}" for v in values) + (" |" if values else " — |" * len(metrics))
         lines.append(row)
+    effects = payload["teacher_effect"]
+    if effects:
+        lines += ["", f"Teacher effect (the method minus the same pipeline with an uninformative teacher, paired, "
+                      f"{metrics[0]} points):", "", "| comparison | Δ [95 % CI] | p | p (Holm) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {delta_cell(e)} | {fmt_p(e['p'])} | {fmt_p(e['p_holm'])} |" for name, e in effects.items()]
     return lines
+
+
+def result_files(results: Path) -> List[Path]:
+    """The committed task results (``--quick`` / ``--smoke`` runs are smoke checks, not results)."""
+    return [path for task in ("classification", "anomaly", "captioning")
+            for path in sorted(results.glob(f"{task}-*.json")) if not path.stem.endswith("-quick")]
+
+
+def label(payload: Dict) -> str:
+    space = " pixels" if payload.get("student_space") == "pixels" else ""
+    tag = f" {payload['tag']}" if payload.get("tag") else ""
+    return f"{payload['task']} {payload['dataset']} {payload['student']}{space}{tag}"
+
+
+def effect_summary(results: Path) -> List[str]:
+    """Every teacher effect and every CMDA - base of every result file, in one table."""
+    rows = []
+    for path in result_files(results):
+        payload = C.with_paired(json.loads(path.read_text()))
+        for name, e in payload["teacher_effect"].items():
+            rows.append(f"| {label(payload)} | teacher effect: {name} | {delta_cell(e)} | {fmt_p(e['p'])} | "
+                        f"{fmt_p(e['p_holm'])} | {e['n']} |")
+        for name in ("cmda", "cmda_offline", "mixup"):
+            e = payload["paired"].get(name)
+            if e is not None:
+                rows.append(f"| {label(payload)} | {name} - base | {delta_cell(e)} | {fmt_p(e['p'])} | "
+                            f"{fmt_p(e['p_holm'])} | {e['n']} |")
+    if not rows:
+        return []
+    return ["**Teacher effects and gains over Base, every result file** (paired over the shared seeds, last "
+            "epoch, percentage points; Holm over the comparisons of each file; `random_teacher` / "
+            "`shuffled_teacher` are the same pipeline with an uninformative teacher)", "",
+            "| result | comparison | Δ [95 % CI] | p | p (Holm) | seeds |", "|---|---|---|---|---|---|", *rows]
+
+
+def forest_plot(results: Path, path: Path) -> Optional[Path]:
+    """One row per teacher effect and per CMDA - base: the paired delta with its 95 % CI."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a bench dependency
+        return None
+    rows = []
+    for file in result_files(results):
+        payload = C.with_paired(json.loads(file.read_text()))
+        for name, e in payload["teacher_effect"].items():
+            rows.append((f"{label(payload)}: {name}", e, "tab:red"))
+        for name in ("cmda", "cmda_offline"):
+            if name in payload["paired"]:
+                rows.append((f"{label(payload)}: {name} - base", payload["paired"][name], "tab:blue"))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8.5, 0.28 * len(rows) + 1.2))
+    for y, (name, e, colour) in enumerate(reversed(rows)):
+        ci = e["ci95"] or 0.0
+        ax.errorbar(100 * e["delta"], y, xerr=100 * ci, fmt="o", color=colour, ms=4, capsize=2, lw=1.2)
+    ax.axvline(0, color="0.3", lw=0.8, ls="--")
+    ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=7)
+    ax.set_xlabel("paired difference, percentage points (95 % CI over seeds)")
+    ax.set_title("red: teacher effect (CMDA - same pipeline, uninformative teacher); blue: CMDA - Base", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def refresh_paired(results: Path, write: bool) -> List[str]:
+    """Result files whose ``paired`` / ``teacher_effect`` blocks are missing or stale (rewritten with ``write``)."""
+    stale = []
+    for path in result_files(results):
+        payload = json.loads(path.read_text())
+        fresh = C.with_paired(payload)
+        if fresh != payload:
+            stale.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
+            if write:
+                path.write_text(json.dumps(fresh, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return stale
 
 
 #: GPU rows also show the kernels without the argument checks, and TF32; CPU rows the matmul
@@ -137,18 +258,20 @@ def aligner_table(results: Path) -> List[str]:
 def render(results: Path, plots: str) -> str:
     """The generated Markdown block: task tables with their plots, then the speed table."""
     parts: List[str] = []
-    for task in ("classification", "anomaly", "captioning"):
-        for path in sorted(results.glob(f"{task}-*.json")):
-            if path.stem.endswith("-quick"):  # --quick / --smoke runs: smoke checks, not results
-                continue
-            lines = table(json.loads(path.read_text()))
-            png = path.with_suffix(".png")
-            if png.is_file():
-                lines += ["", f"![{path.stem}: metric per epoch per method]({plots}/{png.name})"]
-            box = path.with_name(path.stem + "-box.png")
-            if box.is_file():
-                lines += ["", f"![{path.stem}: last-epoch metric over seeds]({plots}/{box.name})"]
-            parts.append("\n".join(lines))
+    summary = effect_summary(results)
+    if summary:
+        forest = results / "teacher-effects.png"
+        parts.append("\n".join(summary + ["", f"![Teacher effects and CMDA - Base, every result file]"
+                                               f"({plots}/{forest.name})"]))
+    for path in result_files(results):
+        lines = table(json.loads(path.read_text()))
+        png = path.with_suffix(".png")
+        if png.is_file():
+            lines += ["", f"![{path.stem}: metric per epoch per method]({plots}/{png.name})"]
+        box = path.with_name(path.stem + "-box.png")
+        if box.is_file():
+            lines += ["", f"![{path.stem}: last-epoch metric over seeds]({plots}/{box.name})"]
+        parts.append("\n".join(lines))
     speed = speed_table(results)
     if speed:
         parts.append("\n".join(speed))
@@ -182,7 +305,9 @@ def main() -> None:
     if not (args.write or args.check):
         print(render(results, "results"))
         return
-    stale = []
+    stale = refresh_paired(results, args.write)
+    if args.write:
+        forest_plot(results, results / "teacher-effects.png")
     assets = REPO / "docs" / "assets" / "results"
     for path, plots in TARGETS.items():
         text = path.read_text(encoding="utf-8")

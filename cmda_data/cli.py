@@ -6,6 +6,8 @@ Subcommands:
   draw them (PNG + JSON summary);
 * ``cmda bank build``: fit a bank (GMM, M by BIC) on embeddings stored as ``.npy`` files;
 * ``cmda bank info``: describe a saved bank;
+* ``cmda probe``: does the teacher matter on my data? Base, Mixup, CMDA and CMDA with a random
+  teacher on an ``.npz`` of features and labels, paired over seeds (JSON + forest plot);
 * ``cmda version``: versions of cmda_data, torch and Python.
 
 Errors are reported as one line, ``cmda: error: <message> (hint: <fix>)``, with exit
@@ -174,6 +176,20 @@ def _cmd_bank_info(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace, out: TextIO) -> int:
+    from .probe import probe
+
+    probe(args.data, student=args.student, teacher=args.teacher, label=args.label, train_size=args.train_size,
+          train_frac=args.train_frac, seeds=args.seeds, epochs=args.epochs, aligner_epochs=args.aligner_epochs,
+          quick=args.quick, methods=args.methods, loss_form=args.loss_form, batch_size=args.batch_size,
+          threads=args.threads or None, out=args.out, progress=not args.no_progress,
+          echo=lambda line: print(line, file=out, flush=True))
+    folder = Path(args.out)
+    written = [str(folder / name) for name in ("probe.json", "probe.png") if (folder / name).is_file()]
+    print("wrote " + ", ".join(written), file=out)
+    return 0
+
+
 def _cmd_version(args: argparse.Namespace, out: TextIO) -> int:
     import torch
 
@@ -200,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  cmda demo                         # the main job: built-in shapes, under two minutes on CPU\n"
                "  cmda demo --data wikipedia        # the same on ../shared/data (or $CMDA_DATA_DIR)\n"
                "  cmda bank build --student z_img.npy --teacher z_txt.npy --out bank/\n"
-               "  cmda bank info bank/\n\n"
+               "  cmda bank info bank/\n"
+               "  cmda probe data.npz --student image --teacher text --label label --quick\n\n"
                "run 'cmda COMMAND --help' for the options of a command.")
     _add_debug(parser, top=True)
     parser.add_argument("--version", action="version", version=_version_line(),
@@ -275,6 +292,48 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
     _add_debug(info, top=False)
     info.set_defaults(func=_cmd_bank_info)
+
+    probe = commands.add_parser(
+        "probe", formatter_class=_Formatter,
+        help="does the teacher help on my data? (Base, Mixup, CMDA, uninformative-teacher controls)",
+        description="Does the teacher matter on your data? On one stratified split (seed 0) of DATA, train the same\n"
+                    "MLP classifier on the student features with each method, on every seed:\n"
+                    "  base, base_matched (= base under --loss-form sum), mixup, cmda (aligner + bank + CMDACollate)\n"
+                    "  random_teacher and shuffled_teacher (cmda with random / permuted teacher latents).\n"
+                    "The result is the held-out accuracy after the last epoch. Writes DIR/probe.json (per-seed\n"
+                    "results, paired differences with Base, the teacher effect cmda - random_teacher, Holm's\n"
+                    "correction) and DIR/probe.png (forest plot), and prints the table.",
+        epilog="example:\n  cmda probe data.npz --student image --teacher text --label label --quick\n\n"
+               "DATA.npz: numpy.savez(path, image=X, text=T, label=y), X [N, d] and T [N, t] float, y [N] int.")
+    probe.add_argument("data", metavar="DATA.npz", help="the arrays, saved with numpy.savez (never unpickled)")
+    probe.add_argument("--student", required=True, metavar="KEY",
+                       help="key of the [N, d] student features (mixed and classified); required")
+    probe.add_argument("--teacher", required=True, metavar="KEY",
+                       help="key of the [N, t] teacher features (guide the mixing); required")
+    probe.add_argument("--label", required=True, metavar="KEY", help="key of the [N] integer labels; required")
+    probe.add_argument("--train-size", type=int, default=None, dest="train_size", metavar="N",
+                       help="train rows; the rest is held out (default: --train-frac)")
+    probe.add_argument("--train-frac", type=float, default=None, dest="train_frac", metavar="F",
+                       help="share of train rows (default: 0.8)")
+    probe.add_argument("--seeds", type=int, default=None, metavar="N", help="training seeds (default: 5; --quick 3)")
+    probe.add_argument("--epochs", type=int, default=None, metavar="E",
+                       help="classifier epochs (default: 50; --quick 15)")
+    probe.add_argument("--aligner-epochs", type=int, default=None, dest="aligner_epochs", metavar="E",
+                       help="contrastive aligner epochs (default: 30; --quick 10)")
+    probe.add_argument("--quick", action="store_true", help="3 seeds, 15 epochs, aligner 10 epochs")
+    probe.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                       help="methods to run, base included (default: all of base base_matched mixup cmda "
+                            "random_teacher shuffled_teacher)")
+    probe.add_argument("--loss-form", default="sum", dest="loss_form", metavar="{sum,mean}",
+                       help="sum: CE(real) + CE(generated), the real rows weigh 1 in every method; "
+                            "mean: one mean over all rows (base_matched then weighs Base's loss by 1/2)")
+    probe.add_argument("--batch-size", type=int, default=128, dest="batch_size", metavar="B", help="real rows per step")
+    probe.add_argument("--threads", type=int, default=1, metavar="T",
+                       help="torch CPU threads (0: torch's default); the models are small, one is usually fastest")
+    probe.add_argument("--out", default="cmda_probe_out", metavar="DIR", help="folder for probe.json and probe.png")
+    probe.add_argument("--no-progress", action="store_true", dest="no_progress", help="hide the progress bar")
+    _add_debug(probe, top=False)
+    probe.set_defaults(func=_cmd_probe)
 
     version = commands.add_parser("version", formatter_class=_Formatter, help="print the versions",
                                   description="Print the versions of cmda-data, torch and Python.")
