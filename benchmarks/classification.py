@@ -82,22 +82,36 @@ def mlp_trunk(in_dim: int, seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, 512), nn.ReLU(), nn.Dropout(0.2), nn.Linear(512, 256), nn.ReLU())
 
 
+PIXEL_TRUNKS = {"resnet18": ("ResNet-18 from scratch", 512, 0.05),
+                "effnet_lite0": ("EfficientNet-Lite0 (ImageNet weights), fine-tuned", 1280, 0.01)}
+
+
 class PixelTrunk(nn.Module):
-    """torchvision ResNet-18 from scratch (no pretrained weights) -> 512 features; ImageNet-style
-    stem kept (64 px inputs give 2x2 maps at the last stage)."""
+    """Photos in [0, 1] -> features: torchvision ResNet-18 from scratch (no pretrained weights,
+    512 features; ImageNet-style stem kept, 64 px inputs give 2x2 maps at the last stage), or
+    the ImageNet EfficientNet-Lite0 fine-tuned (1280 features; 224 px inputs, the size its
+    "same" padding is built for)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, kind: str = "resnet18") -> None:
         super().__init__()
-        from torchvision.models import resnet18
-
         torch.manual_seed(seed)
-        self.net = resnet18(weights=None)
-        self.net.fc = nn.Identity()
+        if kind == "effnet_lite0":
+            from cmda_data.encoders import efficientnet_lite0_image_encoder
+
+            self.net = efficientnet_lite0_image_encoder(pretrained=True, trainable=True, seed=seed).backbone
+            self.pool = True
+        else:
+            from torchvision.models import resnet18
+
+            self.net = resnet18(weights=None)
+            self.net.fc = nn.Identity()
+            self.pool = False
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        return self.net.extract_features(x).mean(dim=(2, 3)) if self.pool else self.net(x)
 
 
 def augment_pixels(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -160,7 +174,7 @@ def prepare(dataset: str, student: str, space: str, *, study: bool, quick_pixels
 def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: int, epochs: int,
             cfg: T.MixConfig, device: torch.device, *, batch_size: int = 128,
             aligner_epochs: int = 30, loss_form: str = "sum", gen_weight: float = 1.0,
-            gen_per_real: int = 1) -> Any:
+            gen_per_real: int = 1, pixel_trunk: str = "resnet18") -> Any:
     """Train one model; return the eval-set accuracy after every epoch (and, when ``data``
     has a validation split, ``(eval curve, validation curve)``).
 
@@ -174,8 +188,8 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
     train, evaluation, num_classes = data["train"], data["eval"], data["num_classes"]
     teacher = T.other(student)
     gen = C.generator(seed, 1)
-    trunk = PixelTrunk(seed) if space == "pixels" else mlp_trunk(train[student].shape[1], seed)
-    width = 512 if space == "pixels" else 256
+    trunk = PixelTrunk(seed, pixel_trunk) if space == "pixels" else mlp_trunk(train[student].shape[1], seed)
+    width = PIXEL_TRUNKS[pixel_trunk][1] if space == "pixels" else 256
     torch.manual_seed(seed + 7)
     classifier = nn.Linear(width, num_classes)
     params = list(trunk.parameters()) + list(classifier.parameters())
@@ -204,7 +218,8 @@ def run_one(method: str, data: Dict[str, Any], student: str, space: str, seed: i
     trunk.to(device), classifier.to(device)
     if aligner is not None:
         aligner.to(device)
-    opt = torch.optim.SGD(params, lr=0.01 if space == "features" else 0.05, momentum=0.9, weight_decay=1e-4)
+    lr = 0.01 if space == "features" else PIXEL_TRUNKS[pixel_trunk][2]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=C.generator(seed, 2),
                         collate_fn=collate, drop_last=False)
@@ -276,7 +291,8 @@ def _task(data: Dict[str, Any], method: str, cfg: Dict[str, Any], seed: int, spe
     """One (method, configuration, seed) training run (in a worker process with ``--jobs``)."""
     return run_one(method, data, spec["student"], spec["space"], seed, spec["epochs"], T.MixConfig(**cfg),
                    torch.device(spec["device"]), aligner_epochs=spec["aligner_epochs"],
-                   loss_form=spec["loss_form"], gen_weight=spec["gen_weight"], gen_per_real=spec["gen_per_real"])
+                   loss_form=spec["loss_form"], gen_weight=spec["gen_weight"], gen_per_real=spec["gen_per_real"],
+                   pixel_trunk=spec.get("pixel_trunk", "resnet18"))
 
 
 def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool, data: Dict[str, Any],
@@ -289,7 +305,7 @@ def run_tasks(args: argparse.Namespace, dataset: str, student: str, study: bool,
     """
     spec = {"student": student, "space": args.student_space, "epochs": args.epochs,
             "aligner_epochs": args.aligner_epochs, "device": str(args.device), "loss_form": args.loss_form,
-            "gen_weight": args.gen_weight, "gen_per_real": args.gen_per_real}
+            "gen_weight": args.gen_weight, "gen_per_real": args.gen_per_real, "pixel_trunk": args.pixel_trunk}
     prepare_kwargs = {"dataset": dataset, "student": student, "space": args.student_space, "study": study,
                       "quick_pixels": args.pixel_subset, "image_size": args.image_size, **data_options(args)}
     done: Dict[tuple, Dict[str, Any]] = {}
@@ -431,8 +447,8 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     seeds = list(range(args.seeds))
     methods: Dict[str, Any] = {}
     configs: Dict[str, Any] = {}
-    suffix = "-".join(part for part in ("" if args.student_space == "features" else "pixels", *variant_parts(args),
-                                        args.tag) if part)
+    space = "" if args.student_space == "features" else "pixels" if args.pixel_trunk == "resnet18" else "pixels-effnet"
+    suffix = "-".join(part for part in (space, *variant_parts(args), args.tag) if part)
     path = C.result_path(args.out, "classification", dataset, student, suffix, quick=args.quick)
     plan = [] if args.add_tuned else [(m, T.FAITHFUL) for m in args.methods]
     studies = {m: tuned_study(args, dataset, student, m) for m in args.methods if m.startswith("cmda")}
@@ -491,7 +507,8 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
     payload = {
         "task": "classification", "dataset": dataset, "student": student, "teacher": T.other(student),
         "student_space": args.student_space,
-        "student_features": f"photos {args.image_size}px, ResNet-18 from scratch" if args.student_space == "pixels"
+        "student_features": f"photos {args.image_size}px, {PIXEL_TRUNKS[args.pixel_trunk][0]}"
+        if args.student_space == "pixels"
         else T.feature_name(dataset, student, args.text_features),
         "teacher_features": T.feature_name(dataset, T.other(student), args.text_features),
         "metric": "accuracy", "quick": bool(args.quick), "seeds": seeds, "seeds_requested": args.seeds,
@@ -553,7 +570,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="train on 80 %% of the train rows and report each seed's test accuracy at its epoch "
                              "of best accuracy on the other 20 %%")
     parser.add_argument("--pixel-subset", type=int, default=None, help="pixels: train on this many photos")
-    parser.add_argument("--image-size", type=int, default=64, help="pixels: photo height and width")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="pixels: photo height and width (default 64; effnet_lite0: 224)")
+    parser.add_argument("--pixel-trunk", default="resnet18", choices=tuple(PIXEL_TRUNKS),
+                        help="pixels: ResNet-18 from scratch, or the ImageNet EfficientNet-Lite0 fine-tuned")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs (method x seed) in parallel processes (a GPU or a many-core machine)")
     parser.add_argument("--max-minutes", type=float, default=None,
@@ -567,6 +587,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     C.env_threads()
     C.resolve_preset(args, default_epochs=50 if args.student_space == "features" else 60,
                      quick_epochs=12 if args.student_space == "features" else 2, smoke_epochs=2)
+    args.image_size = args.image_size or (224 if args.pixel_trunk == "effnet_lite0" else 64)
+    if args.pixel_trunk == "effnet_lite0" and args.image_size != 224:
+        raise SystemExit(f"--image-size: expected 224 for --pixel-trunk effnet_lite0, got {args.image_size}")
     if args.student_space == "pixels":
         args.dataset = "webnews" if args.dataset == "all" else args.dataset
         if args.dataset != "webnews":

@@ -4,6 +4,8 @@
 # random_teacher_offline, shuffled_teacher_offline; the sum loss form, as the feature runs).
 #
 #   OUT=/tmp/gpu WINDOW=540 bash benchmarks/device_run.sh
+#   OUT=/tmp/gpu PIXEL_TRUNK=effnet_lite0 EPOCHS=30 bash benchmarks/device_run.sh   # fine-tune the ImageNet
+#       EfficientNet-Lite0 at 224 px instead (make the data with make_devdata.py --short-side 224: 56 MiB)
 #
 # Phases (each under its own `timeout`, so one failure does not cost the others):
 #   1. bench_mixing, bench_online and bench_gmm on a quiet GPU (the figures we report);
@@ -23,6 +25,7 @@ EPOCHS=${EPOCHS:-60}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}         # DEVICE=cpu PIXEL_ARGS=--smoke MIXING_ARGS="--quick --cases vec1024" tries the plumbing
 PIXEL_ARGS=${PIXEL_ARGS:-}
+PIXEL_TRUNK=${PIXEL_TRUNK:-resnet18}  # or effnet_lite0 (the teacher-study pixel run of docs/when-it-helps.md)
 MIXING_ARGS=${MIXING_ARGS:-}
 GMM_ARGS=${GMM_ARGS:-}
 ONLINE_ARGS=${ONLINE_ARGS:-}
@@ -50,7 +53,8 @@ MARGIN=${MARGIN:-150}
 LEFT=$(( WINDOW - $(elapsed) - 15 ))
 MAXMIN=$($PY -c "print(max(0.5, ($LEFT - $MARGIN) / 60))")
 echo "== pixels at $(elapsed) s: $LEFT s left, --max-minutes $MAXMIN, --jobs $JOBS, --epochs $EPOCHS" >>"$LOG"
-timeout "$LEFT" $PY benchmarks/classification.py --student-space pixels --device "$DEVICE" --epochs "$EPOCHS" \
+timeout "$LEFT" $PY benchmarks/classification.py --student-space pixels --pixel-trunk "$PIXEL_TRUNK" \
+  --device "$DEVICE" --epochs "$EPOCHS" \
   --jobs "$JOBS" --max-minutes "$MAXMIN" --no-progress --out "$OUT" $PIXEL_ARGS >"$OUT/pixels.log" 2>&1 &
 PIXELS=$!
 

@@ -281,9 +281,48 @@ def render(results: Path, plots: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+STUDY_COMPARISONS = (("cmda_offline - random_teacher_offline", "teacher_effect"),
+                     ("cmda_offline - shuffled_teacher_offline", "teacher_effect"),
+                     ("cmda_offline", "paired"), ("mixup", "paired"))
+
+
+def when_tables(results: Path, plots: str) -> str:
+    """docs/when-it-helps.md: one table per study of ``teacher_studies.py`` (results/when-*.json)."""
+    parts: List[str] = []
+    summary = results / "when-it-helps.png"
+    if summary.is_file():
+        parts.append(f"![Teacher effect in every setting of every study]({plots}/{summary.name})")
+    for path in sorted(results.glob("when-*.json")):
+        if path.stem.endswith("-quick"):
+            continue
+        study = json.loads(path.read_text())
+        lines = [f"**{study['study']}**: {study['what']} (`{path.name}`)", "",
+                 "| setting | metric | teacher effect vs random | vs shuffled | CMDA - Base | Mixup - Base | "
+                 "Base |", "|---|---|---|---|---|---|---|"]
+        for record in study["settings"]:
+            for metric, blocks in record["comparisons"].items():
+                if metric.startswith("aupr"):
+                    continue
+                cells = []
+                for name, block in STUDY_COMPARISONS:
+                    e = blocks[block].get(name)
+                    cells.append("—" if e is None else f"{delta_cell(e)}, p {fmt_p(e['p'])}")
+                base = record["methods"][metric].get("base")
+                lines.append(f"| {record['label']} | {metric} | " + " | ".join(cells) +
+                             f" | {'—' if base is None else cell(base)} |")
+        png = path.with_suffix(".png")
+        if png.is_file():
+            lines += ["", f"![{path.stem}]({plots}/{png.name})"]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n" if parts else "(no study has run yet)\n"
+
+
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = {REPO / "benchmarks" / "README.md": "results", REPO / "docs" / "benchmarks.md": "assets/results"}
+#: file -> (the path of the plots from there, the block's renderer)
+TARGETS = {REPO / "benchmarks" / "README.md": ("results", render),
+           REPO / "docs" / "benchmarks.md": ("assets/results", render),
+           REPO / "docs" / "when-it-helps.md": ("assets/results", when_tables)}
 
 
 def _replace_block(text: str, block: str, path: Path) -> str:
@@ -309,9 +348,9 @@ def main() -> None:
     if args.write:
         forest_plot(results, results / "teacher-effects.png")
     assets = REPO / "docs" / "assets" / "results"
-    for path, plots in TARGETS.items():
+    for path, (plots, renderer) in TARGETS.items():
         text = path.read_text(encoding="utf-8")
-        new = _replace_block(text, render(results, plots), path)
+        new = _replace_block(text, renderer(results, plots), path)
         if new != text:
             stale.append(str(path.relative_to(REPO)))
             if args.write:

