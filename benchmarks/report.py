@@ -310,6 +310,9 @@ def when_tables(results: Path, plots: str) -> str:
                 base = record["methods"][metric].get("base")
                 lines.append(f"| {record['label']} | {metric} | " + " | ".join(cells) +
                              f" | {'—' if base is None else cell(base)} |")
+        if study.get("pending"):
+            lines += ["", f"Not run yet ({len(study['pending'])} settings; `teacher_studies.py {study['study']}` "
+                          f"runs them): " + "; ".join(study["pending"]) + "."]
         png = path.with_suffix(".png")
         if png.is_file():
             lines += ["", f"![{path.stem}]({plots}/{png.name})"]

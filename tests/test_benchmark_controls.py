@@ -139,8 +139,15 @@ def test_teacher_study_smoke(study, tmp_path):
     run = json.loads((tmp_path / setting["file"]).read_text())
     assert effects == run["teacher_effect"]  # the study keeps the run's own paired block
     assert (tmp_path / f"when-{study}-quick.png").is_file() and (tmp_path / "when-it-helps-quick.png").is_file()
+    # --collect-only runs nothing: the study lists the settings without a result as pending
+    done = subprocess.run([sys.executable, str(BENCH / "teacher_studies.py"), study, "--smoke", "--collect-only",
+                           "--out", str(tmp_path), "--no-progress"], cwd=BENCH.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    partial = json.loads((tmp_path / f"when-{study}-quick.json").read_text())
+    assert partial["settings"] == summary["settings"] and len(partial["pending"]) >= 3
     if study == "anomaly-normal-sets":
-        assert run["dataset"] == "wikipedia" and run["normal_classes"] == [7, 8, 9]
+        assert run["dataset"] == "webnews" and run["student"] == "text" and run["normal_classes"] == [2, 6, 9]
         assert "auroc_all_abnormal" in setting["comparisons"]
     if study == "train-size":
         assert run["train_frac"] == 0.1 and all("selected_epoch" in rec for rec in run["methods"].values())
