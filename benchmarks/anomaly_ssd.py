@@ -65,7 +65,7 @@ def prepare(dataset: str, *, study: bool = False, normal: Optional[List[int]] = 
     ``auroc_all_abnormal`` / ``aupr_all_abnormal``.
     """
     table = T.load_table(dataset)
-    normal = list(NORMAL[dataset] if normal is None else normal)
+    normal = normal_list = list(NORMAL[dataset] if normal is None else normal)
     parts = anomaly_split(table.labels.numpy(), normal, table.is_train.numpy(), variant="split")
     train_rows, test_rows, target = parts["train_normal"], parts["test"], parts["test_target"]
     extra = {}
@@ -86,7 +86,8 @@ def prepare(dataset: str, *, study: bool = False, normal: Optional[List[int]] = 
     if extra:
         sizes["all_abnormal_test_anomaly"] = int((extra["all_abnormal"]["target"] == 1).sum())
     return {"train": T.columns(table, train_rows, train_rows), "test": T.columns(table, test_rows, train_rows),
-            "target": target, "extra_tests": extra, "sizes": sizes}
+            "target": target, "extra_tests": extra, "sizes": sizes,
+            "class_names": [table.class_names[c] if c < len(table.class_names) else str(c) for c in normal_list]}
 
 
 def normal_classes(args: argparse.Namespace, dataset: str) -> List[int]:
@@ -97,11 +98,6 @@ def normal_classes(args: argparse.Namespace, dataset: str) -> List[int]:
         return sorted({int(c) for c in args.normal.split(",")})
     except ValueError:
         raise SystemExit(f"--normal: expected comma-separated class ids such as 0,3,7, got {args.normal!r}")
-
-
-def class_names(dataset: str, classes: List[int]) -> List[str]:
-    names = T.load_table(dataset).class_names
-    return [names[c] if c < len(names) else str(c) for c in classes]
 
 
 def trunk_for(in_dim: int, seed: int) -> nn.Module:
@@ -309,7 +305,7 @@ def run_benchmark(args: argparse.Namespace, dataset: str, student: str) -> Path:
         "task": "anomaly", "dataset": dataset, "student": student, "teacher": T.other(student),
         "student_features": T.FEATURE_NAMES[dataset][student],
         "teacher_features": T.FEATURE_NAMES[dataset][T.other(student)],
-        "normal_classes": normal, "normal_class_names": class_names(dataset, normal), "split": data["sizes"],
+        "normal_classes": normal, "normal_class_names": data["class_names"], "split": data["sizes"],
         "metric": "auroc", "quick": bool(args.quick), "seeds": seeds, "epochs": args.epochs,
         "aligner_epochs": args.aligner_epochs, "loss_form": "sum",
         "loss": "L_SSD(real views) + L_SSD(generated view, second real view) at weight 1",
