@@ -43,8 +43,9 @@ def test_task_loss_forms_on_a_hand_case():
     real, gen = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.5, 0.5]])
     ce = -(torch.cat([real, gen]) * torch.log_softmax(logits, 1)).sum(1)
     assert _tasks.task_loss(logits, [real, gen], loss_form="mean") == pytest.approx(float(ce.mean()))
+    # each generated row weighs gen_weight times a real row: (sum of generated CE) / B real rows
     summed = _tasks.task_loss(logits, [real, gen], loss_form="sum", gen_weight=0.5)
-    assert summed == pytest.approx(float(ce[:2].mean() + 0.5 * ce[2]))
+    assert summed == pytest.approx(float(ce[:2].mean() + 0.5 * ce[2] / 2))
     assert _tasks.task_loss(logits[:2], [real], loss_form="sum", scale=0.5) == pytest.approx(float(ce[:2].mean()) / 2)
     # the real rows of an augmented method under "mean" weigh 1 / (1 + p) of Base's: base_matched copies that
     assert _tasks.matched_scale("mean", _tasks.FAITHFUL) == 0.5 and _tasks.matched_scale("sum", _tasks.FAITHFUL) == 1
