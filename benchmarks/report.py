@@ -136,13 +136,8 @@ def effect_summary(results: Path) -> List[str]:
 
 def forest_plot(results: Path, path: Path) -> Optional[Path]:
     """One row per teacher effect and per CMDA - base: the paired delta with its 95 % CI."""
-    try:
-        import matplotlib
+    from teacher_studies import forest
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is a bench dependency
-        return None
     rows = []
     for file in result_files(results):
         payload = C.with_paired(json.loads(file.read_text()))
@@ -153,19 +148,8 @@ def forest_plot(results: Path, path: Path) -> Optional[Path]:
                 rows.append((f"{label(payload)}: {name} - base", payload["paired"][name], "tab:blue"))
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(8.5, 0.28 * len(rows) + 1.2))
-    for y, (name, e, colour) in enumerate(reversed(rows)):
-        ci = e["ci95"] or 0.0
-        ax.errorbar(100 * e["delta"], y, xerr=100 * ci, fmt="o", color=colour, ms=4, capsize=2, lw=1.2)
-    ax.axvline(0, color="0.3", lw=0.8, ls="--")
-    ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=7)
-    ax.set_xlabel("paired difference, percentage points (95 % CI over seeds)")
-    ax.set_title("red: teacher effect (CMDA - same pipeline, uninformative teacher); blue: CMDA - Base", fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return forest(rows, path, "red: teacher effect (CMDA - same pipeline, uninformative teacher);\n"
+                              "blue: CMDA - Base (paired, 95 % CI over seeds)")
 
 
 def refresh_paired(results: Path, write: bool) -> List[str]:

@@ -214,8 +214,8 @@ def collect(study: str, args: argparse.Namespace) -> Path:
     out.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     metrics = lambda r: [m for m in r["comparisons"] if m.startswith("auroc") or m == "accuracy"]  # noqa: E731
     rows = [row for r in records for m in metrics(r) for row in forest_rows(r, m)]
-    forest(rows, out.with_suffix(".png"), f"{study}: red = teacher effect (CMDA - same pipeline, uninformative "
-                                          f"teacher), blue = CMDA - Base")
+    forest(rows, out.with_suffix(".png"), f"{study}: red = teacher effect (CMDA - same pipeline,\n"
+                                          f"uninformative teacher), blue = CMDA - Base")
     print(f"wrote {out}", flush=True)
     return out
 
@@ -233,7 +233,8 @@ def summary(out: Path, quick: bool = False) -> Optional[Path]:
     if not rows:
         return None
     return forest(rows, Path(out) / f"when-it-helps{'-quick' if quick else ''}.png",
-                  "Teacher effect: CMDA minus the same pipeline with a random / shuffled teacher (paired, 5 seeds)")
+                  "Teacher effect: CMDA minus the same pipeline with a random / shuffled teacher\n"
+                  "(paired over 5 seeds, 95 % CI)")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
