@@ -100,7 +100,7 @@ def t_cdf(t: float, dof: float) -> float:
     Returns:
         ``P(T <= t)`` as a float.
 
-    Example:
+    Examples:
         >>> t_cdf(0.0, 5)
         0.5
         >>> t_cdf(2.0, 10)
@@ -129,7 +129,7 @@ def t_ppf(q: float, dof: float) -> float:
     Returns:
         ``t`` such that ``t_cdf(t, dof) == q``.
 
-    Example:
+    Examples:
         >>> t_ppf(0.975, 10)
         2.228139
         >>> t_ppf(0.5, 3)
@@ -199,7 +199,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, level: float = 
     Raises:
         ValidationError: empty input, lengths that differ, non-finite values, bad ``level``.
 
-    Example:
+    Examples:
         >>> paired_comparison([0.80, 0.82, 0.79], [0.78, 0.80, 0.78])
         {'delta': 0.01666..., 'ci95': 0.01434..., 'p': 0.0377..., 'n': 3}
         >>> paired_comparison([1.0], [0.5])
@@ -236,7 +236,7 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
         The adjusted p-values in input order: ``min(1, max_{j <= i} (m - j) p_(j))`` over
         the ascending order ``p_(0) <= p_(1) <= ...``.
 
-    Example:
+    Examples:
         >>> holm([0.01, 0.04, 0.03])
         [0.03, 0.06, 0.06]
         >>> holm([0.2, None, 0.9])
@@ -285,7 +285,7 @@ def compare_methods(per_seed: Mapping[str, Sequence[float]], *, reference: str =
         {"method - control": {"method", "control", "delta", "ci95", "p", "p_holm", "n"}}}``.
         ``p_holm`` is Holm's correction over *all* the comparisons returned (both blocks).
 
-    Example:
+    Examples:
         >>> runs = {"base": [0.70, 0.72, 0.71], "cmda": [0.75, 0.76, 0.74],
         ...         "random_teacher": [0.74, 0.76, 0.73]}
         >>> out = compare_methods(runs)
