@@ -28,7 +28,7 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
-from cmda_data.mixture import GaussianMixture
+from cmda_data.core.mixture import GaussianMixture
 
 KINDS = ("full", "tied", "diag", "spherical")
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_gmm.json"

@@ -67,8 +67,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmda_data.bank import EmbeddingBank  # noqa: E402
-from cmda_data.collate import CMDACollate  # noqa: E402
-from cmda_data.dataset import IndexedDataset  # noqa: E402
+from cmda_data.augment.collate import CMDACollate  # noqa: E402
+from cmda_data.augment.dataset import IndexedDataset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_loader.json"
 N, BATCH, WORKERS, NUM_CLASSES, TEXT_DIM, LATENT_DIM = 4096, 64, 2, 10, 384, 128

@@ -65,8 +65,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmda_data import _kernels as Kn  # noqa: E402
-from cmda_data import functional as Fn  # noqa: E402
+from cmda_data.core import _kernels as Kn  # noqa: E402
+from cmda_data.core import functional as Fn  # noqa: E402
 
 try:
     from tqdm import tqdm

@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 import _tasks as T  # noqa: E402
-from cmda_data.dataset import IndexedDataset  # noqa: E402
+from cmda_data.augment.dataset import IndexedDataset  # noqa: E402
 from cmda_data.datasets import classification_split, load_webnews, validation_split  # noqa: E402
 
 METHODS = ("base", "base_matched", "mixup", "cmda", "cmda_offline", "random_teacher", "random_teacher_offline",
@@ -96,7 +96,7 @@ class PixelTrunk(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         if kind == "effnet_lite0":
-            from cmda_data.encoders import efficientnet_lite0_image_encoder
+            from encoders import efficientnet_lite0_image_encoder
 
             self.net = efficientnet_lite0_image_encoder(pretrained=True, trainable=True, seed=seed).backbone
             self.pool = True

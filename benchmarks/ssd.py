@@ -51,7 +51,7 @@ def _cluster_labels(train: np.ndarray, clusters: int, method: str, seed: int) ->
     if method == "gmm":
         import torch
 
-        from cmda_data.mixture import GaussianMixture
+        from cmda_data.core.mixture import GaussianMixture
 
         gmm = GaussianMixture(clusters, covariance_type="diag", random_state=seed)
         return gmm.fit_predict(torch.from_numpy(train).float()).cpu().numpy()

@@ -26,11 +26,10 @@ _EXPORTS = {
     "ShapeError": ".exceptions",
     "SkippedSamplesWarning": ".exceptions",
     "ValidationError": ".exceptions",
-    "MixPlan": ".plan",
-    "apply": ".plan",
-    "make_plan": ".plan",
-    "GaussianMixture": ".mixture",
-    "select_n_components": ".mixture",
+    "MixPlan": ".core.plan",
+    "make_plan": ".core.plan",
+    "GaussianMixture": ".core.mixture",
+    "select_n_components": ".core.mixture",
     "Aligner": ".aligners",
     "CLIPAligner": ".aligners",
     "ContrastiveAligner": ".aligners",
@@ -39,22 +38,19 @@ _EXPORTS = {
     "list_aligners": ".aligners",
     "load_aligner": ".aligners",
     "register_aligner": ".aligners",
-    "BankRows": ".bank",
     "EmbeddingBank": ".bank",
-    "CrossModalAugmentedDataset": ".dataset",
-    "IndexedDataset": ".dataset",
-    "CMDACollate": ".collate",
-    "CMDAugment": ".module",
-    "CandidateBuffer": ".streaming",
-    "SafeDecoder": ".streaming",
-    "SkipCounter": ".streaming",
-    "cmda_mix": ".streaming",
-    "read_shards": ".streaming",
-    "write_shards": ".streaming",
+    "CrossModalAugmentedDataset": ".augment.dataset",
+    "IndexedDataset": ".augment.dataset",
+    "CMDACollate": ".augment.collate",
+    "CMDAugment": ".augment.module",
+    "CandidateBuffer": ".augment.buffer",
+    "read_shards": ".io.shards",
+    "write_shards": ".io.shards",
     "build_bank_distributed": ".distributed",
 }
 
-_SUBMODULES = ("datasets", "distributed", "functional", "losses", "streaming")
+# subpackages and public modules, imported on first attribute access (``cmda_data.core.functional``)
+_SUBMODULES = ("aligners", "augment", "bank", "controls", "core", "datasets", "distributed", "io", "stats")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

@@ -72,7 +72,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 # -------------------------------------------------------------------------------- commands
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    from ._demo import DemoConfig, run_demo
+    from .demo._job import DemoConfig, run_demo
 
     config = DemoConfig(out=Path(args.out), data=args.data, seed=args.seed, epochs=args.epochs, n=args.n,
                         device=args.device, rows=args.rows, top_k=args.top_k, pool_size=args.pool_size,
@@ -116,7 +116,7 @@ def _parse_candidates(text: str) -> List[int]:
 
 
 def _cmd_bank_build(args: argparse.Namespace, out: TextIO) -> int:
-    from .bank import EmbeddingBank
+    from .bank._bank import EmbeddingBank
 
     if args.student_name == args.teacher_name:
         raise CLIError(f"--student-name and --teacher-name: expected two different names, got {args.student_name!r} "
@@ -139,7 +139,7 @@ def _cmd_bank_build(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_bank_info(args: argparse.Namespace, out: TextIO) -> int:
-    from .bank import EmbeddingBank
+    from .bank._bank import EmbeddingBank
 
     folder = Path(args.dir)
     if not folder.is_dir():

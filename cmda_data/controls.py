@@ -44,11 +44,11 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ._bank_build import embeds_by_index
-from ._bank_fit import fit_mixture
-from ._seeding import hash_ints
-from ._validation import fail
-from .bank import EmbeddingBank
+from .bank._bank import EmbeddingBank
+from .bank._build import embeds_by_index
+from .bank._fit import fit_mixture
+from .core._seeding import hash_ints
+from .core._validation import fail
 from .exceptions import ShapeError
 
 __all__ = ["RandomTeacherAligner", "ShuffledTeacherAligner", "random_teacher", "shuffled_teacher"]

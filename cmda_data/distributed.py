@@ -9,7 +9,7 @@ JSON bytes in a ``uint8`` tensor.
 * :func:`rank_seed`, :func:`rank_generator`: seeds from ``(seed, epoch, rank)`` with the
   splitmix64 hash the entry points use for ``(seed, epoch, rank, index)``. The entry
   points (:class:`~cmda_data.CMDACollate`, :class:`~cmda_data.CrossModalAugmentedDataset`,
-  :class:`~cmda_data.CMDAugment`, :class:`~cmda_data.streaming.CandidateBuffer`) take this
+  :class:`~cmda_data.CMDAugment`, :class:`~cmda_data.CandidateBuffer`) take this
   process's rank by default (``rank=None``), so ranks draw differently for the same index.
 * :func:`shard_indices`: the interleaved indices of a rank (``rank::world_size``, no padding).
 * :func:`build_bank_distributed`: each rank embeds its shard, the embeddings are
@@ -31,8 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ._seeding import hash_ints
-from ._validation import check_int, fail
+from .core._seeding import hash_ints
+from .core._validation import check_int, fail
 from .exceptions import CMDAError, ShapeError
 
 __all__ = [
@@ -243,7 +243,7 @@ def _broadcast_bytes(data: Optional[bytes], *, src: int, group: Any) -> bytes:
 
 def _bank_payload(bank: Any) -> tuple:
     """``(header dict, tensors dict)`` describing a bank (JSON-safe header, CPU tensors)."""
-    from ._bank_fit import gmm_state
+    from .bank._fit import gmm_state
 
     tensors: Dict[str, torch.Tensor] = dict(bank._tensors())
     gmm_config, gmm_tensors = gmm_state(bank.gmm)
@@ -257,8 +257,8 @@ def _bank_payload(bank: Any) -> tuple:
 
 def _broadcast_bank(bank: Any, error: Optional[BaseException], *, src: int, group: Any) -> Any:
     """Broadcast ``bank`` (or ``error``) from ``src``; every rank returns the bank or raises."""
-    from ._bank_fit import gmm_from_state
-    from .bank import EmbeddingBank
+    from .bank._bank import EmbeddingBank
+    from .bank._fit import gmm_from_state
 
     dist = _dist()
     rank = get_rank()  # global rank: src is global too
@@ -305,7 +305,7 @@ def broadcast_bank(bank: Any = None, *, src: int = 0, group: Any = None) -> Any:
     equal bank (embeddings, responsibilities, the fitted GMM's tensors, PCA, metadata).
     Without a process group the bank is returned as is. ``src`` is a global rank.
     """
-    from .bank import EmbeddingBank
+    from .bank._bank import EmbeddingBank
 
     if get_world_size(group) == 1:
         if not isinstance(bank, EmbeddingBank):
@@ -356,8 +356,8 @@ def build_bank_distributed(dataset: Any, aligner: Any, *, student: str, teachers
         >>> len(bank), bank.dim
         (6, 3)
     """
-    from ._bank_build import embed_dataset
-    from .bank import EmbeddingBank
+    from .bank._bank import EmbeddingBank
+    from .bank._build import embed_dataset
 
     world = get_world_size(group)
     if world == 1:

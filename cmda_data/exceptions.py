@@ -2,7 +2,7 @@
 
 Every error derives from :class:`CMDAError` *and* from the builtin type a user would
 expect (``ValueError``, ``TypeError``, ...), so ``except ValueError`` keeps working.
-Messages follow one template, built by :func:`cmda_data._validation.fail`::
+Messages follow one template, built by :func:`cmda_data.core._validation.fail`::
 
     "<argument>: expected <what was expected>, got <what was given>"
 """

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validation import fail
+from .core._validation import fail
 
 __all__ = ["TEACHER_PAIRS", "compare_methods", "holm", "paired_comparison", "t_cdf", "t_ppf"]
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# benchmark-only code (encoders, the host-read counter) lives in benchmarks/, next to its scripts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 try:
     from hypothesis import HealthCheck, settings

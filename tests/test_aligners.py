@@ -23,7 +23,7 @@ from cmda_data.aligners import (
     register_aligner,
 )
 from cmda_data.exceptions import FieldError, ShapeError, ValidationError
-from cmda_data.losses import eq7_loss, eq8_loss, supcon_loss
+from cmda_data.core.losses import eq7_loss, eq8_loss, supcon_loss
 
 
 def paired_data(n=96, seed=0, classes=4):

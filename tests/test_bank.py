@@ -16,7 +16,7 @@ from _entry_data import NUM_CLASSES, PairedDataset, TupleDataset, ValueOfBank, l
 from cmda_data.aligners import ContrastiveAligner, PrecomputedAligner
 from cmda_data.bank import EmbeddingBank
 from cmda_data.exceptions import DeviceError, ShapeError, ValidationError
-from cmda_data.mixture import GaussianMixture
+from cmda_data.core.mixture import GaussianMixture
 from conftest import CPU_AND_CUDA, needs_cuda
 
 

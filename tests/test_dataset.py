@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from _entry_data import (NUM_CLASSES, CountingDataset, PairedDataset, TokenDataset, TupleDataset, batches_per_p,
                          make_bank)
-from cmda_data.dataset import CrossModalAugmentedDataset, IndexedDataset
+from cmda_data.augment.dataset import CrossModalAugmentedDataset, IndexedDataset
 from cmda_data.exceptions import DeviceError, FieldError, ShapeError, ValidationError
 from conftest import needs_cuda
 

@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from cmda_data.bank import EmbeddingBank
-from cmda_data.module import CMDAugment
-from cmda_data.collate import CMDACollate
-from cmda_data.dataset import CrossModalAugmentedDataset, IndexedDataset
+from cmda_data.augment.module import CMDAugment
+from cmda_data.augment.collate import CMDACollate
+from cmda_data.augment.dataset import CrossModalAugmentedDataset, IndexedDataset
 from cmda_data.distributed import (
     all_gather_rows,
     broadcast_bank,
@@ -243,7 +243,7 @@ def test_rank_seed_is_a_fixed_function_of_seed_epoch_rank():
     assert len(set(seeds.values())) == len(seeds)
     assert rank_seed(5, epoch=2) == rank_seed(5, epoch=2, rank=0)  # no process group: rank 0
     assert all(0 <= v < 2 ** 64 for v in seeds.values())
-    from cmda_data._seeding import hash_ints, row_generator
+    from cmda_data.core._seeding import hash_ints, row_generator
 
     assert rank_seed(3, epoch=1, rank=2) == hash_ints(0x5EED_0002, 3, 1, 2)  # the entry points' hash, own tag
     row = torch.rand(3, generator=row_generator(3, 1, 0, rank=2))
@@ -255,7 +255,7 @@ def test_rank_seed_is_a_fixed_function_of_seed_epoch_rank():
 
 
 def test_set_epoch_reaches_sampler_dataset_collate_and_pipeline_stages():
-    from cmda_data.streaming import CandidateBuffer
+    from cmda_data.augment.buffer import CandidateBuffer
 
     data = make_data()
     bank = EmbeddingBank.build(data, ElementwiseAligner(), student="image", teachers="text", progress=False,
@@ -281,7 +281,7 @@ def test_set_epoch_reaches_sampler_dataset_collate_and_pipeline_stages():
 
 def test_rank_none_means_the_process_rank_without_a_process_group():
     """rank=None resolves to torch.distributed's rank (0 when no group is initialised)."""
-    from cmda_data._planner import PlanOptions
+    from cmda_data.augment._planner import PlanOptions
 
     opts = PlanOptions.create(student="image", teachers=["text"], rank=None)
     assert opts.rank == 0

@@ -1,6 +1,6 @@
 """Pretrained offline encoders (bench extra): reproduce the shipped derived feature files.
 
-References are independent of cmda_data.encoders: the shipped ``.npy`` files (computed with
+References are independent of benchmarks/encoders.py: the shipped ``.npy`` files (computed with
 sentence-transformers / torchvision on the original data), the package's own EfficientNet
 forward (logits), and torchvision's transforms for the preprocessing.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmda_data import encoders
+import encoders
 from cmda_data.exceptions import MissingDependencyError, ShapeError, ValidationError
 from conftest import require_data
 

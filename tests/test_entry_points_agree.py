@@ -2,7 +2,7 @@
 
 The dataset's pool covers the whole (small) dataset; the collate and the module see one
 batch holding the whole dataset in order. All three build their plans in
-``cmda_data._planner`` from per-row draws seeded by (seed, epoch, rank, index).
+``cmda_data.augment._planner`` from per-row draws seeded by (seed, epoch, rank, index).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from _entry_data import NUM_CLASSES, PairedDataset, make_bank
-from cmda_data.collate import CMDACollate
-from cmda_data.dataset import CrossModalAugmentedDataset, IndexedDataset
-from cmda_data.module import CMDAugment
+from cmda_data.augment.collate import CMDACollate
+from cmda_data.augment.dataset import CrossModalAugmentedDataset, IndexedDataset
+from cmda_data.augment.module import CMDAugment
 from conftest import CPU_AND_CUDA
 
 N = 20

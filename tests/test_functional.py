@@ -1,4 +1,4 @@
-"""Tests of cmda_data.functional: Eq. 10 / Eq. 11 / Alg. 1 weights, mixing, soft labels.
+"""Tests of cmda_data.core.functional: Eq. 10 / Eq. 11 / Alg. 1 weights, mixing, soft labels.
 
 References are independent of the code under test: numbers worked out by hand (written
 below), the official code's literal expression in numpy, and slow Python loops.
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import strategies as S
 from cmda_data import MixPlan
-from cmda_data import functional as Fn
+from cmda_data.core import functional as Fn
 from cmda_data.exceptions import CMDAError, DeviceError, ShapeError, ValidationError
 from conftest import CPU_AND_CUDA, needs_cuda
 
@@ -629,7 +629,7 @@ def _sparse_loop(index, weights, samples):
 
 @pytest.fixture
 def tiny_blocks(monkeypatch):
-    from cmda_data import _kernels as Kn
+    from cmda_data.core import _kernels as Kn
     monkeypatch.setattr(Kn, "_BLOCK_MIN_BYTES", 0)
     monkeypatch.setattr(Kn, "_BLOCK_BYTES", 64)
     monkeypatch.setattr(Kn, "_BLOCK_MIN_COLUMNS", 3)  # odd widths, a partial last block
@@ -695,7 +695,7 @@ def test_blocked_sparse_mix_keeps_gradients(tiny_blocks):
 
 
 def test_sparse_block_columns_choice():
-    from cmda_data import _kernels as Kn
+    from cmda_data.core import _kernels as Kn
     assert Kn._sparse_block_columns(128, 128, 1024, 4) == 1024  # cache resident: one block
     assert Kn._sparse_block_columns(128, 128, 150528, 4) == 4096  # 2 MiB of partner rows
     assert Kn._sparse_block_columns(128, 100_000, 150528, 4) == Kn._BLOCK_MIN_COLUMNS
@@ -707,7 +707,7 @@ def test_sparse_block_columns_choice():
 # small batch (m <= 16 k) are scattered into a dense [n, m] matrix and mixed with one mm.
 # ------------------------------------------------------------------------------------
 def test_sparse_route_choice():
-    from cmda_data import _kernels as Kn
+    from cmda_data.core import _kernels as Kn
     assert Kn._sparse_route("cuda", 128, 8) == "dense"  # the measured case: B = 128, top-k 8
     assert Kn._sparse_route("cuda", 129, 8) == "embedding_bag"  # past 16 k: the sparse kernel
     assert Kn._sparse_route("cuda", 50_000, 8) == "embedding_bag"  # a bank: never dense
@@ -718,7 +718,7 @@ def test_sparse_route_choice():
 @pytest.fixture
 def dense_route(monkeypatch):
     """Make the CPU take the dense route, counting its uses."""
-    from cmda_data import _kernels as Kn
+    from cmda_data.core import _kernels as Kn
     calls = []
     densify = Kn._densify
     monkeypatch.setattr(Kn, "_sparse_route", lambda device_type, m, k: "dense")
@@ -751,7 +751,7 @@ def test_dense_route_gradients_equal_the_sparse_kernel(dense_route):
         if route == "dense":
             out = Fn.mix(ws, xs, index=index)
         else:
-            from cmda_data import _kernels as Kn
+            from cmda_data.core import _kernels as Kn
             out = Kn._embedding_bag_sum(index, ws, xs)
         (out * torch.arange(6.0)).sum().backward()
         grads.append((xs.grad, ws.grad))
@@ -763,7 +763,7 @@ def test_dense_route_gradients_equal_the_sparse_kernel(dense_route):
 @needs_cuda
 @pytest.mark.needs_cuda
 def test_cuda_dense_route_equals_embedding_bag():
-    from cmda_data import _kernels as Kn
+    from cmda_data.core import _kernels as Kn
     g = torch.Generator().manual_seed(5)
     x = torch.randn(128, 3, 32, 32, generator=g).cuda()
     index, w = Fn.topk_sparse(torch.rand(128, 128, generator=g).cuda(), 8)

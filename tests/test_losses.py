@@ -1,4 +1,4 @@
-"""cmda_data.losses against slow, obviously-correct loop implementations (Eq. 7, 8, 9, SupCon)."""
+"""cmda_data.core.losses against slow, obviously-correct loop implementations (Eq. 7, 8, 9, SupCon)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import CPU_AND_CUDA
 
 from cmda_data.exceptions import ShapeError, ValidationError
-from cmda_data.losses import eq7_loss, eq8_loss, joint_loss, supcon_loss
+from cmda_data.core.losses import eq7_loss, eq8_loss, joint_loss, supcon_loss
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
-from cmda_data import _em
+from cmda_data.core import _em
 from cmda_data.exceptions import CMDAError, ConvergenceWarning, NotFittedError, ShapeError, ValidationError
-from cmda_data.mixture import GaussianMixture, select_n_components
+from cmda_data.core.mixture import GaussianMixture, select_n_components
 from conftest import CPU_AND_CUDA, require_data
 
 KINDS = ["full", "tied", "diag", "spherical"]

@@ -9,13 +9,13 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from _entry_data import NUM_CLASSES, PairedDataset, latents, make_bank
-from cmda_data._host_reads import HostReads
+from _host_reads import HostReads
 from cmda_data.aligners import ContrastiveAligner, PrecomputedAligner
-from cmda_data.collate import CMDACollate
-from cmda_data.dataset import IndexedDataset
+from cmda_data.augment.collate import CMDACollate
+from cmda_data.augment.dataset import IndexedDataset
 from cmda_data.exceptions import FieldError, NotFittedError, ValidationError
-from cmda_data.mixture import GaussianMixture
-from cmda_data.module import CMDAugment
+from cmda_data.core.mixture import GaussianMixture
+from cmda_data.augment.module import CMDAugment
 from conftest import CPU_AND_CUDA
 
 N = 16

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_import_pulls_in_neither_transformers_nor_webdataset():
     code = (
         "import sys, cmda_data\n"
-        "from cmda_data import functional, plan, mixture\n"
+        "from cmda_data.core import functional, plan, mixture\n"
         "bad = [m for m in ('transformers', 'webdataset', 'sklearn', 'matplotlib') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

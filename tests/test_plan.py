@@ -1,4 +1,4 @@
-"""Tests of cmda_data.plan: MixPlan (hand-built plans checked exactly) and make_plan."""
+"""Tests of cmda_data.core.plan: MixPlan (hand-built plans checked exactly) and make_plan."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import strategies as S
-from cmda_data import functional as Fn
+from cmda_data.core import functional as Fn
 from cmda_data.exceptions import CMDAError, DeviceError, ShapeError, ValidationError
-from cmda_data.plan import MixPlan, apply, make_plan
+from cmda_data.core.plan import MixPlan, apply, make_plan
 from conftest import CPU_AND_CUDA, needs_cuda
 
 
@@ -362,7 +362,7 @@ SQUARE_CONFIGS = {
 def test_square_plan_is_the_general_plan_bit_for_bit(name, teachers):
     """CMDAugment's checked fast path (one read-back) builds exactly what build_plan +
     make_plan build for a batch that is its own pool."""
-    from cmda_data._planner import PlanOptions, build_plan, row_draws, square_plan
+    from cmda_data.augment._planner import PlanOptions, build_plan, row_draws, square_plan
 
     gen = torch.Generator().manual_seed(5)
     n, d = 14, 6

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmda_data._safetensors import load_file, read_header, save_file
+from cmda_data.io._safetensors import load_file, read_header, save_file
 from cmda_data.exceptions import ValidationError
 
 st = pytest.importorskip("safetensors.torch")

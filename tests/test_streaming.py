@@ -1,4 +1,4 @@
-"""cmda_data.streaming with real webdataset shards written to tmp_path."""
+"""cmda_data.io.shards and cmda_data.augment.buffer with real webdataset shards written to tmp_path."""
 
 from __future__ import annotations
 
@@ -17,18 +17,13 @@ import torch
 wds = pytest.importorskip("webdataset")
 
 from cmda_data.bank import EmbeddingBank  # noqa: E402
-from cmda_data.collate import CMDACollate  # noqa: E402
-from cmda_data.dataset import IndexedDataset  # noqa: E402
+from cmda_data.augment.collate import CMDACollate  # noqa: E402
+from cmda_data.augment.dataset import IndexedDataset  # noqa: E402
 from cmda_data.exceptions import FieldError, MissingDependencyError, ValidationError  # noqa: E402
-from cmda_data.streaming import (  # noqa: E402
-    CandidateBuffer,
-    SafeDecoder,
-    SkipCounter,
-    SkippedSamplesWarning,
-    cmda_mix,
-    read_shards,
-    write_shards,
-)
+from cmda_data.augment.buffer import CandidateBuffer, cmda_mix  # noqa: E402
+from cmda_data.io.codec import SafeDecoder, SkipCounter  # noqa: E402
+from cmda_data.io.shards import read_shards, write_shards  # noqa: E402
+from cmda_data.exceptions import SkippedSamplesWarning  # noqa: E402
 
 N = 14
 NUM_CLASSES = 3
@@ -276,7 +271,7 @@ def test_skip_counter_basics():
 
 
 def test_import_does_not_pull_in_webdataset():
-    code = "import sys, cmda_data.streaming; print('webdataset' in sys.modules)"
+    code = "import sys, cmda_data.io.shards, cmda_data.augment.buffer; print('webdataset' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .._validation import fail
+from ..core._validation import fail
 from ..exceptions import FieldError, ShapeError, ValidationError
 
 __all__ = ["batch_size_of", "check_batch", "check_finite_loss", "make_batches", "move_to", "progress_bar"]

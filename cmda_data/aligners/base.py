@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import CONFIG_NAME, PathLike, read_config
-from .._validation import fail
+from ..core._validation import fail
 from ..exceptions import ShapeError, ValidationError
+from ..io._folders import CONFIG_NAME, PathLike, read_config
 
 __all__ = [
     "Aligner",

@@ -14,9 +14,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from .._io import PathLike
-from .._validation import check_int, fail
+from ..core._validation import check_int, fail
 from ..exceptions import MissingDependencyError, ShapeError, ValidationError
+from ..io._folders import PathLike
 from .base import Aligner, register_aligner
 
 __all__ = ["CLIPAligner", "require_transformers"]

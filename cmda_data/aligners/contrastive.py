@@ -19,10 +19,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .. import losses
-from .._io import PathLike, load_folder, save_folder
-from .._validation import check_int, check_option, check_positive_float, fail
+from ..core import losses
+from ..core._validation import check_int, check_option, check_positive_float, fail
 from ..exceptions import ShapeError, ValidationError
+from ..io._folders import PathLike, load_folder, save_folder
 from . import _training
 from .base import Aligner, register_aligner
 
@@ -94,7 +94,7 @@ class ContrastiveAligner(Aligner):
             needs ``target``) or ``"supcon"`` (the official code's SupCon / NT-Xent).
         tau: temperature of the loss.
         base_temperature: SupCon scale ``tau / base_temperature`` (``loss="supcon"`` only).
-        normalize_by: Eq. 8 normaliser, see :func:`cmda_data.losses.eq8_loss`.
+        normalize_by: Eq. 8 normaliser, see :func:`cmda_data.core.losses.eq8_loss`.
         head_hidden: hidden widths of the heads: ``None`` (paper defaults chosen from the
             modality name, see :func:`default_head_hidden`), one sequence for every
             modality, or ``{modality: widths}`` (missing ones get the default). ``()``

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import PathLike, load_folder, save_folder
-from .._validation import check_float_tensor, check_int, check_rank, fail
+from ..core._validation import check_float_tensor, check_int, check_rank, fail
 from ..exceptions import ShapeError, ValidationError
+from ..io._folders import PathLike, load_folder, save_folder
 from .base import Aligner, register_aligner
 from .contrastive import ContrastiveAligner
 

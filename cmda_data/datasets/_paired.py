@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._validation import check_same_size, describe, fail
+from ..core._validation import check_same_size, describe, fail
 from ..exceptions import ShapeError
 
 __all__ = ["PairedFeatureDataset"]

@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 import numpy as np
 import torch
 
-from .._validation import check_option, check_same_size, fail
+from ..core._validation import check_option, check_same_size, fail
 from ..exceptions import ShapeError, ValidationError
 
 __all__ = [

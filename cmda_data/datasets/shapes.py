@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .._validation import check_int, check_option, check_probability, fail
+from ..core._validation import check_int, check_option, check_probability, fail
 from ..exceptions import ValidationError
 from ._paired import _as_index
 from ._splits import validation_split

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .._validation import check_int, check_option, fail
+from ..core._validation import check_int, check_option, fail
 from ..exceptions import MissingDependencyError, ShapeError, ValidationError
 from ._paired import PairedFeatureDataset, _as_index
 from ._paths import DataNotFoundError, PathLike, dataset_dir, require_file

@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .._validation import check_option, fail
+from ..core._validation import check_option, fail
 from ..exceptions import MissingDependencyError, ShapeError, ValidationError
 from ._paired import PairedFeatureDataset
 from ._paths import PathLike, dataset_dir, require_file

@@ -12,7 +12,7 @@ from typing import Any, Dict, NoReturn, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .._validation import check_int, fail
+from ..core._validation import check_int, fail
 from ..exceptions import ShapeError
 
 SPLIT_SEED = 0

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .._validation import check_int, check_option, check_probability, fail
+from ..core._validation import check_int, check_option, check_probability, fail
 from ..stats import compare_methods
 from ._data import SPLIT_SEED, load_probe_data, split_stratified
 from ._report import plot_forest, reading, report

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .._seeding import hash_ints
 from ..aligners import ContrastiveAligner
-from ..bank import EmbeddingBank
-from ..collate import CMDACollate
+from ..augment.collate import CMDACollate
+from ..augment.dataset import IndexedDataset
+from ..bank._bank import EmbeddingBank
 from ..controls import random_teacher, shuffled_teacher
-from ..dataset import IndexedDataset
+from ..core._seeding import hash_ints
 from ..stats import t_ppf
 from ._data import ProbeData
 

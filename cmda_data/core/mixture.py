@@ -2,7 +2,7 @@
 
 :class:`GaussianMixture` takes the parameter names, fitted attributes and methods of
 ``sklearn.mixture.GaussianMixture``, so the same settings give the same EM path (the
-tests use scikit-learn as the oracle). The math lives in :mod:`cmda_data._em`; this
+tests use scikit-learn as the oracle). The math lives in :mod:`cmda_data.core._em`; this
 module validates inputs, draws the initialisation with an explicit
 ``torch.Generator`` and keeps the fitted state.
 
@@ -21,9 +21,9 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import numpy as np
 import torch
 
+from ..exceptions import ConvergenceWarning, NotFittedError, ShapeError
 from . import _em
 from ._validation import check_finite, check_int, check_option, check_positive_float, check_rank, fail
-from .exceptions import ConvergenceWarning, NotFittedError, ShapeError
 
 __all__ = ["GaussianMixture", "select_n_components"]
 

@@ -1,6 +1,6 @@
 """Shard members without pickle: encoding, decoding, :class:`SafeDecoder`, :class:`SkipCounter` (private).
 
-The public names are re-exported by :mod:`cmda_data.streaming`.
+:func:`cmda_data.io.shards.read_shards` decodes with them.
 
 A webdataset shard is a tar file whose members are named ``<key>.<field>.<ext>``. This
 module turns one field value into the bytes of a member (:func:`encode_field`) and the
@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 import torch
 
-from ._validation import check_int, check_option, describe, fail
-from .exceptions import MissingDependencyError, SkippedSamplesWarning, ValidationError
+from ..core._validation import check_int, check_option, describe, fail
+from ..exceptions import MissingDependencyError, SkippedSamplesWarning, ValidationError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

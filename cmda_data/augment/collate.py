@@ -14,18 +14,28 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
-from ._fields import Field, as_index, as_student, as_target, check_targets_batch, get_field
+from ..core._fields import Field, as_index, as_student, as_target, check_targets_batch, get_field
+from ..core._seeding import SharedEpoch, SharedEpochMixin, SharedProbability
+from ..core._validation import fail, field_error
+from ..exceptions import ValidationError
+from ._batch import (
+    batch_index,
+    batch_student,
+    check_cpu_bank_in_workers,
+    keep_real_batch,
+    mix_batch,
+    name_nonfinite_row,
+    output_options,
+    pack_batch,
+    with_field,
+)
 from ._planner import PlanOptions, bank_plan
-from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability
-from ._shared import (batch_index, batch_student, check_cpu_bank_in_workers, keep_real_batch, mix_batch,
-                      name_nonfinite_row, output_options, pack_batch, with_field)
-from ._validation import fail, field_error
-from .exceptions import ValidationError
 
 __all__ = ["CMDACollate"]
 
 try:  # documented extension point of default_collate (torch >= 1.13)
-    from torch.utils.data._utils.collate import collate as _collate_with, default_collate_fn_map
+    from torch.utils.data._utils.collate import collate as _collate_with
+    from torch.utils.data._utils.collate import default_collate_fn_map
 except ImportError:  # pragma: no cover - older torch: default_collate as is
     _collate_with = default_collate_fn_map = None
 
@@ -88,11 +98,11 @@ class CMDACollate(SharedEpochMixin):
             ``keep_real=True, p=1.0``). :meth:`set_p` changes it during training.
         keep_real: keep the real batch and append the generated rows (see above).
         intra: ``"soft"`` (Eq. 11), ``"hard"`` (official code's mask) or None (Eq. 10 only).
-        similarity: see :func:`cmda_data.functional.inter_modal_weights`.
-        normalize: see :func:`cmda_data.functional.inter_modal_weights`.
-        temperature: see :func:`cmda_data.functional.inter_modal_weights`.
-        self_weight: see :func:`cmda_data.functional.inter_modal_weights`.
-        renormalize: see :func:`cmda_data.functional.dca_weights`.
+        similarity: see :func:`cmda_data.core.functional.inter_modal_weights`.
+        normalize: see :func:`cmda_data.core.functional.inter_modal_weights`.
+        temperature: see :func:`cmda_data.core.functional.inter_modal_weights`.
+        self_weight: see :func:`cmda_data.core.functional.inter_modal_weights`.
+        renormalize: see :func:`cmda_data.core.functional.dca_weights`.
         exclude_self: a row never uses its own sample (a row with no other partner keeps itself).
         label_smoothing: epsilon of the soft targets.
         seed: the seed of the draws.
@@ -105,7 +115,7 @@ class CMDACollate(SharedEpochMixin):
 
     Examples:
         >>> from cmda_data.bank import EmbeddingBank
-        >>> from cmda_data.dataset import IndexedDataset
+        >>> from cmda_data.augment.dataset import IndexedDataset
         >>> z = torch.nn.functional.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), dim=1)
         >>> bank = EmbeddingBank({"image": z, "text": z}, student="image", teachers="text")
         >>> data = IndexedDataset([{"image": torch.full((3,), float(i)), "label": i % 2} for i in range(8)])
@@ -123,7 +133,7 @@ class CMDACollate(SharedEpochMixin):
                  exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
                  seed: int = 0, rank: Optional[int] = None, fields: Optional[Mapping[str, Field]] = None,
                  index_field: Field = "index", info_key: str = "mix_info", keep_real: bool = False) -> None:
-        from .bank import EmbeddingBank
+        from ..bank._bank import EmbeddingBank
 
         if not isinstance(bank, EmbeddingBank):
             fail("bank", "an EmbeddingBank", bank)

@@ -9,7 +9,7 @@ from typing import Any, Iterable, NoReturn, Optional, Sequence, Type
 
 import torch
 
-from .exceptions import CMDAError, FieldError, ShapeError, ValidationError
+from ..exceptions import CMDAError, FieldError, ShapeError, ValidationError
 
 __all__ = [
     "check_finite",

@@ -1,6 +1,6 @@
-"""Private helpers of :mod:`cmda_data.functional`: argument checks and mixing kernels.
+"""Private helpers of :mod:`cmda_data.core.functional`: argument checks and mixing kernels.
 
-Nothing here is public API; :mod:`cmda_data.functional` documents the behaviour.
+Nothing here is public API; :mod:`cmda_data.core.functional` documents the behaviour.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..exceptions import DeviceError, ShapeError
 from ._validation import FLOAT_DTYPES, check_finite, check_float_tensor, check_rank, describe, fail
-from .exceptions import DeviceError, ShapeError
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

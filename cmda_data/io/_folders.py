@@ -13,9 +13,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ._validation import fail
+from ..core._validation import fail
+from ..exceptions import ValidationError
 from ._safetensors import load_file, save_file
-from .exceptions import ValidationError
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_folder", "read_config", "save_folder"]
 

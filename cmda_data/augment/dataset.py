@@ -14,13 +14,13 @@ from typing import Any, List, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-from . import functional as Fn
-from ._fields import Field, as_student, as_target, get_field, replace_fields
+from ..core import functional as Fn
+from ..core._fields import Field, as_student, as_target, get_field, replace_fields
+from ..core._seeding import SharedEpoch, SharedEpochMixin, SharedProbability, draw_row, row_generator
+from ..core._validation import check_int, check_option, fail
+from ..exceptions import FieldError, ShapeError, ValidationError
+from ._batch import check_cpu_bank_in_workers, name_nonfinite_row, output_options
 from ._planner import PlanOptions, bank_plan
-from ._seeding import SharedEpoch, SharedEpochMixin, SharedProbability, draw_row, row_generator
-from ._shared import check_cpu_bank_in_workers, name_nonfinite_row, output_options
-from ._validation import check_int, check_option, fail
-from .exceptions import FieldError, ShapeError, ValidationError
 
 __all__ = ["CrossModalAugmentedDataset", "IndexedDataset"]
 
@@ -98,8 +98,8 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
         mode: ``"replace"`` (length N) or ``"append"`` (length 2N: the N originals unchanged,
             then N generated samples, always mixed).
         intra: ``"soft"`` (Eq. 11), ``"hard"`` or None.
-        similarity: see :func:`cmda_data.functional.inter_modal_weights`.
-        temperature: see :func:`cmda_data.functional.inter_modal_weights`.
+        similarity: see :func:`cmda_data.core.functional.inter_modal_weights`.
+        temperature: see :func:`cmda_data.core.functional.inter_modal_weights`.
         exclude_self: keep the item's own sample out of its pool.
         seed: the seed of the draws.
         rank: the distributed rank, part of the seed. None (the default): the rank of the
@@ -128,7 +128,7 @@ class CrossModalAugmentedDataset(SharedEpochMixin, Dataset):
                  temperature: Optional[float] = None, exclude_self: bool = False, seed: int = 0, rank: Optional[int] = None,
                  label_smoothing: float = 0.0, fields: Optional[Mapping[str, Field]] = None,
                  info_key: str = "mix_info") -> None:
-        from .bank import EmbeddingBank
+        from ..bank._bank import EmbeddingBank
 
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             fail("dataset", "a map-style dataset (with __getitem__ and __len__)", dataset)

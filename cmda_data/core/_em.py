@@ -1,6 +1,6 @@
 """EM math for Gaussian mixtures (private): pure torch functions, no state, no global RNG.
 
-:class:`cmda_data.mixture.GaussianMixture` holds the configuration and calls these.
+:class:`cmda_data.core.mixture.GaussianMixture` holds the configuration and calls these.
 The formulas follow scikit-learn's ``sklearn.mixture`` (same parametrisation, same
 ``10 * eps`` guard on component sizes, same upper-triangular ``precisions_cholesky``
 with ``P @ P.T`` equal to the precision matrix), written for torch and vectorised over
@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..exceptions import ValidationError
 from ._validation import fail
-from .exceptions import ValidationError
 
 __all__ = [
     "COVARIANCE_TYPES",

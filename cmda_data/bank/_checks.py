@@ -7,8 +7,8 @@ from typing import Any, Dict
 
 import torch
 
-from ._validation import check_finite, describe, fail
-from .exceptions import ShapeError
+from ..core._validation import check_finite, describe, fail
+from ..exceptions import ShapeError
 
 __all__ = ["as_tensor", "check_bank_indices", "check_embeddings", "check_roles"]
 

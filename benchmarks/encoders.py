@@ -31,8 +31,8 @@ from typing import Any, Iterator, List, Sequence, Union
 import torch
 from torch import nn
 
-from ._validation import check_int, describe, fail
-from .exceptions import MissingDependencyError, ShapeError, ValidationError
+from cmda_data.core._validation import check_int, describe, fail
+from cmda_data.exceptions import MissingDependencyError, ShapeError, ValidationError
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -5,13 +5,13 @@ Steps, each through the public API exactly as a user would call it:
 1. train a small :class:`~cmda_data.aligners.ContrastiveAligner` (Eq. 7) on the train split
    and measure held-out retrieval (teacher -> student top-1) against chance;
 2. build an :class:`~cmda_data.bank.EmbeddingBank` of the train split (GMM, M by BIC) and save it;
-3. generate mixed samples with :class:`~cmda_data.dataset.CrossModalAugmentedDataset`
+3. generate mixed samples with :class:`~cmda_data.augment.dataset.CrossModalAugmentedDataset`
    through a ``DataLoader`` and measure how often the partners agree with the guiding
    sample (shape / colour or class) against chance;
 4. draw a PNG (grid of images, or a table for feature vectors) and write ``summary.json``.
 
 The data-set specific parts (data, encoders, captions, figure) live in
-:mod:`cmda_data._demo_data`.
+:mod:`cmda_data.demo._data`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ._validation import check_int, check_option, check_positive_float, fail
-from .exceptions import DeviceError
+from ..core._validation import check_int, check_option, check_positive_float, fail
+from ..exceptions import DeviceError
 
 __all__ = ["DATA_CHOICES", "DemoConfig", "run_demo"]
 
@@ -175,9 +175,9 @@ def generate(aug: Any, *, batch_size: int = 128, limit: Optional[int] = None) ->
 
 def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the demo job; return the summary (also written as JSON next to the PNG)."""
-    from . import _demo_data
-    from .bank import EmbeddingBank
-    from .dataset import CrossModalAugmentedDataset
+    from ..augment.dataset import CrossModalAugmentedDataset
+    from ..bank._bank import EmbeddingBank
+    from . import _data as _demo_data
 
     config.validate()
     start = time.perf_counter()

@@ -13,12 +13,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import get_worker_info
 
-from . import functional as Fn
-from ._fields import TOKEN_ID_HINT, Field, check_field_name, check_targets_batch, get_field
-from ._kernels import _targets_as_probabilities
+from ..core import functional as Fn
+from ..core._fields import TOKEN_ID_HINT, Field, check_field_name, check_targets_batch, get_field
+from ..core._kernels import _targets_as_probabilities
+from ..core._validation import check_int, check_positive_float, fail
+from ..exceptions import DeviceError, FieldError
 from ._planner import mix_info
-from ._validation import check_int, check_positive_float, fail
-from .exceptions import DeviceError, FieldError
 
 __all__ = ["batch_index", "batch_student", "check_label_smoothing", "keep_real_batch", "mix_batch",
            "check_cpu_bank_in_workers", "name_nonfinite_row", "pack", "pack_batch", "with_field"]
@@ -155,7 +155,7 @@ def mix_rows_inplace(plan: Any, samples: torch.Tensor, *, arange_partners: bool 
     Only the mixed rows are computed (rows that are not mixed are already the originals);
     they are all computed before any is written. For tensors the caller owns (a batch it
     collated itself), never user input. The plan is the library's own (trusted): only the
-    samples are checked (finite values, as :func:`cmda_data.functional.mix` does).
+    samples are checked (finite values, as :func:`cmda_data.core.functional.mix` does).
     ``arange_partners``: the partners of every mixed row are ``0..m-1`` in order (a square
     plan without ``top_k``), so the weight rows already are the dense rows.
     """
@@ -336,7 +336,7 @@ def output_options(options: Any, *, fields: Optional[Mapping[str, Field]], targe
     """The checked output arguments every entry point takes, as ``{attribute: value}``.
 
     ``student_field`` (the student's field, renamed by ``fields``) when ``options`` (a
-    :class:`~cmda_data._planner.PlanOptions`) is given; ``index_field`` when passed (None
+    :class:`~cmda_data.augment._planner.PlanOptions`) is given; ``index_field`` when passed (None
     only with ``index_optional``). Checked in the order of the signatures, so the first bad
     one is named.
     """

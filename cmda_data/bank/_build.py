@@ -7,9 +7,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import default_collate
 
-from ._fields import get_field, resolve_fields
-from ._validation import check_int, describe, fail
-from .exceptions import ShapeError, ValidationError
+from ..core._fields import get_field, resolve_fields
+from ..core._validation import check_int, describe, fail
+from ..exceptions import ShapeError, ValidationError
 
 __all__ = ["embed_dataset", "embeds_by_index"]
 
@@ -24,7 +24,7 @@ def embeds_by_index(aligner: Any) -> bool:
     if flag is not None:
         return bool(flag)
     try:
-        from .aligners.precomputed import PrecomputedAligner
+        from ..aligners.precomputed import PrecomputedAligner
     except ImportError:  # pragma: no cover - the aligners package is part of cmda_data
         return False
     return isinstance(aligner, PrecomputedAligner)

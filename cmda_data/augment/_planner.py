@@ -8,7 +8,7 @@ samples whenever the candidate pool is the same:
    ``(seed, epoch, rank, dataset index)``, the seed of ``_seeding.row_generator``), whether
    it is mixed (Bernoulli ``p``) and which teacher guides it (uniform over the teachers);
    vectorised over the rows of a batch, identical for one row in the dataset.
-2. :func:`build_plan`: :func:`cmda_data.plan.make_plan` (with ``p=1``: the draws above are
+2. :func:`build_plan`: :func:`cmda_data.core.plan.make_plan` (with ``p=1``: the draws above are
    applied afterwards) builds the Eq. 10/11 weights, then rows that are not mixed become
    the identity (own position, weight 1, zero-weight padding) and rows whose weights keep
    all mass on the sample itself are marked as not mixed.
@@ -29,12 +29,19 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import functional as Fn
-from ._kernels import _check_latents, _check_resp, _check_resp_shape, _check_resp_stats, _resp_stats
-from ._seeding import draw_rows
-from ._validation import (check_float_tensor, check_int, check_option, check_positive_float, check_probability,
-                          check_rank, fail)
-from .exceptions import DeviceError, ShapeError
+from ..core import functional as Fn
+from ..core._kernels import _check_latents, _check_resp, _check_resp_shape, _check_resp_stats, _resp_stats
+from ..core._seeding import draw_rows
+from ..core._validation import (
+    check_float_tensor,
+    check_int,
+    check_option,
+    check_positive_float,
+    check_probability,
+    check_rank,
+    fail,
+)
+from ..exceptions import DeviceError, ShapeError
 
 __all__ = ["PlanOptions", "bank_plan", "build_plan", "mix_info", "row_draws"]
 
@@ -69,7 +76,7 @@ class PlanOptions:
         if not teachers:
             fail("teachers", "at least one teacher modality", teachers)
         if options.get("rank", 0) is None:  # None: this process's torch.distributed rank
-            from .distributed import get_rank
+            from ..distributed import get_rank
 
             options["rank"] = get_rank()
         opts = cls(student=student, teachers=teachers, **options)
@@ -124,7 +131,7 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, opts:
             when the own sample is not a candidate (then every row must be mixed).
         exclude_self: overrides ``opts.exclude_self`` (square pools only).
     """
-    from .plan import MixPlan, make_plan
+    from ..core.plan import MixPlan, make_plan
 
     device = student_z.device
     n = teacher_z[0].shape[0]
@@ -205,7 +212,7 @@ def _all_rows_valid(resp: torch.Tensor) -> bool:
     A table with an invalid row returns False, so each batch's rows are checked (and a batch
     that uses such a row raises, as before). In-place changes of the table bump its version.
     """
-    from .exceptions import CMDAError
+    from ..exceptions import CMDAError
 
     entry = _VALID_RESP.get(id(resp))
     if entry is not None and entry[0]() is resp and entry[1] == resp._version:
@@ -225,7 +232,7 @@ def _bank_square_plan(bank: Any, rows: torch.Tensor, opts: PlanOptions, *, mixed
                       teacher_choice: torch.Tensor):
     """:func:`bank_plan` for a square pool (candidate ``r`` is row ``r``'s own sample), trusted path.
 
-    The same math as :func:`build_plan` + :func:`cmda_data.plan.make_plan` (the private
+    The same math as :func:`build_plan` + :func:`cmda_data.core.plan.make_plan` (the private
     functional kernels they call, in the same order, so the plan is bit-identical), without
     re-checking what the library itself built and checked: the bank's embeddings (finite
     float32, checked when the bank was built), the options (:meth:`PlanOptions.create`) and
@@ -333,7 +340,7 @@ def _square_core(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, res
     keep_rows = keep[:, None]
     index = torch.where(keep_rows, index, own[:, None].expand_as(index))
     weights = torch.where(keep_rows, values, identity_weights)
-    from .plan import MixPlan
+    from ..core.plan import MixPlan
 
     return MixPlan._trusted(index=index, weights=weights, teacher_index=own, mixed=keep,
                             teacher=tuple(opts.teachers), teacher_choice=choice, inter=inter, intra=intra_w)

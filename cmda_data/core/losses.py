@@ -26,8 +26,8 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ..exceptions import ShapeError, ValidationError
 from ._validation import check_finite, check_float_tensor, check_option, check_positive_float, check_rank, fail
-from .exceptions import ShapeError, ValidationError
 
 __all__ = ["eq7_loss", "eq8_loss", "joint_loss", "supcon_loss"]
 

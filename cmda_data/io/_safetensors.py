@@ -24,8 +24,8 @@ from typing import Dict, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from ._validation import fail
-from .exceptions import ValidationError
+from ..core._validation import fail
+from ..exceptions import ValidationError
 
 __all__ = ["load_file", "save_file"]
 

@@ -13,8 +13,8 @@ from typing import Any, Dict, Iterable, Optional, Union
 import numpy as np
 import torch
 
+from ..exceptions import FieldError, ValidationError
 from ._validation import fail, field_error
-from .exceptions import FieldError, ValidationError
 
 __all__ = [
     "Field",

@@ -23,10 +23,10 @@ from typing import Mapping, Optional, Tuple, Union
 
 import torch
 
+from ..exceptions import DeviceError, ShapeError, ValidationError
 from . import functional as Fn
 from ._kernels import _check_latents, _check_matrix, _check_resp, _normalize_rows
 from ._validation import check_float_tensor, check_int, check_option, check_probability, check_rank, fail
-from .exceptions import DeviceError, ShapeError, ValidationError
 
 __all__ = ["MixPlan", "apply", "make_plan"]
 

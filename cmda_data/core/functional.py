@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..exceptions import ShapeError
 from ._kernels import (  # noqa: F401 - private helpers (some used only by the tests)
     _check_bool,
     _check_float,
@@ -54,8 +55,15 @@ from ._kernels import (  # noqa: F401 - private helpers (some used only by the t
     _uniform_if_empty,
     _unit_rows,
 )
-from ._validation import check_float_tensor, check_int, check_option, check_positive_float, check_rank, check_same_size, fail
-from .exceptions import ShapeError
+from ._validation import (
+    check_float_tensor,
+    check_int,
+    check_option,
+    check_positive_float,
+    check_rank,
+    check_same_size,
+    fail,
+)
 
 __all__ = [
     "dca_weights",

@@ -18,13 +18,13 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._bank_build import embeds_by_index
-from ._fields import Field, get_field, resolve_fields
+from ..bank._build import embeds_by_index
+from ..core._fields import Field, get_field, resolve_fields
+from ..core._seeding import check_p, hash_ints
+from ..core._validation import check_int, fail
+from ..exceptions import FieldError, ValidationError
+from ._batch import batch_index, batch_student, keep_real_batch, mix_batch, name_nonfinite_row, output_options
 from ._planner import PlanOptions, bank_plan, row_draws, square_plan
-from ._seeding import check_p, hash_ints
-from ._shared import batch_index, batch_student, keep_real_batch, mix_batch, name_nonfinite_row, output_options
-from ._validation import check_int, fail
-from .exceptions import FieldError, ValidationError
 
 __all__ = ["CMDAugment"]
 
@@ -107,7 +107,7 @@ class CMDAugment(nn.Module):
                  index_field: Optional[Field] = "index", info_key: str = "mix_info",
                  keep_real: bool = False) -> None:
         super().__init__()
-        from .bank import EmbeddingBank
+        from ..bank._bank import EmbeddingBank
 
         if aligner is None and bank is None:
             fail("aligner", "an aligner (online CMDA) or bank=EmbeddingBank (lookup)", None)
@@ -181,7 +181,7 @@ class CMDAugment(nn.Module):
             Refit the GMM on all training latents at the start of each epoch (the paper's
             online CMDA):
 
-            >>> from cmda_data.mixture import GaussianMixture
+            >>> from cmda_data.core.mixture import GaussianMixture
             >>> class Aligner:  # embeds a batch as itself (a stand-in for a trained aligner)
             ...     dim = 2
             ...     def embed(self, modality, batch):
@@ -197,7 +197,7 @@ class CMDAugment(nn.Module):
             (torch.Size([4, 2]), 2)
         """
         if gmm is not None:
-            from .mixture import GaussianMixture
+            from ..core.mixture import GaussianMixture
 
             if self.aligner is None:
                 fail("gmm", "None in lookup mode (the bank's responsibilities are used)", gmm)
@@ -228,7 +228,7 @@ class CMDAugment(nn.Module):
         if self.gmm is None or refit:
             if z.shape[0] < self.n_components:
                 return None  # too few rows to fit M components: Eq. 10 weights only
-            from .mixture import GaussianMixture
+            from ..core.mixture import GaussianMixture
 
             seed = hash_ints(self.options.seed, self.calls, self.options.rank) >> 1
             self.gmm = GaussianMixture(self.n_components, random_state=seed, **self.gmm_options).fit(z.detach())

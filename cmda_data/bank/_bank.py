@@ -20,11 +20,11 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ._bank_checks import as_tensor, check_bank_indices, check_embeddings, check_roles
-from ._bank_fit import fit_mixture, gmm_from_state, gmm_state, pca_project
-from ._validation import check_finite, check_option, fail
-from ._safetensors import load_file, save_file
-from .exceptions import DeviceError, ShapeError
+from ..core._validation import check_finite, check_option, fail
+from ..exceptions import DeviceError, ShapeError
+from ..io._safetensors import load_file, save_file
+from ._checks import as_tensor, check_bank_indices, check_embeddings, check_roles
+from ._fit import fit_mixture, gmm_from_state, gmm_state, pca_project
 
 __all__ = ["BankRows", "EmbeddingBank"]
 
@@ -166,7 +166,7 @@ class EmbeddingBank:
             **options: :meth:`from_embeddings` options (``fit_on``, ``n_components``,
                 ``reduce_dim``, ``fit_gmm``, GMM settings).
         """
-        from ._bank_build import embed_dataset
+        from ._build import embed_dataset
 
         roles = [student] + ([teachers] if isinstance(teachers, str) else list(teachers))
         embeddings, held = embed_dataset(dataset, aligner, roles, fields=fields, batch_size=batch_size,
@@ -316,7 +316,7 @@ class EmbeddingBank:
             >>> plan.index.shape, plan.weights.sum(1)
             (torch.Size([3, 2]), tensor([1., 1., 1.]))
         """
-        from ._planner import PlanOptions, bank_plan
+        from ..augment._planner import PlanOptions, bank_plan
 
         opts = PlanOptions.create(student=self.student, teachers=teachers or self.teachers, p=p, seed=seed,
                                   rank=rank, bank=self, **options)

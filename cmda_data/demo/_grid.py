@@ -23,8 +23,8 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._validation import fail
-from .exceptions import MissingDependencyError
+from ..core._validation import fail
+from ..exceptions import MissingDependencyError
 
 __all__ = ["GridRow", "Partner", "TableRow", "find_cjk_font", "load_matplotlib", "render_mix_grid",
            "render_mix_table", "to_rgb"]
