@@ -200,7 +200,7 @@ def make_augment(aligner: Any, student: str, cfg: MixConfig, *, num_classes: Opt
                  target: Optional[str] = "label") -> CMDAugment:
     """Online CMDA: weights from the aligner's current latents, GMM set by :func:`refit_gmm`."""
     options = cfg.options()
-    return CMDAugment(aligner, student=student, teachers=other(student), target=target, num_classes=num_classes,
+    return CMDAugment(aligner=aligner, student=student, teachers=other(student), target=target, num_classes=num_classes,
                       fit_on="text", seed=seed, **options)
 
 

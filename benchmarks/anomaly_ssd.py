@@ -16,7 +16,7 @@ AUPR after every epoch; the reported figure is the LAST epoch.
 * ``mixup``: + NT-Xent(g(lambda v1 + (1 - lambda) v1[perm]), g(v2)), lambda ~ Beta(0.25, 0.25),
   the larger share on the own sample.
 * ``cmda``: the student encoder is the aligner's student branch; L = L_SSD + 0.1 Eq.7 (Eq. 9)
-  + NT-Xent(g(x_new), g(v2)) with x_new = CMDAugment(view 1) (weights from the current latents,
+  + NT-Xent(g(x_new), g(v2)) with x_new = CMDAugment(aligner=view 1) (weights from the current latents,
   GMM M = 2 refitted each epoch on the language latents).
 * ``cmda_offline``: aligner trained first with Eq. 7 (30 epochs), EmbeddingBank, CMDACollate
   mixes the raw features, the mixed sample gets its own noise view.

@@ -64,7 +64,7 @@ def build(device: torch.device, size: int, batch: int, seed: int = 0):
     with torch.no_grad():
         text_z = aligner.embed("text", torch.randn(4 * batch, TEXT_DIM, generator=gen).to(device))
     gmm = GaussianMixture(2, covariance_type="diag", reg_covar=1e-4, random_state=seed).fit(text_z)
-    augment = CMDAugment(aligner, gmm=gmm, student="image", teachers="text", target="label",
+    augment = CMDAugment(aligner=aligner, gmm=gmm, student="image", teachers="text", target="label",
                          num_classes=NUM_CLASSES, seed=seed)
     params = list(aligner.parameters()) + list(classifier.parameters())
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)

@@ -39,7 +39,7 @@ import _common as C  # noqa: E402
 import _tasks as T  # noqa: E402
 from cmda_data.datasets import classification_split  # noqa: E402
 from cmda_data.core.mixture import GaussianMixture, select_n_components  # noqa: E402
-from cmda_data.core.plan import make_plan  # noqa: E402
+from cmda_data.core.build import make_plan  # noqa: E402
 
 B = 128
 METRICS = ("eff_partners", "max_weight", "same_class", "label_purity", "to_mean")

@@ -26,8 +26,9 @@ _EXPORTS = {
     "ShapeError": ".exceptions",
     "SkippedSamplesWarning": ".exceptions",
     "ValidationError": ".exceptions",
+    "MixOptions": ".options",
     "MixPlan": ".core.plan",
-    "make_plan": ".core.plan",
+    "make_plan": ".core.build",
     "GaussianMixture": ".core.mixture",
     "select_n_components": ".core.mixture",
     "Aligner": ".aligners",
@@ -50,7 +51,8 @@ _EXPORTS = {
 }
 
 # subpackages and public modules, imported on first attribute access (``cmda_data.core.functional``)
-_SUBMODULES = ("aligners", "augment", "bank", "controls", "core", "datasets", "distributed", "io", "stats")
+_SUBMODULES = ("aligners", "augment", "bank", "controls", "core", "datasets", "distributed", "io", "options",
+               "stats")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

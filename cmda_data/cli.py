@@ -25,6 +25,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, List, NoReturn, Optional, Sequence, TextIO
 
+import numpy as np
+import torch
+
+from . import __version__
+from .bank._bank import EmbeddingBank
+from .demo._job import DemoConfig, run_demo
+from .exceptions import CMDAError, DeviceError, MissingDependencyError
+from .probe import probe
+
 __all__ = ["build_parser", "main"]
 
 PROG = "cmda"
@@ -72,8 +81,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 # -------------------------------------------------------------------------------- commands
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    from .demo._job import DemoConfig, run_demo
-
     config = DemoConfig(out=Path(args.out), data=args.data, seed=args.seed, epochs=args.epochs, n=args.n,
                         device=args.device, rows=args.rows, top_k=args.top_k, pool_size=args.pool_size,
                         temperature=args.temperature, progress=not args.no_progress)
@@ -82,9 +89,6 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _load_npy(path: str, option: str) -> Any:
-    import numpy as np
-    import torch
-
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{option}: expected an existing .npy file, got {path!r} (no such file)")
@@ -116,8 +120,6 @@ def _parse_candidates(text: str) -> List[int]:
 
 
 def _cmd_bank_build(args: argparse.Namespace, out: TextIO) -> int:
-    from .bank._bank import EmbeddingBank
-
     if args.student_name == args.teacher_name:
         raise CLIError(f"--student-name and --teacher-name: expected two different names, got {args.student_name!r} "
                        "twice", "name the modalities differently, e.g. --student-name image --teacher-name text")
@@ -139,8 +141,6 @@ def _cmd_bank_build(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_bank_info(args: argparse.Namespace, out: TextIO) -> int:
-    from .bank._bank import EmbeddingBank
-
     folder = Path(args.dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"DIR: expected a bank folder, got {args.dir!r} (no such folder)")
@@ -177,8 +177,6 @@ def _cmd_bank_info(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace, out: TextIO) -> int:
-    from .probe import probe
-
     probe(args.data, student=args.student, teacher=args.teacher, label=args.label, train_size=args.train_size,
           train_frac=args.train_frac, seeds=args.seeds, epochs=args.epochs, aligner_epochs=args.aligner_epochs,
           quick=args.quick, methods=args.methods, loss_form=args.loss_form, batch_size=args.batch_size,
@@ -191,10 +189,6 @@ def _cmd_probe(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_version(args: argparse.Namespace, out: TextIO) -> int:
-    import torch
-
-    from . import __version__
-
     print(f"cmda-data {__version__} (torch {torch.__version__}, Python {platform.python_version()})", file=out)
     return 0
 
@@ -343,16 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version_line() -> str:
-    from . import __version__
-
     return f"cmda-data {__version__}"
 
 
 # -------------------------------------------------------------------------------- errors
 def _hint(error: BaseException, command: str) -> str:
     """The fix to suggest for ``error``."""
-    from .exceptions import DeviceError, MissingDependencyError
-
     help_line = f"run '{command} --help' to see the options"
     if isinstance(error, CLIError):
         return error.hint
@@ -375,8 +365,6 @@ def _hint(error: BaseException, command: str) -> str:
 
 def _message(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
-    from .exceptions import CMDAError
-
     if not isinstance(error, (CMDAError, CLIError, FileNotFoundError, ValueError)):
         text = f"{type(error).__name__}: {text}"
     return text

@@ -30,8 +30,12 @@ import json
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 
-from .core._seeding import hash_ints
+from .bank._bank import EmbeddingBank
+from .bank._build import embed_dataset
+from .bank._fit import gmm_from_state, gmm_state
+from .core._seeding import get_rank, get_world_size, hash_ints, is_distributed
 from .core._validation import check_int, fail
 from .exceptions import CMDAError, ShapeError
 
@@ -55,28 +59,6 @@ _MAX_DIMS = 6
 
 
 # --------------------------------------------------------------------------- ranks and seeds
-def _dist() -> Any:
-    import torch.distributed as dist
-
-    return dist
-
-
-def is_distributed() -> bool:
-    """Whether a ``torch.distributed`` process group is initialised."""
-    dist = _dist()
-    return bool(dist.is_available() and dist.is_initialized())
-
-
-def get_rank(group: Any = None) -> int:
-    """This process's rank in ``group`` (0 when no process group is initialised)."""
-    return int(_dist().get_rank(group)) if is_distributed() else 0
-
-
-def get_world_size(group: Any = None) -> int:
-    """Number of processes in ``group`` (1 when no process group is initialised)."""
-    return int(_dist().get_world_size(group)) if is_distributed() else 1
-
-
 def _resolve_rank(rank: Optional[int]) -> int:
     return get_rank() if rank is None else check_int("rank", rank, minimum=0)
 
@@ -177,7 +159,7 @@ def set_epoch(epoch: int, *objects: Any) -> List[Any]:
 # --------------------------------------------------------------------------- collectives
 def _comm_device(group: Any = None) -> torch.device:
     """Where collective tensors live: CUDA for NCCL, the CPU otherwise."""
-    dist = _dist()
+
     if str(dist.get_backend(group)).lower() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -207,7 +189,7 @@ def all_gather_rows(tensor: torch.Tensor, *, group: Any = None) -> List[torch.Te
         fail("tensor", "a torch.Tensor", tensor)
     if get_world_size(group) == 1:
         return [tensor.detach().cpu()]
-    dist = _dist()
+
     device = _comm_device(group)
     world = get_world_size(group)
     meta = _describe_shape(tensor).to(device)
@@ -230,7 +212,7 @@ def all_gather_rows(tensor: torch.Tensor, *, group: Any = None) -> List[torch.Te
 
 def _broadcast_bytes(data: Optional[bytes], *, src: int, group: Any) -> bytes:
     """Broadcast a byte string from ``src`` (others pass None) as a uint8 tensor."""
-    dist = _dist()
+
     device = _comm_device(group)
     size = torch.tensor([len(data) if data is not None else 0], dtype=torch.long, device=device)
     dist.broadcast(size, src=src, group=group)
@@ -243,8 +225,6 @@ def _broadcast_bytes(data: Optional[bytes], *, src: int, group: Any) -> bytes:
 
 def _bank_payload(bank: Any) -> tuple:
     """``(header dict, tensors dict)`` describing a bank (JSON-safe header, CPU tensors)."""
-    from .bank._fit import gmm_state
-
     tensors: Dict[str, torch.Tensor] = dict(bank._tensors())
     gmm_config, gmm_tensors = gmm_state(bank.gmm)
     tensors.update({f"gmm.{k}": v for k, v in gmm_tensors.items()})
@@ -257,10 +237,7 @@ def _bank_payload(bank: Any) -> tuple:
 
 def _broadcast_bank(bank: Any, error: Optional[BaseException], *, src: int, group: Any) -> Any:
     """Broadcast ``bank`` (or ``error``) from ``src``; every rank returns the bank or raises."""
-    from .bank._bank import EmbeddingBank
-    from .bank._fit import gmm_from_state
 
-    dist = _dist()
     rank = get_rank()  # global rank: src is global too
     header: Optional[Dict[str, Any]] = None
     tensors: Dict[str, torch.Tensor] = {}
@@ -305,8 +282,6 @@ def broadcast_bank(bank: Any = None, *, src: int = 0, group: Any = None) -> Any:
     equal bank (embeddings, responsibilities, the fitted GMM's tensors, PCA, metadata).
     Without a process group the bank is returned as is. ``src`` is a global rank.
     """
-    from .bank._bank import EmbeddingBank
-
     if get_world_size(group) == 1:
         if not isinstance(bank, EmbeddingBank):
             fail("bank", "an EmbeddingBank", bank)
@@ -356,14 +331,11 @@ def build_bank_distributed(dataset: Any, aligner: Any, *, student: str, teachers
         >>> len(bank), bank.dim
         (6, 3)
     """
-    from .bank._bank import EmbeddingBank
-    from .bank._build import embed_dataset
-
     world = get_world_size(group)
     if world == 1:
         return EmbeddingBank.build(dataset, aligner, student=student, teachers=teachers, fields=fields,
                                    batch_size=batch_size, device=device, progress=progress, **options)
-    dist = _dist()
+
     rank = get_rank(group)
     roles = [student] + ([teachers] if isinstance(teachers, str) else list(teachers))
     roles = list(dict.fromkeys(roles))  # the bank reports duplicates; keep the exchange well-formed

@@ -186,7 +186,7 @@ def test_shuffled_teacher_aligner_permutes_the_batch_rows():
 
 def test_wrapped_aligner_drives_cmdaugment():
     x = torch.randn(8, DIM, generator=torch.Generator().manual_seed(0))
-    aug = CMDAugment(random_teacher(Normalise(), teachers="text", seed=0), student="image", teachers="text",
+    aug = CMDAugment(aligner=random_teacher(Normalise(), teachers="text", seed=0), student="image", teachers="text",
                      p=1.0, intra=None)
     out, plan = aug({"image": x, "text": x})
     expected = (plan.weights[..., None] * x[plan.index]).sum(1)  # a convex combination of the batch

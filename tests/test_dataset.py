@@ -123,7 +123,7 @@ def test_label_smoothing(data, bank):
 
 
 def test_append_mode(data, bank):
-    aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, mode="append", top_k=3,
+    aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, keep_real=True, top_k=3,
                                      p=0.0)
     assert len(aug) == 2 * N
     for i in range(N):
@@ -234,7 +234,7 @@ def test_wrapped_dataset_is_never_mutated(bank):
     data = PairedDataset(N)
     before = snapshot(data)
     aug = CrossModalAugmentedDataset(data, bank, target="label", num_classes=NUM_CLASSES, p=0.7, top_k=4,
-                                     mode="append")
+                                     keep_real=True)
     for _ in DataLoader(aug, batch_size=7, num_workers=0):
         pass
     for i in range(len(aug)):
@@ -306,7 +306,7 @@ def test_bad_partner_values_name_the_field_and_the_sample(data, bank):
 def test_configuration_errors(data, bank):
     with pytest.raises(ShapeError, match=r"bank: expected one row per sample of the dataset \(10 rows\)"):
         CrossModalAugmentedDataset(PairedDataset(10), bank)
-    with pytest.raises(ValidationError, match="mode: expected one of 'replace', 'append'"):
+    with pytest.raises(ValidationError, match="mode: expected a keyword argument of CrossModalAugmentedDataset or a field of MixOptions"):
         CrossModalAugmentedDataset(data, bank, mode="double")
     with pytest.raises(ValidationError, match=r"p: expected a probability in \[0, 1\]"):
         CrossModalAugmentedDataset(data, bank, p=2)

@@ -281,7 +281,8 @@ def test_set_epoch_reaches_sampler_dataset_collate_and_pipeline_stages():
 
 def test_rank_none_means_the_process_rank_without_a_process_group():
     """rank=None resolves to torch.distributed's rank (0 when no group is initialised)."""
-    from cmda_data.augment._planner import PlanOptions
+    from cmda_data.options import MixOptions
 
-    opts = PlanOptions.create(student="image", teachers=["text"], rank=None)
-    assert opts.rank == 0
+    assert MixOptions().rank is None
+    assert MixOptions(rank=None).resolved().rank == 0
+    assert MixOptions(rank=3).resolved().rank == 3

@@ -1,8 +1,9 @@
-"""Same seed, same pool: CrossModalAugmentedDataset, CMDACollate and CMDAugment give the same samples.
+"""Same seed, same pool: the four entry points give the same samples.
 
 The dataset's pool covers the whole (small) dataset; the collate and the module see one
-batch holding the whole dataset in order. All three build their plans in
-``cmda_data.augment._planner`` from per-row draws seeded by (seed, epoch, rank, index).
+batch holding the whole dataset in order; the stream buffer's last sample sees all the others.
+All build their plans with ``cmda_data.bank._plan.bank_plan`` -> ``cmda_data.core.build.build_plan``
+from per-row draws seeded by (seed, epoch, rank, index), and all take one ``MixOptions``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from torch.utils.data import DataLoader, default_collate
 from _entry_data import NUM_CLASSES, PairedDataset, make_bank
 from cmda_data.augment.collate import CMDACollate
 from cmda_data.augment.dataset import CrossModalAugmentedDataset, IndexedDataset
+from cmda_data.augment.buffer import CandidateBuffer
 from cmda_data.augment.module import CMDAugment
+from cmda_data.options import MixOptions
 from conftest import CPU_AND_CUDA
 
 N = 20
@@ -26,16 +29,19 @@ CONFIGS = {
     "exclude-self": dict(intra="soft", top_k=5, p=0.7, exclude_self=True),
     "temperature-cosine": dict(intra="soft", top_k=4, p=0.5, similarity="cosine", temperature=0.2),
     "smoothing": dict(intra="soft", top_k=4, p=0.8, label_smoothing=0.1),
+    "self-weight-no-renorm": dict(intra="soft", top_k=4, p=0.8, self_weight=2.0, renormalize=False),
+    "defaults": dict(),
 }
 
 
 def three_ways(config, teachers=1, seed=13, epoch=0, device="cpu"):
     data = PairedDataset(N, seed=2)
     bank = make_bank(N, teachers=teachers)
-    common = dict(target="label", num_classes=NUM_CLASSES, seed=seed, **config)
-    dataset = CrossModalAugmentedDataset(data, bank, pool_size=N, **common)
-    collate = CMDACollate(bank, **common)
-    module = CMDAugment(bank=bank.to(device), **common)
+    options = MixOptions(seed=seed, pool_size=N, **config)  # one options object for every entry point
+    common = dict(target="label", num_classes=NUM_CLASSES)
+    dataset = CrossModalAugmentedDataset(data, bank, options, **common)
+    collate = CMDACollate(bank, options, **common)
+    module = CMDAugment(bank.to(device), options, **common)
     for entry in (dataset, collate, module):
         entry.set_epoch(epoch)
     from_dataset = default_collate([dataset[i] for i in range(N)])
@@ -64,8 +70,38 @@ def test_dataset_collate_and_module_agree(name):
     assert_agree(from_collate, from_module)
     mixed = from_collate["mix_info"]["mixed"]
     assert 0 < int(mixed.sum())
-    if CONFIGS[name]["p"] < 1:
+    if CONFIGS[name].get("p", MixOptions().p) < 1:
         assert int(mixed.sum()) < N
+
+
+@pytest.mark.parametrize("name", ["defaults", "soft-topk", "exclude-self", "self-weight-no-renorm"])
+def test_the_stream_buffer_agrees_when_its_pool_holds_the_batch(name):
+    """The buffer's last sample has every other sample as a candidate: it is the collate's last row."""
+    data = PairedDataset(N, seed=2)
+    bank = make_bank(N)
+    options = MixOptions(seed=13, pool_size=N, **CONFIGS[name])
+    samples = [IndexedDataset(data)[i] for i in range(N)]
+    from_collate = CMDACollate(bank, options, target="label", num_classes=NUM_CLASSES)(samples)
+    last = list(CandidateBuffer(bank, options, target="label", num_classes=NUM_CLASSES)(iter(samples)))[-1]
+    last = default_collate([last])
+    row = {key: value[-1:] for key, value in from_collate.items() if key not in ("mix_info", "caption")}
+    row["mix_info"] = {key: value[-1:] for key, value in from_collate["mix_info"].items()}
+    row["caption"] = from_collate["caption"][-1:]
+    assert_agree(last, row)
+
+
+def test_every_entry_point_declares_the_mixing_options_once():
+    """No entry point declares a MixOptions field itself: all take `options` (+ keywords forwarded)."""
+    import dataclasses
+    import inspect
+
+    fields = {f.name for f in dataclasses.fields(MixOptions)}
+    for entry in (CrossModalAugmentedDataset, CMDACollate, CMDAugment, CandidateBuffer):
+        parameters = inspect.signature(entry).parameters
+        assert "options" in parameters and not fields & set(parameters), entry
+        names = list(parameters)
+        assert names[names.index("options") - 1] == "bank", entry  # (bank, options) in that order
+        assert any(p.kind is p.VAR_KEYWORD for p in parameters.values()), entry
 
 
 @pytest.mark.parametrize("epoch", [0, 3])

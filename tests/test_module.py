@@ -69,7 +69,7 @@ def test_online_mode_with_the_bank_aligner_equals_the_collate(data, bank):
     z = latents(N)
     aligner = PrecomputedAligner({"image": z["image"], "text": z["text"]})
     kwargs = dict(target="label", num_classes=NUM_CLASSES, p=0.8, seed=1)
-    out, plan = CMDAugment(aligner, gmm=bank.gmm, student="image", teachers="text", **kwargs)(full_batch(data))
+    out, plan = CMDAugment(aligner=aligner, gmm=bank.gmm, student="image", teachers="text", **kwargs)(full_batch(data))
     expected = CMDACollate(bank, **kwargs)([IndexedDataset(data)[i] for i in range(N)])
     torch.testing.assert_close(out["image"], expected["image"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["mix_info"]["weights"], expected["mix_info"]["weights"], atol=1e-5, rtol=1e-5)
@@ -78,7 +78,7 @@ def test_online_mode_with_the_bank_aligner_equals_the_collate(data, bank):
 
 def test_online_mode_embeds_the_fields_without_gradient_to_the_weights(data):
     aligner = tiny_aligner()
-    module = CMDAugment(aligner, student="image", teachers="text", target="label", num_classes=NUM_CLASSES, p=1.0,
+    module = CMDAugment(aligner=aligner, student="image", teachers="text", target="label", num_classes=NUM_CLASSES, p=1.0,
                         top_k=3)
     batch = full_batch(data)
     batch["image"] = batch["image"].clone().requires_grad_(True)
@@ -117,7 +117,7 @@ def test_inputs_are_not_modified_in_place(data, bank):
 
 
 def test_refit_every(data):
-    module = CMDAugment(tiny_aligner(), student="image", teachers="text", p=1.0, refit_every=2)
+    module = CMDAugment(aligner=tiny_aligner(), student="image", teachers="text", p=1.0, refit_every=2)
     batch = full_batch(data)
     fitted = []
     for _ in range(4):
@@ -125,7 +125,7 @@ def test_refit_every(data):
         fitted.append(module.gmm)
     assert isinstance(fitted[0], GaussianMixture) and fitted[0].covariance_type == "diag"
     assert fitted[0] is fitted[1] and fitted[1] is not fitted[2] and fitted[2] is fitted[3]
-    once = CMDAugment(tiny_aligner(), student="image", teachers="text", p=1.0)
+    once = CMDAugment(aligner=tiny_aligner(), student="image", teachers="text", p=1.0)
     once(batch)
     first = once.gmm
     once(batch)
@@ -133,7 +133,7 @@ def test_refit_every(data):
 
 
 def test_batch_of_one_and_without_index(data):
-    module = CMDAugment(tiny_aligner(), student="image", teachers="text", p=1.0, n_components=2)
+    module = CMDAugment(aligner=tiny_aligner(), student="image", teachers="text", p=1.0, n_components=2)
     batch = full_batch(data, 1)
     del batch["index"]
     out, plan = module(batch)
@@ -144,7 +144,7 @@ def test_batch_of_one_and_without_index(data):
 def test_without_index_draws_depend_on_the_call_number(data):
     batch = full_batch(data)
     del batch["index"]
-    make = lambda: CMDAugment(tiny_aligner(), student="image", teachers="text", p=0.5, intra=None, seed=3)  # noqa: E731
+    make = lambda: CMDAugment(aligner=tiny_aligner(), student="image", teachers="text", p=0.5, intra=None, seed=3)  # noqa: E731
     a, b = make(), make()
     first_a, first_b = a(batch)[1], b(batch)[1]
     assert torch.equal(first_a.mixed, first_b.mixed)
@@ -176,7 +176,7 @@ def test_errors(data, bank):
     with pytest.raises(ValidationError, match="gmm: expected None in lookup mode"):
         CMDAugment(bank=bank, gmm=bank.gmm)
     with pytest.raises(ValidationError, match="student: expected the student modality name"):
-        CMDAugment(tiny_aligner(), teachers="text")
+        CMDAugment(aligner=tiny_aligner(), teachers="text")
     batch = full_batch(data)
     del batch["index"]
     with pytest.raises(FieldError, match="field 'index' of sample batch"):
@@ -226,7 +226,7 @@ def test_keep_real_equals_the_collate(data, bank):
 
 
 def test_keep_real_keeps_gradients_of_both_parts(data):
-    module = CMDAugment(tiny_aligner(), student="image", teachers="text", intra=None, p=1.0, keep_real=True)
+    module = CMDAugment(aligner=tiny_aligner(), student="image", teachers="text", intra=None, p=1.0, keep_real=True)
     batch = full_batch(data, 6)
     image = batch["image"].clone().requires_grad_(True)
     out, _ = module(dict(batch, image=image))
@@ -238,7 +238,7 @@ def test_keep_real_keeps_gradients_of_both_parts(data):
 def test_set_gmm(data):
     z = latents(N)
     aligner = PrecomputedAligner({"image": z["image"], "text": z["text"]})
-    module = CMDAugment(aligner, student="image", teachers="text", p=1.0)
+    module = CMDAugment(aligner=aligner, student="image", teachers="text", p=1.0)
     batch = full_batch(data)
     for epoch in range(2):  # refit on all training latents at each epoch start
         gmm = GaussianMixture(2, covariance_type="diag", random_state=epoch)
@@ -273,7 +273,7 @@ def test_a_batch_needs_few_host_reads(data, bank, mode):
     kwargs = dict(target="label", num_classes=NUM_CLASSES, p=0.8, seed=1)
     if mode == "aligner":
         z = latents(N)
-        module = CMDAugment(PrecomputedAligner({"image": z["image"], "text": z["text"]}), gmm=bank.gmm,
+        module = CMDAugment(aligner=PrecomputedAligner({"image": z["image"], "text": z["text"]}), gmm=bank.gmm,
                             student="image", teachers="text", **kwargs)
     else:
         module = CMDAugment(bank=bank, **kwargs)
@@ -307,10 +307,10 @@ class _NaNTextAligner(PrecomputedAligner):
 def test_bad_latents_and_posteriors_are_named(data, bank):
     z = latents(N)
     kwargs = dict(student="image", teachers="text", target="label", num_classes=NUM_CLASSES, p=1.0, seed=1)
-    module = CMDAugment(_NaNTextAligner({"image": z["image"], "text": z["text"]}), gmm=bank.gmm, intra=None,
+    module = CMDAugment(aligner=_NaNTextAligner({"image": z["image"], "text": z["text"]}), gmm=bank.gmm, intra=None,
                         **kwargs)
     with pytest.raises(ValidationError, match=r"teacher_z: expected finite values \(no NaN or inf\), got 1 non-finite"):
         module(full_batch(data))
-    module = CMDAugment(PrecomputedAligner({"image": z["image"], "text": z["text"]}), gmm=_BadGMM(), **kwargs)
+    module = CMDAugment(aligner=PrecomputedAligner({"image": z["image"], "text": z["text"]}), gmm=_BadGMM(), **kwargs)
     with pytest.raises(ValidationError, match=r"resp_rows: expected responsibility rows that sum to 1"):
         module(full_batch(data))

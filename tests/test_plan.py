@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 import strategies as S
 from cmda_data.core import functional as Fn
 from cmda_data.exceptions import CMDAError, DeviceError, ShapeError, ValidationError
-from cmda_data.core.plan import MixPlan, apply, make_plan
+from cmda_data.core.build import build_plan, make_plan
+from cmda_data.core.plan import MixPlan
 from conftest import CPU_AND_CUDA, needs_cuda
 
 
@@ -32,7 +33,6 @@ class TestHandBuiltPlan:
         x = torch.tensor([[4.0, 0.0], [1.0, 2.0], [8.0, 4.0]])
         expected = torch.tensor([[7.0, 3.0], [1.0, 2.0], [2.5, 1.0]])
         assert torch.equal(hand_plan().apply(x), expected)
-        assert torch.equal(apply(hand_plan(), x), expected)
 
     @pytest.mark.parametrize("trailing", [(), (5,), (3, 4, 4), (1, 2)], ids=str)
     def test_apply_any_trailing_shape(self, trailing):
@@ -190,9 +190,21 @@ class TestPlanValidation:
         with pytest.raises(AttributeError):
             hand_plan().index = torch.zeros(1, 1, dtype=torch.long)
 
-    def test_apply_needs_a_plan(self):
-        with pytest.raises(ValidationError, match=r"plan: expected a MixPlan, got 3 \(int\)"):
-            apply(3, torch.rand(2))
+    def test_apply_needs_a_tensor(self):
+        with pytest.raises(ValidationError, match=r"tensor: expected a torch.Tensor"):
+            hand_plan().apply([1.0, 2.0])
+
+    def test_apply_inplace_writes_only_the_mixed_rows(self):
+        plan = MixPlan.from_dense(torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.25, 0.25, 0.5]]))
+        x = torch.tensor([[0.0, 4.0], [2.0, 2.0], [8.0, 0.0]])
+        expected = plan.apply(x)
+        assert plan.mixed.tolist() == [True, False, True]  # row 1 keeps all its mass on itself
+        out = plan.apply(x, inplace=True)
+        assert out is x and torch.equal(x, expected)
+
+    def test_apply_inplace_needs_a_square_plan(self):
+        with pytest.raises(ValidationError, match="inplace: expected False for a plan that is not square"):
+            hand_plan().apply(torch.rand(4, 2), inplace=True)
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -321,7 +333,7 @@ class TestMakePlan:
         (lambda: make_plan({"a": T, "b": T[:3]}, V), ShapeError,
          r"teacher_z\['b'\]: expected 9 rows like the first teacher, got tensor of shape \(3, 6\)"),
         (lambda: make_plan({"a": T, "b": T[:, :2]}, V), ShapeError,
-         r"student_z: expected latent dimension 2 to match teacher_z.*\(teacher teacher_z\['b'\]\)"),
+         r"teacher_z\['b'\]: expected 6 columns like student_z"),
         (lambda: make_plan(T[:3], V, resp_rows=RESP[:3]), ValidationError,
          r"resp_cols: expected responsibilities of the 9 student samples"),
         (lambda: make_plan(T, V, intra="fuzzy", resp_rows=RESP), ValidationError,
@@ -359,22 +371,45 @@ SQUARE_CONFIGS = {
 
 @pytest.mark.parametrize("teachers", [1, 2])
 @pytest.mark.parametrize("name", sorted(SQUARE_CONFIGS))
-def test_square_plan_is_the_general_plan_bit_for_bit(name, teachers):
-    """CMDAugment's checked fast path (one read-back) builds exactly what build_plan +
-    make_plan build for a batch that is its own pool."""
-    from cmda_data.augment._planner import PlanOptions, build_plan, row_draws, square_plan
+def test_build_plan_validate_switch_changes_no_bit(name, teachers):
+    """The trusted path (validate=False, the bank's rows) builds exactly the checked plan."""
+    from cmda_data.bank._plan import row_draws
+    from cmda_data.options import MixOptions, PlanOptions
 
     gen = torch.Generator().manual_seed(5)
     n, d = 14, 6
     teacher_z = [torch.randn(n, d, generator=gen) for _ in range(teachers)]
     student_z = torch.randn(n, d, generator=gen)
     resp = torch.softmax(3 * torch.randn(n, 3, generator=gen), 1)
-    opts = PlanOptions.create(student="image", teachers=[f"t{i}" for i in range(teachers)], seed=3,
-                              **SQUARE_CONFIGS[name])
-    mixed, choice = row_draws(torch.arange(n), opts, 2)
-    general = build_plan(teacher_z, student_z, opts, mixed=mixed, teacher_choice=choice, resp_rows=resp,
-                         resp_cols=resp, teacher_index=torch.arange(n))
-    fast = square_plan(teacher_z, student_z, resp, opts, mixed=mixed, teacher_choice=choice)
+    spec = PlanOptions.create(student="image", teachers=[f"t{i}" for i in range(teachers)],
+                              mix=MixOptions(seed=3, rank=0, p=0.8, top_k=None).replace(**SQUARE_CONFIGS[name]))
+    mixed, choice = row_draws(torch.arange(n), spec, 2)
+    options = dict(similarity=spec.similarity, normalize=spec.normalize, temperature=spec.temperature,
+                   self_weight=spec.self_weight, intra=spec.intra, top_k=spec.top_k,
+                   exclude_self=spec.exclude_self, renormalize=spec.renormalize)
+    plans = [build_plan(teacher_z, student_z, mixed=mixed, teacher_choice=choice, resp_rows=resp,
+                        teacher_index=torch.arange(n), validate=validate, **options) for validate in (True, False)]
     for field in ("index", "weights", "teacher_index", "mixed", "teacher_choice"):
-        assert torch.equal(getattr(fast, field), getattr(general, field)), field
-    assert fast.teacher == general.teacher
+        assert torch.equal(getattr(plans[0], field), getattr(plans[1], field)), field
+    assert bool(plans[0].mixed.any())
+
+
+@pytest.mark.parametrize("name", ["soft-dense", "hard-topk", "self-weight-no-renorm", "exclude-self"])
+def test_a_permuted_pool_gives_the_permuted_plan(name):
+    """Rows over a pool in another order (the per-sample entry points' path, own sample found in the
+    pool) get the same weights, moved with their columns: self_weight and exclude_self follow
+    each row's own sample, wherever it lies."""
+    from cmda_data.bank import EmbeddingBank
+
+    config = {k: v for k, v in SQUARE_CONFIGS[name].items() if k not in ("top_k", "p")}
+    gen = torch.Generator().manual_seed(2)
+    n = 10
+    z = {m: torch.nn.functional.normalize(torch.randn(n, 5, generator=gen), dim=1) for m in ("image", "text")}
+    resp = torch.softmax(2 * torch.randn(n, 2, generator=gen), 1)
+    bank = EmbeddingBank(z, student="image", teachers="text", responsibilities=resp)
+    rows = torch.arange(n)
+    pool = torch.randperm(n, generator=gen)
+    square = bank.plan(rows, p=1.0, top_k=None, **config)
+    moved = bank.plan(rows, pool, p=1.0, top_k=None, **config)
+    assert torch.equal(moved.mixed, square.mixed)
+    torch.testing.assert_close(moved.dense(n)[:, torch.argsort(pool)], square.dense(n), atol=1e-6, rtol=1e-5)

@@ -308,7 +308,7 @@ def test_buffer_mix_is_the_convex_combination_of_bank_weights(shards, intra, top
     data, paths = shards
     bank = make_bank(responsibilities=intra is not None)
     size = 4
-    stage = cmda_mix(bank, buffer_size=size, top_k=top_k, p=1.0, intra=intra, target="label",
+    stage = cmda_mix(bank, pool_size=size, top_k=top_k, p=1.0, intra=intra, target="label",
                      num_classes=NUM_CLASSES, seed=5)
     pipeline = read_shards(paths)
     pipeline.append(stage)
@@ -342,7 +342,7 @@ def test_buffer_is_deterministic_and_follows_seed_epoch_p(shards):
     bank = make_bank()
 
     def run(**kw):
-        stage = CandidateBuffer(bank, buffer_size=3, top_k=2, intra=None, **kw)
+        stage = CandidateBuffer(bank, pool_size=3, top_k=2, intra=None, **kw)
         return stage, list(stage(iter(samples)))
 
     _, a = run(p=0.5, seed=1)
@@ -352,7 +352,7 @@ def test_buffer_is_deterministic_and_follows_seed_epoch_p(shards):
     assert any(flags) and not all(flags)
     _, c = run(p=0.5, seed=2)
     assert flags != [bool(s["mix_info"]["mixed"]) for s in c]
-    stage = CandidateBuffer(bank, buffer_size=3, top_k=2, intra=None, p=0.5, seed=1)
+    stage = CandidateBuffer(bank, pool_size=3, top_k=2, intra=None, p=0.5, seed=1)
     stage.set_epoch(3)
     assert stage.epoch == 3
     assert flags != [bool(s["mix_info"]["mixed"]) for s in stage(iter(samples))]
@@ -360,7 +360,7 @@ def test_buffer_is_deterministic_and_follows_seed_epoch_p(shards):
     for x, y in zip(identity, samples):
         assert torch.equal(x["image"], y["image"]) and not bool(x["mix_info"]["mixed"])
     # set_p: the same draws as a stage made with that p (the attenuation coefficient)
-    stage = CandidateBuffer(bank, buffer_size=3, top_k=2, intra=None, p=0.9, seed=1)
+    stage = CandidateBuffer(bank, pool_size=3, top_k=2, intra=None, p=0.9, seed=1)
     assert stage.p == 0.9 and "p=0.9" in repr(stage)
     stage.set_p(0.5)
     assert stage.p == 0.5
@@ -376,7 +376,7 @@ def test_buffer_exclude_self_and_errors(shards):
     data, paths = shards
     samples = read_all(paths)
     bank = make_bank()
-    stage = CandidateBuffer(bank, buffer_size=2, top_k=None, p=1.0, intra=None, exclude_self=True)
+    stage = CandidateBuffer(bank, pool_size=2, top_k=None, p=1.0, intra=None, exclude_self=True)
     out = list(stage(iter(samples)))
     assert not bool(out[0]["mix_info"]["mixed"])  # nothing buffered yet
     partners = out[5]["mix_info"]["partners"]
@@ -388,17 +388,17 @@ def test_buffer_exclude_self_and_errors(shards):
         list(stage(iter([{"image": torch.zeros(2)}])))
     with pytest.raises(FieldError, match=r"field 'index' of sample 0 of the stream: expected an int dataset index"):
         list(stage(iter([{"image": torch.zeros(2), "index": torch.tensor(True)}])))
-    labelled = CandidateBuffer(bank, buffer_size=2, p=1.0, intra=None, target="label", num_classes=3)
+    labelled = CandidateBuffer(bank, pool_size=2, p=1.0, intra=None, target="label", num_classes=3)
     with pytest.raises(FieldError, match=r"field 'label' of sample 1: expected a class index in \[0, 3\)"):
         list(labelled(iter([{"image": torch.zeros(2), "index": 0, "label": 0},
                             {"image": torch.ones(2), "index": 1, "label": 7}])))
-    with pytest.raises(ValidationError, match="buffer_size: expected an integer >= 1"):
-        CandidateBuffer(bank, buffer_size=0, intra=None)
+    with pytest.raises(ValidationError, match="pool_size: expected an integer >= 1"):
+        CandidateBuffer(bank, pool_size=0, intra=None)
     with pytest.raises(ValidationError, match="bank: expected an EmbeddingBank"):
         cmda_mix("bank")
     bad = [{"image": torch.zeros(2), "index": 0}, {"image": torch.zeros(3), "index": 1}]
     with pytest.raises(Exception, match="shape"):
-        list(CandidateBuffer(bank, buffer_size=2, p=1.0, intra=None)(iter(bad)))
+        list(CandidateBuffer(bank, pool_size=2, p=1.0, intra=None)(iter(bad)))
 
 
 # --------------------------------------------------------------------------- CMDACollate as collation_fn
@@ -430,7 +430,7 @@ def test_pipeline_in_dataloader_workers(shards):
     bank = make_bank()
     collate = CMDACollate(bank, target="label", num_classes=NUM_CLASSES, p=1.0, intra=None)
     pipeline = read_shards(paths)
-    pipeline.append(cmda_mix(bank, buffer_size=3, p=0.5, intra=None, info_key="buffer_info"))
+    pipeline.append(cmda_mix(bank, pool_size=3, p=0.5, intra=None, info_key="buffer_info"))
     pipeline.append(wds.batched(3, collation_fn=collate))
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2)
     seen = sorted(int(i) for batch in loader for i in batch["index"])

@@ -13,23 +13,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import get_worker_info
 
-from ..core import functional as Fn
-from ..core._fields import TOKEN_ID_HINT, Field, check_field_name, check_targets_batch, get_field
+from ..core._fields import TOKEN_ID_HINT, Field, check_targets_batch, get_field
 from ..core._kernels import _targets_as_probabilities
-from ..core._validation import check_int, check_positive_float, fail
+from ..core._validation import fail
 from ..exceptions import DeviceError, FieldError
-from ._planner import mix_info
 
-__all__ = ["batch_index", "batch_student", "check_label_smoothing", "keep_real_batch", "mix_batch",
-           "check_cpu_bank_in_workers", "name_nonfinite_row", "pack", "pack_batch", "with_field"]
-
-
-def check_label_smoothing(value: Any) -> float:
-    """``label_smoothing`` in [0, 1)."""
-    number = check_positive_float("label_smoothing", value, allow_zero=True)
-    if number >= 1.0:
-        fail("label_smoothing", "a number in [0, 1)", value)
-    return number
+__all__ = ["batch_index", "batch_student", "check_cpu_bank_in_workers", "keep_real_batch", "mix_batch", "mix_info",
+           "name_nonfinite_row", "pack", "pack_batch", "with_field"]
 
 
 def batch_field(batch: Any, field: Field, what: str = "batch") -> Any:
@@ -149,101 +139,41 @@ def _packable(value: Any) -> bool:
         not value.is_nested and not value.requires_grad
 
 
-def mix_rows_inplace(plan: Any, samples: torch.Tensor, *, arange_partners: bool = False) -> torch.Tensor:
-    """``plan.apply(samples)`` written into ``samples`` (a square plan: row r's own sample is r).
+def mix_info(plan: Any, index: Optional[torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
+    """The ``mix_info`` record of a batch: dataset indices of the rows and of their partners.
 
-    Only the mixed rows are computed (rows that are not mixed are already the originals);
-    they are all computed before any is written. For tensors the caller owns (a batch it
-    collated itself), never user input. The plan is the library's own (trusted): only the
-    samples are checked (finite values, as :func:`cmda_data.core.functional.mix` does).
-    ``arange_partners``: the partners of every mixed row are ``0..m-1`` in order (a square
-    plan without ``top_k``), so the weight rows already are the dense rows.
+    Keys: ``"index"`` [B] (the row's own dataset index), ``"partners"`` [B, k] (dataset
+    indices), ``"weights"`` [B, k] float32 (rows sum to 1), ``"mixed"`` [B] bool and
+    ``"teacher"`` [B] long (position in ``teachers`` of the guiding teacher). Without
+    dataset indices, ``index`` and ``partners`` hold positions in the batch.
     """
-    rows = plan.mixed.nonzero().reshape(-1)
-    if rows.numel() == 0:
-        return samples
-    index, weights = plan.index.index_select(0, rows), plan.weights.index_select(0, rows)
-    m = samples.shape[0]
-    Fn._check_float("samples", samples)  # user data: finite values (one reduction pass)
-    if index.shape[1] * 8 <= m:  # a few partners per row: gather them (MixPlan.apply's rule)
-        out = Fn._mix(weights, samples, index)
-    elif arange_partners:  # zeros(r, m).scatter_add_(1, index, weights) would be `weights` itself
-        out = Fn._mix(weights, samples)
-    else:
-        dense = torch.zeros(rows.numel(), m, dtype=torch.float32, device=samples.device)
-        out = Fn._mix(dense.scatter_add_(1, index, weights), samples)
-    return samples.index_copy_(0, rows.to(samples.device), out)
-
-
-def apply_square(plan: Any, samples: torch.Tensor) -> torch.Tensor:
-    """``plan.apply(samples)`` for the library's own square plan, into a new tensor.
-
-    The same kernels as :meth:`MixPlan.apply` (so the same numbers) without re-checking the
-    plan; only the samples are checked (finite values), in one reduction read back once.
-    Non-floating samples (token ids) go through :meth:`MixPlan.apply`, which copies them
-    when no row is mixed and explains why they cannot be mixed otherwise.
-    """
-    if not samples.is_floating_point():
-        return plan.apply(samples)
-    Fn._check_float("samples", samples)  # user data: finite values
-    index, weights = plan.index, plan.weights
-    m = samples.shape[0]
-    if index.shape[1] * 8 <= m:  # MixPlan.apply's rule: gather a few partners per row
-        return Fn._mix(weights, samples, index)
-    # (rows that are not mixed point at their own sample, not at 0..m-1: build the dense rows)
-    dense = torch.zeros(index.shape[0], m, dtype=torch.float32, device=samples.device)
-    return Fn._mix(dense.scatter_add_(1, index, weights), samples)
-
-
-def _square_targets(plan: Any, targets: torch.Tensor, num_classes: Optional[int],
-                    label_smoothing: float) -> torch.Tensor:
-    """``plan.apply_targets(...)`` for the library's own square plan: only the targets are checked."""
-    probs = _targets_as_probabilities(targets, num_classes, label_smoothing)
-    return Fn._mix_targets(plan.weights, probs, plan.index)
+    own = plan.teacher_index
+    if index is None:
+        return {"index": own, "partners": plan.index, "weights": plan.weights, "mixed": plan.mixed,
+                "teacher": plan.teacher_choice}
+    index = index.to(plan.index.device)
+    k = plan.index.shape[1]
+    square = own.shape[0] == index.shape[0] and bool(torch.equal(own, torch.arange(len(index), device=own.device)))
+    return {"index": index if square else index.index_select(0, own),
+            "partners": index.index_select(0, plan.index.reshape(-1)).view(-1, k), "weights": plan.weights,
+            "mixed": plan.mixed, "teacher": plan.teacher_choice}
 
 
 def mix_batch(batch: Any, plan: Any, *, student: Field, target: Optional[Field], num_classes: Optional[int],
               label_smoothing: float, index: Optional[torch.Tensor], info_key: str = "mix_info",
-              reuse_student: bool = False, square: bool = False, arange_partners: bool = False) -> Any:
+              inplace: bool = False) -> Any:
     """A new batch: mixed student, soft targets ``[B, C]`` and ``mix_info`` added.
 
     Dict batches get ``batch[info_key]``; tuple batches get the record appended last.
-    ``reuse_student`` (only for a batch the caller just collated itself, never user input)
-    writes the mixed student into the collated student tensor instead of a new one.
-    ``square`` (only for a plan the library just built for this batch as its own pool, with
-    ``bank_plan(bank, index, index, ...)`` or ``square_plan``: ``B`` rows, row ``r``'s own
-    sample is ``r``, the batch's ``index`` on the plan's device) skips the re-checks of the
-    plan; the batch's samples and targets are still checked.
-    ``arange_partners`` (such a plan made without ``top_k``): see :func:`mix_rows_inplace`.
+    ``inplace`` (only for a batch the caller just collated itself, never user input, and a
+    square plan) writes the mixed rows into the collated student tensor instead of a new one.
     """
     samples = batch_student(batch, student)
-    if square:
-        own = True
-    else:
-        own = plan.num_outputs == samples.shape[0] and bool(
-            torch.equal(plan.teacher_index, torch.arange(samples.shape[0], device=plan.device)))
-    if reuse_student and own:
-        mixed = mix_rows_inplace(plan, samples, arange_partners=square and arange_partners)
-    elif square:
-        mixed = apply_square(plan, samples)
-    else:
-        mixed = plan.apply(samples)
-    updates = {student: mixed}
+    updates = {student: plan.apply(samples, inplace=inplace)}
     if target is not None:
         targets = check_targets_batch(get_field(batch, target, "batch"), target, num_classes)
-        if square:
-            updates[target] = _square_targets(plan, targets, num_classes, label_smoothing)
-        else:
-            updates[target] = plan.apply_targets(targets, num_classes, label_smoothing)
-    if square and index is not None:  # mix_info(plan, index) without the [B] gather it replaces
-        k = plan.index.shape[1]
-        info = {"index": index, "partners": index.index_select(0, plan.index.reshape(-1)).view(-1, k),
-                "weights": plan.weights, "mixed": plan.mixed, "teacher": plan.teacher_choice}
-    else:
-        info = dict(mix_info(plan, index))
-        if index is not None and bool(torch.equal(plan.teacher_index, torch.arange(len(index),
-                                                                                   device=index.device))):
-            info["index"] = index  # the batch's own tensor
+        updates[target] = plan.apply_targets(targets, num_classes, label_smoothing)
+    info = mix_info(plan, index)
     if isinstance(batch, Mapping):
         out = dict(batch)
         out.update(updates)
@@ -321,33 +251,3 @@ def keep_real_batch(real: Any, mixed: Any, plan: Any, *, target: Optional[Field]
         out[info_key] = new_info
         return out
     return (*(out[i] for i in range(len(real))), new_info)
-
-
-def check_num_classes(value: Any) -> Optional[int]:
-    return check_int("num_classes", value, minimum=1, allow_none=True)
-
-
-_UNSET = object()
-
-
-def output_options(options: Any, *, fields: Optional[Mapping[str, Field]], target: Optional[Field],
-                   num_classes: Any, label_smoothing: Any, info_key: Any, index_field: Any = _UNSET,
-                   index_optional: bool = False) -> Dict[str, Any]:
-    """The checked output arguments every entry point takes, as ``{attribute: value}``.
-
-    ``student_field`` (the student's field, renamed by ``fields``) when ``options`` (a
-    :class:`~cmda_data.augment._planner.PlanOptions`) is given; ``index_field`` when passed (None
-    only with ``index_optional``). Checked in the order of the signatures, so the first bad
-    one is named.
-    """
-    out: Dict[str, Any] = {}
-    if options is not None:
-        out["student_field"] = check_field_name("fields", dict(fields or {}).get(options.student, options.student))
-    out["target"] = None if target is None else check_field_name("target", target)
-    out["num_classes"] = check_num_classes(num_classes)
-    out["label_smoothing"] = check_label_smoothing(label_smoothing)
-    if index_field is not _UNSET:
-        optional = index_optional and index_field is None
-        out["index_field"] = None if optional else check_field_name("index_field", index_field)
-    out["info_key"] = check_field_name("info_key", info_key)
-    return out

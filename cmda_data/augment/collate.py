@@ -14,10 +14,16 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
+# the documented extension point of default_collate
+from torch.utils.data._utils.collate import collate as _collate_with
+from torch.utils.data._utils.collate import default_collate_fn_map
+
+from ..bank._plan import bank_plan
 from ..core._fields import Field, as_index, as_student, as_target, check_targets_batch, get_field
-from ..core._seeding import SharedEpoch, SharedEpochMixin, SharedProbability
 from ..core._validation import fail, field_error
 from ..exceptions import ValidationError
+from ..options import MixOptions
+from ._base import MixingBase
 from ._batch import (
     batch_index,
     batch_student,
@@ -25,19 +31,11 @@ from ._batch import (
     keep_real_batch,
     mix_batch,
     name_nonfinite_row,
-    output_options,
     pack_batch,
     with_field,
 )
-from ._planner import PlanOptions, bank_plan
 
 __all__ = ["CMDACollate"]
-
-try:  # documented extension point of default_collate (torch >= 1.13)
-    from torch.utils.data._utils.collate import collate as _collate_with
-    from torch.utils.data._utils.collate import default_collate_fn_map
-except ImportError:  # pragma: no cover - older torch: default_collate as is
-    _collate_with = default_collate_fn_map = None
 
 
 def _stack_plain(batch: Sequence[torch.Tensor], *, collate_fn_map: Any = None) -> torch.Tensor:
@@ -47,12 +45,12 @@ def _stack_plain(batch: Sequence[torch.Tensor], *, collate_fn_map: Any = None) -
 
 def _collate_plain(samples: list) -> Any:
     """``default_collate``, except that tensors are stacked in ordinary memory inside workers."""
-    if _collate_with is None or get_worker_info() is None:
+    if get_worker_info() is None:
         return default_collate(samples)
     return _collate_with(samples, collate_fn_map={**default_collate_fn_map, torch.Tensor: _stack_plain})
 
 
-class CMDACollate(SharedEpochMixin):
+class CMDACollate(MixingBase):
     """A ``collate_fn`` that mixes the student field of each batch with CMDA weights.
 
     Samples must carry their dataset index (wrap the dataset in
@@ -87,28 +85,14 @@ class CMDACollate(SharedEpochMixin):
     Args:
         bank: the :class:`~cmda_data.EmbeddingBank` (CPU; call ``bank.share_memory_()`` or
             load it with ``mmap=True`` so workers share one copy).
-        student: student modality (default ``bank.student``); teachers: teacher
-            modality/modalities (default ``bank.teachers``); with several, each row's teacher
-            is drawn uniformly.
+        options: the :class:`~cmda_data.MixOptions` (default ``MixOptions()``: ``p=0.5``,
+            ``top_k=8``, ...); its fields may also be given as keyword arguments
+            (``p=1.0, keep_real=True``), which override it.
+        student: student modality (default ``bank.student``).
+        teachers: teacher modality/modalities (default ``bank.teachers``); with several, each
+            row's teacher is drawn uniformly.
         target: field of the class index / class scores (None: no target).
         num_classes: number of classes C (needed for class-index targets).
-        top_k: keep the k largest weights per row (None: the whole batch).
-        p: probability that a row is replaced by a generated sample. Default 0.5: half the
-            batch stays original (the paper adds the B generated samples to the B real ones:
-            ``keep_real=True, p=1.0``). :meth:`set_p` changes it during training.
-        keep_real: keep the real batch and append the generated rows (see above).
-        intra: ``"soft"`` (Eq. 11), ``"hard"`` (official code's mask) or None (Eq. 10 only).
-        similarity: see :func:`cmda_data.core.functional.inter_modal_weights`.
-        normalize: see :func:`cmda_data.core.functional.inter_modal_weights`.
-        temperature: see :func:`cmda_data.core.functional.inter_modal_weights`.
-        self_weight: see :func:`cmda_data.core.functional.inter_modal_weights`.
-        renormalize: see :func:`cmda_data.core.functional.dca_weights`.
-        exclude_self: a row never uses its own sample (a row with no other partner keeps itself).
-        label_smoothing: epsilon of the soft targets.
-        seed: the seed of the draws.
-        rank: the distributed rank, part of the seed. None (the default): the rank of the
-            initialised torch.distributed process group, 0 without one, read when this object
-            is made (make it after ``init_process_group``); an int chooses it.
         fields: modality -> field of the sample (default: the modality name; ints for tuples).
         index_field: field holding the dataset index (tuples: the last position).
         info_key: name of the mix record in dict batches.
@@ -125,36 +109,16 @@ class CMDACollate(SharedEpochMixin):
         (torch.Size([4, 3]), torch.Size([4, 2]), tensor([1., 1., 1., 1.]))
     """
 
-    def __init__(self, bank: Any, *, student: Optional[str] = None,
+    def __init__(self, bank: Any, options: Optional[MixOptions] = None, *, student: Optional[str] = None,
                  teachers: Optional[Union[str, Sequence[str]]] = None, target: Optional[Field] = None,
-                 num_classes: Optional[int] = None, top_k: Optional[int] = None, p: float = 0.5,
-                 intra: Optional[str] = "soft", similarity: str = "abs_cosine", normalize: str = "row",
-                 temperature: Optional[float] = None, self_weight: Optional[float] = None,
-                 exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
-                 seed: int = 0, rank: Optional[int] = None, fields: Optional[Mapping[str, Field]] = None,
-                 index_field: Field = "index", info_key: str = "mix_info", keep_real: bool = False) -> None:
-        from ..bank._bank import EmbeddingBank
-
-        if not isinstance(bank, EmbeddingBank):
-            fail("bank", "an EmbeddingBank", bank)
-        self.bank = bank
-        self.options = PlanOptions.create(
-            student=student or bank.student, teachers=teachers or bank.teachers, bank=bank, p=p, intra=intra,
-            top_k=top_k, similarity=similarity, normalize=normalize, temperature=temperature,
-            self_weight=self_weight, exclude_self=exclude_self, renormalize=renormalize, seed=seed, rank=rank)
-        vars(self).update(output_options(self.options, fields=fields, target=target, num_classes=num_classes,
-                                         label_smoothing=label_smoothing, info_key=info_key,
-                                         index_field=index_field))
-        if not isinstance(keep_real, bool):
-            fail("keep_real", "True or False", keep_real)
-        self.keep_real = keep_real
-        self._epoch = SharedEpoch(0)
-        self._p = SharedProbability(self.options.p)
+                 num_classes: Optional[int] = None, fields: Optional[Mapping[str, Field]] = None,
+                 index_field: Field = "index", info_key: str = "mix_info", **mix_kwargs: Any) -> None:
+        self._setup(bank, options, mix_kwargs, owner="CMDACollate", student=student, teachers=teachers,
+                    target=target, num_classes=num_classes, fields=fields, info_key=info_key,
+                    index_field=index_field)
 
     def __repr__(self) -> str:
-        o = self.options
-        return (f"CMDACollate(student={o.student!r}, teachers={list(o.teachers)}, p={self.p}, intra={o.intra!r}, "
-                f"top_k={o.top_k}, seed={o.seed}, epoch={self.epoch})")
+        return f"CMDACollate({self._options_repr()})"
 
     # -- collation -------------------------------------------------------------------------
     def _check_samples(self, samples: Sequence[Any]) -> None:
@@ -183,21 +147,21 @@ class CMDACollate(SharedEpochMixin):
         bank = self.bank
         check_cpu_bank_in_workers(bank, "CMDACollate")
         batch, index = self._collate(list(samples))
-        plan = bank_plan(bank, index, index, self._current_options(), self.epoch)
+        plan = bank_plan(bank, index, index, self._current_spec(), self.epoch)
         if plan.device.type != "cpu":
             plan = plan.to("cpu")
         real = batch
-        if self.keep_real:  # mix a copy of the student: the real one is kept
+        keep_real = self.options.keep_real
+        if keep_real:  # mix a copy of the student: the real one is kept
             batch = with_field(batch, self.student_field, batch_student(batch, self.student_field).clone())
         try:
             out = mix_batch(batch, plan, student=self.student_field, target=self.target,
                             num_classes=self.num_classes, label_smoothing=self.label_smoothing, index=index,
-                            info_key=self.info_key, reuse_student=True, square=True,
-                            arange_partners=self.options.top_k is None)
+                            info_key=self.info_key, inplace=True)
         except ValidationError:
             name_nonfinite_row(batch_student(batch, self.student_field), index, self.student_field)
             raise
-        if self.keep_real:
+        if keep_real:
             out = keep_real_batch(real, out, plan, target=self.target, num_classes=self.num_classes,
                                   label_smoothing=self.label_smoothing, info_key=self.info_key)
         if get_worker_info() is not None:  # one shared-memory segment per batch instead of one per tensor

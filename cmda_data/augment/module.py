@@ -19,17 +19,21 @@ import torch
 from torch import nn
 
 from ..bank._build import embeds_by_index
+from ..bank._plan import bank_plan, row_draws
 from ..core._fields import Field, get_field, resolve_fields
-from ..core._seeding import check_p, hash_ints
+from ..core._seeding import hash_ints
 from ..core._validation import check_int, fail
+from ..core.mixture import GaussianMixture
+from ..core.build import build_plan
 from ..exceptions import FieldError, ValidationError
-from ._batch import batch_index, batch_student, keep_real_batch, mix_batch, name_nonfinite_row, output_options
-from ._planner import PlanOptions, bank_plan, row_draws, square_plan
+from ..options import MixOptions
+from ._base import MixingBase
+from ._batch import batch_index, batch_student, keep_real_batch, mix_batch, name_nonfinite_row
 
 __all__ = ["CMDAugment"]
 
 
-class CMDAugment(nn.Module):
+class CMDAugment(MixingBase, nn.Module):
     """Mix the student field of a batch with CMDA weights: ``forward(batch) -> (batch, plan)``.
 
     The returned batch is a new dict (or tuple) with the student field mixed, the target
@@ -48,32 +52,23 @@ class CMDAugment(nn.Module):
     its rows ``plan.mixed.nonzero()``).
 
     Args:
+        bank: an :class:`~cmda_data.EmbeddingBank`: lookup mode without an aligner; with
+            an aligner, only its GMM (and PCA) is used when ``gmm`` is None.
+        options: the :class:`~cmda_data.MixOptions` (as in :class:`~cmda_data.CMDACollate`);
+            its fields may also be given as keyword arguments, which override it.
         aligner: anything with ``embed(modality, batch) -> [n, d]`` (online CMDA). It is
             not registered as a submodule: train and move it yourself.
         gmm: a fitted :class:`~cmda_data.GaussianMixture` giving the responsibilities of the
             ``fit_on`` latents (online mode). :meth:`set_gmm` replaces it (e.g. refitted on
             all training latents at each epoch start).
-        bank: an :class:`~cmda_data.EmbeddingBank`: lookup mode without an aligner; with
-            an aligner, only its GMM (and PCA) is used when ``gmm`` is None.
         student: the student modality (default: the bank's; required without a bank).
         teachers: the teacher modality or modalities (default: the bank's; required
             without a bank).
         target: as in :class:`~cmda_data.CMDACollate`.
         num_classes: as in :class:`~cmda_data.CMDACollate`.
-        top_k: as in :class:`~cmda_data.CMDACollate`.
-        p: as in :class:`~cmda_data.CMDACollate`.
-        keep_real: as in :class:`~cmda_data.CMDACollate`.
-        intra: as in :class:`~cmda_data.CMDACollate`.
-        similarity: as in :class:`~cmda_data.CMDACollate`.
-        normalize: as in :class:`~cmda_data.CMDACollate`.
-        temperature: as in :class:`~cmda_data.CMDACollate`.
-        self_weight: as in :class:`~cmda_data.CMDACollate`.
-        exclude_self: as in :class:`~cmda_data.CMDACollate`.
-        renormalize: as in :class:`~cmda_data.CMDACollate`.
-        label_smoothing: as in :class:`~cmda_data.CMDACollate`.
-        seed: as in :class:`~cmda_data.CMDACollate`.
-        rank: as in :class:`~cmda_data.CMDACollate`.
-        index_field: as in :class:`~cmda_data.CMDACollate`.
+        fields: modality -> batch field (default: the modality name; ints for tuples).
+        index_field: as in :class:`~cmda_data.CMDACollate` (None in online mode: rows are
+            seeded by call number and position).
         info_key: as in :class:`~cmda_data.CMDACollate`.
         refit_every: online mode without ``gmm``/bank GMM: refit the GMM on the batch's
             ``fit_on`` latents every N calls (1: every batch, as the official code). None
@@ -82,7 +77,6 @@ class CMDAugment(nn.Module):
             ("diag" by default: a batch has fewer samples than dimensions); gmm_options:
             more GaussianMixture settings.
         fit_on: ``"teacher"`` (the first teacher), ``"student"`` or a modality name.
-        fields: modality -> batch field (default: the modality name; ints for tuples).
 
     Examples:
         >>> from cmda_data.bank import EmbeddingBank
@@ -95,80 +89,39 @@ class CMDAugment(nn.Module):
         tensor([1., 1., 1., 1.])
     """
 
-    def __init__(self, aligner: Any = None, gmm: Any = None, *, bank: Any = None, student: Optional[str] = None,
-                 teachers: Optional[Union[str, Sequence[str]]] = None, target: Optional[Field] = None,
-                 num_classes: Optional[int] = None, top_k: Optional[int] = None, p: float = 0.5,
-                 intra: Optional[str] = "soft", refit_every: Optional[int] = None, n_components: int = 2,
+    def __init__(self, bank: Any = None, options: Optional[MixOptions] = None, *, aligner: Any = None,
+                 gmm: Any = None, student: Optional[str] = None, teachers: Optional[Union[str, Sequence[str]]] = None,
+                 target: Optional[Field] = None, num_classes: Optional[int] = None,
+                 fields: Optional[Mapping[str, Field]] = None, index_field: Optional[Field] = "index",
+                 info_key: str = "mix_info", refit_every: Optional[int] = None, n_components: int = 2,
                  covariance_type: str = "diag", gmm_options: Optional[Mapping[str, Any]] = None,
-                 fit_on: str = "teacher", similarity: str = "abs_cosine", normalize: str = "row",
-                 temperature: Optional[float] = None, self_weight: Optional[float] = None,
-                 exclude_self: bool = False, renormalize: bool = True, label_smoothing: float = 0.0,
-                 seed: int = 0, rank: Optional[int] = None, fields: Optional[Mapping[str, Field]] = None,
-                 index_field: Optional[Field] = "index", info_key: str = "mix_info",
-                 keep_real: bool = False) -> None:
-        super().__init__()
-        from ..bank._bank import EmbeddingBank
-
+                 fit_on: str = "teacher", **mix_kwargs: Any) -> None:
+        nn.Module.__init__(self)
         if aligner is None and bank is None:
             fail("aligner", "an aligner (online CMDA) or bank=EmbeddingBank (lookup)", None)
         if aligner is not None and not callable(getattr(aligner, "embed", None)):
             fail("aligner", "an object with embed(modality, batch) (see cmda_data.aligners)", aligner)
-        if bank is not None and not isinstance(bank, EmbeddingBank):
-            fail("bank", "an EmbeddingBank", bank)
-        student = student or (bank.student if bank is not None else None)
-        teachers = teachers or (bank.teachers if bank is not None else None)
-        if not isinstance(student, str) or not student:
-            fail("student", "the student modality name", student)
-        if not teachers:
-            fail("teachers", "one or more teacher modality names", teachers)
-        self.__dict__["aligner"] = aligner  # not a submodule: the user trains and moves it
-        self.bank = bank
-        self.gmm = gmm
         lookup = aligner is None
-        self.options = PlanOptions.create(
-            student=student, teachers=teachers, bank=bank if lookup else None, p=p, intra=intra, top_k=top_k,
-            similarity=similarity, normalize=normalize, temperature=temperature, self_weight=self_weight,
-            exclude_self=exclude_self, renormalize=renormalize, seed=seed, rank=rank)
-        modalities = (self.options.student, *self.options.teachers)
-        self.fields: Dict[str, Field] = resolve_fields(modalities, fields)
+        self._setup(bank, options, mix_kwargs, owner="CMDAugment", student=student, teachers=teachers,
+                    target=target, num_classes=num_classes, fields=fields, info_key=info_key,
+                    index_field=index_field, index_optional=True, bank_required=lookup, check_bank_roles=lookup)
+        self.__dict__["aligner"] = aligner  # not a submodule: the user trains and moves it
+        self.gmm = gmm
+        modalities = (self.student, *self.teachers)
+        self.fields = resolve_fields(modalities, fields)
         if fit_on == "teacher":
-            fit_on = self.options.teachers[0]
+            fit_on = self.teachers[0]
         elif fit_on == "student":
-            fit_on = self.options.student
+            fit_on = self.student
         if fit_on not in modalities:
             fail("fit_on", "'teacher', 'student' or one of " + ", ".join(map(repr, modalities)), fit_on)
         self.fit_on = fit_on
-        vars(self).update(output_options(None, fields=None, target=target, num_classes=num_classes,
-                                         label_smoothing=label_smoothing, info_key=info_key, index_field=index_field,
-                                         index_optional=True))
         self.refit_every = check_int("refit_every", refit_every, minimum=1, allow_none=True)
         self.n_components = check_int("n_components", n_components, minimum=1)
         self.gmm_options = dict(gmm_options or {}, covariance_type=covariance_type)
         if lookup and gmm is not None:
             fail("gmm", "None in lookup mode (the bank's responsibilities are used)", gmm)
-        if not isinstance(keep_real, bool):
-            fail("keep_real", "True or False", keep_real)
-        self.keep_real = keep_real
-        self.epoch = 0
         self.calls = 0
-        self._p = self.options.p
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the draws."""
-        self.epoch = check_int("epoch", epoch, minimum=0)
-
-    @property
-    def p(self) -> float:
-        """The probability that a row is mixed."""
-        return self._p
-
-    def set_p(self, p: float) -> None:
-        """Set the probability that a row is mixed (e.g. the attenuation coefficient of an epoch).
-
-        The draws stay a function of ``(seed, epoch, rank, index, p)``: a row mixed under
-        ``p`` is also mixed under any larger ``p``.
-        """
-        self._p = check_p(p)
 
     def set_gmm(self, gmm: Any) -> None:
         """Use ``gmm`` (a fitted :class:`~cmda_data.GaussianMixture`) for the intra-modal weights.
@@ -188,7 +141,7 @@ class CMDAugment(nn.Module):
             ...         return torch.nn.functional.normalize(batch, dim=1)
             >>> aligner = Aligner()
             >>> texts = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
-            >>> aug = CMDAugment(aligner, student="image", teachers="text", p=1.0)
+            >>> aug = CMDAugment(aligner=aligner, student="image", teachers="text", p=1.0)
             >>> for epoch in range(2):
             ...     aug.set_epoch(epoch)
             ...     aug.set_gmm(GaussianMixture(2, random_state=epoch).fit(aligner.embed("text", texts)))
@@ -197,8 +150,6 @@ class CMDAugment(nn.Module):
             (torch.Size([4, 2]), 2)
         """
         if gmm is not None:
-            from ..core.mixture import GaussianMixture
-
             if self.aligner is None:
                 fail("gmm", "None in lookup mode (the bank's responsibilities are used)", gmm)
             if not isinstance(gmm, GaussianMixture):
@@ -212,10 +163,8 @@ class CMDAugment(nn.Module):
         self.gmm = gmm
 
     def extra_repr(self) -> str:
-        o = self.options
         mode = "lookup" if self.aligner is None else "online"
-        return (f"mode={mode}, student={o.student!r}, teachers={list(o.teachers)}, p={self.p}, intra={o.intra!r}, "
-                f"top_k={o.top_k}, refit_every={self.refit_every}, seed={o.seed}")
+        return f"mode={mode}, {self._options_repr()}, refit_every={self.refit_every}"
 
     # -- the GMM of online CMDA ------------------------------------------------------------
     def _responsibilities(self, latents: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
@@ -228,8 +177,6 @@ class CMDAugment(nn.Module):
         if self.gmm is None or refit:
             if z.shape[0] < self.n_components:
                 return None  # too few rows to fit M components: Eq. 10 weights only
-            from ..core.mixture import GaussianMixture
-
             seed = hash_ints(self.options.seed, self.calls, self.options.rank) >> 1
             self.gmm = GaussianMixture(self.n_components, random_state=seed, **self.gmm_options).fit(z.detach())
         return self.gmm.predict_proba(z.detach().float()).float()
@@ -249,31 +196,29 @@ class CMDAugment(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def plan(self, batch: Any) -> Any:
         """The :class:`~cmda_data.MixPlan` of ``batch`` (draws, weights), on the batch's device."""
-        student = batch_student(batch, self.fields[self.options.student])
+        student = batch_student(batch, self.fields[self.student])
         device = student.device
         n = student.shape[0]
         index = self._index(batch, required=self.aligner is None)
         keys = index.cpu() if index is not None else torch.arange(n)
-        opts = self.options
-        if self._p != opts.p:
-            from dataclasses import replace
-
-            opts = replace(opts, p=self._p)
+        spec = self._current_spec()
         if index is None:  # no dataset index: seed by call number and position
-            from dataclasses import replace
-
-            opts = replace(opts, seed=hash_ints(opts.seed, self.calls) >> 1)
+            spec = spec.with_seed(hash_ints(spec.seed, self.calls) >> 1)
         with torch.no_grad():
             if self.aligner is None:
-                plan = bank_plan(self.bank, keys, keys, opts, self.epoch)
+                plan = bank_plan(self.bank, keys, keys, spec, self.epoch)
             else:
                 latents = self._embed(batch, index)
-                mixed, choice = row_draws(keys, opts, self.epoch)
+                mixed, choice = row_draws(keys, spec, self.epoch)
                 resp = self._responsibilities(latents)
-                # the batch is its own pool: the checked square plan (one read-back for all checks)
-                plan = square_plan([latents[t].to(device) for t in opts.teachers], latents[opts.student].to(device),
-                                   None if resp is None else resp.to(device), opts, mixed=mixed,
-                                   teacher_choice=choice)
+                # the batch is its own pool: a checked plan (one read-back for all the checks)
+                plan = build_plan([latents[t].to(device) for t in spec.teachers], latents[spec.student].to(device),
+                                  mixed=mixed.to(device), teacher_choice=choice.to(device),
+                                  resp_rows=None if resp is None else resp.to(device),
+                                  teacher_index=torch.arange(n, device=device), teacher=spec.teachers,
+                                  similarity=spec.similarity, normalize=spec.normalize,
+                                  temperature=spec.temperature, self_weight=spec.self_weight, intra=spec.intra,
+                                  top_k=spec.top_k, exclude_self=spec.exclude_self, renormalize=spec.renormalize)
         return plan.to(device)
 
     def _index(self, batch: Any, required: bool) -> Optional[torch.Tensor]:
@@ -292,17 +237,15 @@ class CMDAugment(nn.Module):
             fail("batch", "a dict (or tuple) of batched fields", batch)
         plan = self.plan(batch)
         index = self._index(batch, required=False)
-        # the plan is square (the batch is its own pool) and the library's own: no re-checks
-        student = self.fields[self.options.student]
+        student = self.fields[self.student]
         try:
-            out = mix_batch(batch, plan, student=student, target=self.target,
-                            num_classes=self.num_classes, label_smoothing=self.label_smoothing,
-                            index=None if index is None else index.to(plan.device), info_key=self.info_key,
-                            square=True)
+            out = mix_batch(batch, plan, student=student, target=self.target, num_classes=self.num_classes,
+                            label_smoothing=self.label_smoothing,
+                            index=None if index is None else index.to(plan.device), info_key=self.info_key)
         except ValidationError:
             name_nonfinite_row(batch_student(batch, student), index, student)
             raise
-        if self.keep_real:
+        if self.options.keep_real:
             out = keep_real_batch(batch, out, plan, target=self.target, num_classes=self.num_classes,
                                   label_smoothing=self.label_smoothing, info_key=self.info_key)
         self.calls += 1

@@ -20,11 +20,14 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..core._validation import check_finite, check_option, fail
+from ..core._validation import check_finite, check_int, check_option, fail
 from ..exceptions import DeviceError, ShapeError
 from ..io._safetensors import load_file, save_file
+from ..options import MixOptions, PlanOptions, split_options
+from ._build import embed_dataset
 from ._checks import as_tensor, check_bank_indices, check_embeddings, check_roles
 from ._fit import fit_mixture, gmm_from_state, gmm_state, pca_project
+from ._plan import bank_plan
 
 __all__ = ["BankRows", "EmbeddingBank"]
 
@@ -166,8 +169,6 @@ class EmbeddingBank:
             **options: :meth:`from_embeddings` options (``fit_on``, ``n_components``,
                 ``reduce_dim``, ``fit_gmm``, GMM settings).
         """
-        from ._build import embed_dataset
-
         roles = [student] + ([teachers] if isinstance(teachers, str) else list(teachers))
         embeddings, held = embed_dataset(dataset, aligner, roles, fields=fields, batch_size=batch_size,
                                          device=device, progress=progress, indices=indices)
@@ -301,27 +302,34 @@ class EmbeddingBank:
         x = z.float() if self.pca is None else pca_project(z.float(), self.pca)
         return self.gmm.predict_proba(x).float()
 
-    def plan(self, rows: Any, pool: Any = None, *, teachers: Optional[Sequence[str]] = None, p: float = 1.0,
-             seed: int = 0, epoch: int = 0, rank: int = 0, **options: Any):
+    def plan(self, rows: Any, pool: Any = None, options: Optional[MixOptions] = None, *,
+             teachers: Optional[Sequence[str]] = None, epoch: int = 0, **mix_kwargs: Any):
         """A :class:`~cmda_data.MixPlan` for teacher rows ``rows`` over candidates ``pool``.
 
         Both are dataset indices; ``pool`` defaults to ``rows`` (the per-batch form). The
-        draws depend on ``(seed, epoch, rank, index)`` only, as in the entry points.
-        ``options``: ``intra``, ``top_k``, ``similarity``, ``temperature``, ``exclude_self``, ...
+        draws depend on ``(seed, epoch, rank, index)`` only, as in the entry points, and so
+        does the plan: the entry points build theirs here too.
+
+        Args:
+            rows: dataset indices of the rows (their teachers guide the mix).
+            pool: dataset indices of the candidates (default: ``rows``).
+            options: the :class:`~cmda_data.MixOptions`; its fields may also be given as
+                keyword arguments (``p=1.0, top_k=2``), which override it.
+            teachers: the teacher modalities (default: the bank's).
+            epoch: the epoch of the draws.
 
         Examples:
             >>> z = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
             >>> bank = EmbeddingBank({"x": z, "y": z}, student="x", teachers="y")
-            >>> plan = bank.plan([0, 1, 2], intra=None, top_k=2)
+            >>> plan = bank.plan([0, 1, 2], intra=None, top_k=2, p=1.0)
             >>> plan.index.shape, plan.weights.sum(1)
             (torch.Size([3, 2]), tensor([1., 1., 1.]))
         """
-        from ..augment._planner import PlanOptions, bank_plan
-
-        opts = PlanOptions.create(student=self.student, teachers=teachers or self.teachers, p=p, seed=seed,
-                                  rank=rank, bank=self, **options)
+        spec = PlanOptions.create(student=self.student, teachers=teachers or self.teachers,
+                                  mix=split_options(options, mix_kwargs, "EmbeddingBank.plan"), bank=self)
+        epoch = check_int("epoch", epoch, minimum=0)
         pool = rows if pool is None else pool
-        return bank_plan(self, torch.as_tensor(rows).reshape(-1), torch.as_tensor(pool).reshape(-1), opts, epoch)
+        return bank_plan(self, torch.as_tensor(rows).reshape(-1), torch.as_tensor(pool).reshape(-1), spec, epoch)
 
     # -- memory and devices ----------------------------------------------------------------
     def _tensors(self) -> Dict[str, torch.Tensor]:

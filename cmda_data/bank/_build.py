@@ -7,6 +7,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import default_collate
 
+from ..aligners.precomputed import PrecomputedAligner
 from ..core._fields import get_field, resolve_fields
 from ..core._validation import check_int, describe, fail
 from ..exceptions import ShapeError, ValidationError
@@ -23,10 +24,6 @@ def embeds_by_index(aligner: Any) -> bool:
     flag = getattr(aligner, "embeds_by_index", None)
     if flag is not None:
         return bool(flag)
-    try:
-        from ..aligners.precomputed import PrecomputedAligner
-    except ImportError:  # pragma: no cover - the aligners package is part of cmda_data
-        return False
     return isinstance(aligner, PrecomputedAligner)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Dict
 
+import numpy as np
 import torch
 
 from ..core._validation import check_finite, describe, fail
@@ -18,8 +19,6 @@ def as_tensor(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     try:
-        import numpy as np
-
         if isinstance(value, np.ndarray):
             return torch.from_numpy(value)
     except ImportError:  # pragma: no cover

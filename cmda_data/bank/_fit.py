@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 
 from ..core._validation import check_int, fail
+from ..core.mixture import GaussianMixture, select_n_components
 
 __all__ = ["FittedMixture", "fit_mixture", "gmm_from_state", "gmm_state", "pca_fit", "pca_project"]
 
@@ -61,8 +62,6 @@ def fit_mixture(x: torch.Tensor, *, n_components: Optional[int], candidates: Ite
                 reduce_dim: Optional[int], random_state: Any = 0, criterion: str = "bic",
                 **gmm_options: Any) -> FittedMixture:
     """Fit the GMM on ``x`` [N, d]; M by ``criterion`` over ``candidates`` when None."""
-    from ..core.mixture import GaussianMixture, select_n_components
-
     n, d = x.shape
     pca = None
     metadata: Dict[str, Any] = {"reduce_dim": None, "criterion": None, "n_components_scores": None}
@@ -113,8 +112,6 @@ def gmm_from_state(config: Optional[Dict[str, Any]], tensors: Dict[str, torch.Te
     """Rebuild the fitted GaussianMixture written by :func:`gmm_state` (None if none was saved)."""
     if not config:
         return None
-    from ..core.mixture import GaussianMixture
-
     gmm = GaussianMixture(**{key: config[key] for key in _CONFIG_KEYS}, random_state=config.get("random_state"))
     missing = [key for key in _TENSOR_KEYS[:4] if key not in tensors]
     if missing:

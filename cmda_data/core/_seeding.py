@@ -17,15 +17,16 @@ coefficient); a row's draws are then a function of ``(seed, epoch, rank, index, 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Iterable, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ._validation import check_int, check_probability
 
-__all__ = ["SharedEpoch", "SharedProbability", "draw_row", "draw_rows", "hash_ints", "row_generator", "splitmix64"]
+__all__ = ["SharedEpoch", "SharedProbability", "draw_row", "draw_rows", "get_rank", "get_world_size", "hash_ints",
+           "is_distributed", "row_generator", "splitmix64"]
 
 _MASK = (1 << 64) - 1
 
@@ -162,8 +163,8 @@ class _SharedScalar:
         raise NotImplementedError
 
     def get(self) -> Any:
-        """The current value."""
-        return self._value.item()
+        """The current value (read from the shared memory directly: CPU memory, never a device sync)."""
+        return self._value.numpy()[0].item()
 
     def set(self, value: Any) -> None:
         """Set the value (checked); seen by all processes sharing it."""
@@ -220,45 +221,6 @@ class SharedProbability(_SharedScalar):
         return check_p(value)
 
 
-class SharedEpochMixin:
-    """``epoch``/``set_epoch`` and ``p``/``set_p``, backed by ``self._epoch`` and ``self._p``.
-
-    ``self._p`` is a :class:`SharedProbability`; the plan options' ``p`` is its initial value.
-    """
-
-    _epoch: SharedEpoch
-    _p: SharedProbability
-
-    @property
-    def p(self) -> float:
-        """The probability that a row is mixed (shared with worker processes)."""
-        return self._p.get()
-
-    def set_p(self, p: float) -> None:
-        """Set the probability that a row is mixed; reaches existing (persistent) workers.
-
-        For a share of generated samples that changes during training (the paper's
-        attenuation coefficient): call it between epochs, before ``iter(loader)``. The draws
-        stay a function of ``(seed, epoch, rank, index, p)``: a row mixed under ``p`` is also
-        mixed under any larger ``p``.
-        """
-        self._p.set(p)
-
-    def _current_options(self) -> Any:
-        """``self.options`` with the current ``p`` (the same object while ``p`` is unchanged)."""
-        p = self._p.get()
-        return self.options if p == self.options.p else replace(self.options, p=p)
-
-    @property
-    def epoch(self) -> int:
-        """The epoch used by the draws (shared with worker processes)."""
-        return self._epoch.get()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the draws; reaches existing (persistent) workers."""
-        self._epoch.set(epoch)
-
-
 def check_seed(seed: Any) -> int:
     """A seed is any integer (negative ones are folded into 64 bits by the hash)."""
     return check_int("seed", seed)
@@ -267,3 +229,19 @@ def check_seed(seed: Any) -> int:
 def check_p(p: Any) -> float:
     """Probability that a row is mixed."""
     return check_probability("p", p)
+
+
+# --------------------------------------------------------------------------- ranks
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised."""
+    return bool(dist.is_available() and dist.is_initialized())
+
+
+def get_rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (0 when no process group is initialised)."""
+    return int(dist.get_rank(group)) if is_distributed() else 0
+
+
+def get_world_size(group: Any = None) -> int:
+    """Number of processes in ``group`` (1 when no process group is initialised)."""
+    return int(dist.get_world_size(group)) if is_distributed() else 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, NoReturn, Optional, Sequence, Type
 
+import numpy as np
 import torch
 
 from ..exceptions import CMDAError, FieldError, ShapeError, ValidationError
@@ -15,6 +16,7 @@ __all__ = [
     "check_finite",
     "check_float_tensor",
     "check_int",
+    "check_label_smoothing",
     "check_option",
     "check_positive_float",
     "check_probability",
@@ -32,8 +34,6 @@ def describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype} on {value.device}"
     try:
-        import numpy as np
-
         if isinstance(value, np.ndarray):
             return f"ndarray of shape {value.shape} and dtype {value.dtype}"
     except ImportError:  # pragma: no cover - numpy is a core dependency
@@ -75,8 +75,6 @@ def check_int(name: str, value: Any, *, minimum: Optional[int] = None, allow_non
         isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point()
     ):
         try:
-            import numpy as np
-
             if isinstance(value, np.integer):
                 value = int(value)
             else:
@@ -115,6 +113,13 @@ def check_probability(name: str, value: Any) -> float:
     if isinstance(value, bool) or not (0.0 <= number <= 1.0):
         fail(name, "a probability in [0, 1]", value)
     return number
+
+
+def check_label_smoothing(name: str, value: Any) -> float:
+    """``eps`` of label smoothing: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        fail(name, "a number in [0, 1)", value)
+    return float(value)
 
 
 def check_float_tensor(name: str, value: Any, *, finite: bool = True) -> torch.Tensor:

@@ -58,6 +58,7 @@ from ._kernels import (  # noqa: F401 - private helpers (some used only by the t
 from ._validation import (
     check_float_tensor,
     check_int,
+    check_label_smoothing,
     check_option,
     check_positive_float,
     check_rank,
@@ -136,14 +137,37 @@ def inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, *,
     return _inter_modal_weights(teacher_z, student_z, similarity, normalize, temperature, self_weight)
 
 
+def _own_entries(matrix: torch.Tensor, own: Optional[torch.Tensor]) -> torch.Tensor:
+    """Row ``r``'s entry at its own sample's column: ``own[r]`` (None: the diagonal, column ``r``)."""
+    if own is None:
+        return matrix.diagonal()
+    return matrix.gather(1, own[:, None]).reshape(-1)
+
+
+def _set_own_entries(matrix: torch.Tensor, own: Optional[torch.Tensor], values: torch.Tensor) -> None:
+    """Write ``values`` ``[n]`` (or a scalar) at row ``r``'s own column, in place."""
+    if own is None:
+        if isinstance(values, torch.Tensor):
+            matrix.diagonal().copy_(values)
+        else:
+            matrix.diagonal().fill_(values)
+        return
+    values = values if isinstance(values, torch.Tensor) else torch.full_like(own, values, dtype=matrix.dtype)
+    matrix.scatter_(1, own[:, None], values.to(matrix.dtype)[:, None])
+
+
 def _inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, similarity: str, normalize: str,
-                         temperature: Optional[float], self_weight: Optional[float]) -> torch.Tensor:
-    """:func:`inter_modal_weights` without argument checks (trusted, already checked inputs)."""
+                         temperature: Optional[float], self_weight: Optional[float],
+                         own: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`inter_modal_weights` without argument checks (trusted, already checked inputs).
+
+    ``own``: ``[n]`` column of each row's own sample (None: column ``r``, the diagonal).
+    """
     dtype = _compute_dtype(teacher_z, student_z)
     scores = _unit_rows(teacher_z, dtype) @ _unit_rows(student_z, dtype).T
     scores = scores.abs() if similarity == "abs_cosine" else scores.clamp_min(0)
     if self_weight is not None:
-        scores.diagonal().fill_(self_weight)
+        _set_own_entries(scores, own, float(self_weight))
     if temperature is not None:
         # subtract the row max first: the logits are then <= 0 and the max is exactly 0
         logits = (scores - scores.amax(1, keepdim=True)) / temperature
@@ -264,17 +288,20 @@ def dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor] = None, *,
 
 
 def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Optional[int], exclude_self: bool,
-                 renormalize: bool) -> torch.Tensor:
-    """:func:`dca_weights` without argument checks (trusted, already checked inputs)."""
+                 renormalize: bool, own: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`dca_weights` without argument checks (trusted, already checked inputs).
+
+    ``own``: ``[n]`` column of each row's own sample (None: column ``r``, the diagonal).
+    """
     n, m = inter.shape
     dtype = _compute_dtype(inter, *(() if intra is None else (intra,)))
     w = inter.to(dtype)
     w = w * intra.to(dtype) if intra is not None else w.clone()
     alone = None
     if exclude_self:
-        w.diagonal().zero_()
+        _set_own_entries(w, own, 0.0)
         alone = w.sum(1) <= 0
-        w.diagonal().copy_(alone.to(dtype))
+        _set_own_entries(w, own, alone.to(dtype))
     empty = w.sum(1) <= 0
     # CPU: skip the selections that would change nothing (same values; a sync is free on the CPU)
     cpu = w.device.type == "cpu"
@@ -394,14 +421,7 @@ def mix_targets(weights: torch.Tensor, targets: torch.Tensor, num_classes: Optio
         >>> mix_targets(torch.tensor([[0.75, 0.25]]), torch.tensor([0, 2]), num_classes=3)
         tensor([[0.7500, 0.0000, 0.2500]])
     """
-    if isinstance(label_smoothing, bool):
-        fail("label_smoothing", "a number in [0, 1)", label_smoothing)
-    try:
-        label_smoothing = float(label_smoothing)
-    except (TypeError, ValueError):
-        fail("label_smoothing", "a number in [0, 1)", label_smoothing)
-    if not 0.0 <= label_smoothing < 1.0:
-        fail("label_smoothing", "a number in [0, 1)", label_smoothing)
+    label_smoothing = check_label_smoothing("label_smoothing", label_smoothing)
     num_classes = check_int("num_classes", num_classes, minimum=1, allow_none=True)
     _check_matrix("weights", weights)
     probs = _targets_as_probabilities(targets, num_classes, label_smoothing)

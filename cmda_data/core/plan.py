@@ -1,7 +1,8 @@
-"""What was drawn for one batch: a :class:`MixPlan`, and :func:`make_plan` that draws it.
+"""What was drawn for one batch: a :class:`MixPlan` (built by :mod:`cmda_data.core.build`).
 
-All randomness of CMDA (which rows are mixed, which teacher guides a row) is drawn in
-:func:`make_plan` from an explicit ``torch.Generator``. Applying a plan is deterministic, and
+All randomness of CMDA (which rows are mixed, which teacher guides a row) is drawn before a
+plan is built: by :func:`~cmda_data.core.build.make_plan` from an explicit
+``torch.Generator``, by the entry points from ``(seed, epoch, rank, index)``. Applying a plan is deterministic, and
 the same plan is applied to every field of a batch (pixels, caption embeddings, labels).
 
 Examples:
@@ -19,19 +20,28 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
-from ..exceptions import DeviceError, ShapeError, ValidationError
+from ..exceptions import DeviceError, ShapeError
 from . import functional as Fn
-from ._kernels import _check_latents, _check_matrix, _check_resp, _normalize_rows
-from ._validation import check_float_tensor, check_int, check_option, check_probability, check_rank, fail
+from ._kernels import (
+    _check_float,
+    _check_matrix,
+    _check_samples,
+    _normalize_rows,
+    _targets_as_probabilities,
+)
+from ._validation import (
+    check_float_tensor,
+    check_int,
+    check_label_smoothing,
+    check_rank,
+    fail,
+)
 
-__all__ = ["MixPlan", "apply", "make_plan"]
-
-#: a plan reads partners sparsely when k * _SPARSE_RATIO <= pool size, else one dense matmul
-_SPARSE_RATIO = 8
+__all__ = ["MixPlan"]
 
 
 def _check_long(name: str, value: object, ndim: int) -> torch.Tensor:
@@ -179,7 +189,10 @@ class MixPlan:
         moved = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in fields.items()}
         if all(moved[name] is value for name, value in fields.items()):
             return self  # already there (frozen: sharing is safe)
-        return MixPlan._trusted(**moved)  # a checked plan stays valid on another device
+        plan = MixPlan._trusted(**moved)  # a checked plan stays valid on another device
+        if getattr(self, "_pool", None) is not None:
+            object.__setattr__(plan, "_pool", self._pool)
+        return plan
 
     def dense(self, m: int) -> torch.Tensor:
         """The plan as a dense ``[n, m]`` float32 weight matrix over a pool of ``m`` samples."""
@@ -198,32 +211,70 @@ class MixPlan:
         if tensor.ndim < 1:
             fail(name, "a tensor with a leading sample dimension [m, ...]", tensor, ShapeError)
         index, weights = self.index.to(tensor.device), self.weights.to(tensor.device)
-        need = int(index.max()) + 1 if index.numel() else 0
-        if tensor.shape[0] < need:
-            fail(name, f"at least {need} samples along dim 0 (the plan indexes position "
-                 f"{need - 1})", tensor, ShapeError)
+        bound = getattr(self, "_pool", None)  # a plan the builder made over `_pool` candidates
+        if bound is None or tensor.shape[0] < bound:
+            need = int(index.max()) + 1 if index.numel() else 0  # (one read-back)
+            if tensor.shape[0] < need:
+                fail(name, f"at least {need} samples along dim 0 (the plan indexes position "
+                     f"{need - 1})", tensor, ShapeError)
         return index, weights
 
-    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+    def apply(self, tensor: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
         """Mix ``tensor`` ``[m, *S]`` (any trailing shape) into ``[n, *S]``.
 
         Rows that are not mixed are copies of the original samples (exactly). A plan with no
         mixed row may be applied to any dtype (e.g. token ids); mixing needs floating point.
+        Partners are gathered (``k`` rows each) when ``k * 8 <= m``, else one dense product.
+
+        Args:
+            tensor: the pool ``[m, *S]``; floating point when a row is mixed (finite values).
+            inplace: write the mixed rows into ``tensor`` and return it. Only for a square
+                plan (``n == m`` and row ``r``'s own sample is ``r``, as the entry points'
+                plans over a batch): the rows that are not mixed are already there, so only
+                the mixed rows are computed (all of them before any is written).
+
+        Examples:
+            >>> plan = MixPlan.from_dense(torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
+            >>> x = torch.tensor([[0.0], [2.0]])
+            >>> plan.apply(x, inplace=True) is x, x.reshape(-1).tolist()
+            (True, [1.0, 2.0])
         """
         index, weights = self._on(tensor, "tensor")
-        if not bool(self.mixed.any()):
+        mixed = self.mixed.to(tensor.device)
+        if inplace:
+            square = self.num_outputs == tensor.shape[0] and bool(torch.equal(
+                self.teacher_index.to(tensor.device), torch.arange(tensor.shape[0], device=tensor.device)))
+            if not square:
+                fail("inplace", "False for a plan that is not square (n == m, row r's own sample at r)",
+                     inplace)
+            rows = mixed.nonzero().reshape(-1)
+            if rows.numel() == 0:
+                return tensor
+            _check_pool(tensor)
+            out = self._mix(index.index_select(0, rows), weights.index_select(0, rows), tensor)
+            return tensor.index_copy_(0, rows, out.to(tensor.dtype))
+        if not tensor.is_floating_point() and not bool(mixed.any()):  # token ids: copies, when nothing is mixed
             return tensor.index_select(0, index[:, 0])
+        _check_pool(tensor)  # floating point, finite (the plan itself was checked when it was made)
+        return self._mix(index, weights, tensor)  # (rows not mixed: weight 1 on their own sample, exactly)
+
+    @staticmethod
+    def _mix(index: torch.Tensor, weights: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """``out[r] = sum_t weights[r, t] * tensor[index[r, t]]``: gathered, or one dense product."""
         m = tensor.shape[0]
-        if self.k * _SPARSE_RATIO <= m:
-            return Fn.mix(weights, tensor, index=index)
-        dense = torch.zeros(self.num_outputs, m, dtype=torch.float32, device=tensor.device)
-        return Fn.mix(dense.scatter_add_(1, index, weights), tensor)
+        if index.shape[1] * _SPARSE_RATIO <= m:
+            return Fn._mix(weights, tensor, index)
+        dense = torch.zeros(index.shape[0], m, dtype=torch.float32, device=tensor.device)
+        return Fn._mix(dense.scatter_add_(1, index, weights), tensor)
 
     def apply_targets(self, targets: torch.Tensor, num_classes: Optional[int] = None,
                       label_smoothing: float = 0.0) -> torch.Tensor:
         """Soft labels ``[n, C]`` float32 for the mixed rows (see :func:`functional.mix_targets`)."""
         index, weights = self._on(targets, "targets")
-        return Fn.mix_targets(weights, targets, num_classes, label_smoothing, index=index)
+        label_smoothing = check_label_smoothing("label_smoothing", label_smoothing)
+        num_classes = check_int("num_classes", num_classes, minimum=1, allow_none=True)
+        probs = _targets_as_probabilities(targets, num_classes, label_smoothing)
+        return Fn._mix_targets(weights, probs, index)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -243,6 +294,9 @@ class MixPlan:
                    intra: Optional[torch.Tensor] = None) -> "MixPlan":
         """A plan from dense ``[n, m]`` weights (e.g. :func:`functional.dca_weights`).
 
+        A row whose weights keep all their mass on its own sample is the original sample:
+        not mixed.
+
         Args:
             weights: ``[n, m]`` non-negative weights.
             top_k: keep the ``k`` largest weights per row (all ``m`` when None).
@@ -259,187 +313,101 @@ class MixPlan:
         n, m = weights.shape
         if m == 0:
             fail("weights", "at least one column (partner)", weights, ShapeError)
-        device = weights.device
-        if teacher_index is None:
-            if n > m:
-                fail("teacher_index", f"positions of the {n} rows' own samples (needed when "
-                     f"n={n} > m={m})", None)
-            teacher_index = torch.arange(n, device=device)
-        else:
-            _check_long("teacher_index", teacher_index, 1)
-            teacher_index = teacher_index.to(device)
-            if teacher_index.shape[0] != n:
-                fail("teacher_index", f"{n} entries to match weights", teacher_index, ShapeError)
-            if n and (int(teacher_index.min()) < 0 or int(teacher_index.max()) >= m):
-                fail("teacher_index", f"positions in [0, {m})", teacher_index)
-        if mixed is None:
-            mixed = torch.ones(n, dtype=torch.bool, device=device)
-        elif not isinstance(mixed, torch.Tensor) or mixed.dtype != torch.bool or mixed.shape != (n,):
-            fail("mixed", f"a bool tensor of shape ({n},)", mixed)
-        mixed = mixed.to(device)
         if not isinstance(renormalize, bool):
             fail("renormalize", "True or False", renormalize)
-        if top_k is not None:
-            top_k = min(check_int("top_k", top_k, minimum=1), m)
-            if renormalize:
-                index, values = Fn.topk_sparse(weights, top_k)
-            else:
-                values, index = weights.topk(top_k, dim=1)
-        else:
-            index = torch.arange(m, device=device).expand(n, m).clone()
-            values = weights
-        values = values.float()
-        if renormalize:  # all-zero rows become uniform over the kept partners (never NaN)
-            values = _normalize_rows(values)
-        else:
-            empty = values.sum(1, keepdim=True) <= 0
+        top_k = check_int("top_k", top_k, minimum=1, allow_none=True)
+        device = weights.device
+        teacher_index = _own_positions(teacher_index, n, m, device)
+        mixed = _check_mixed(mixed, n, device)
+        plan = _layout(weights.float(), top_k=top_k, mixed=mixed, teacher_index=teacher_index,
+                       renormalize=renormalize, teacher=tuple(teacher),
+                       teacher_choice=teacher_choice, inter=inter, intra=intra)
+        return cls(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)})
+
+
+#: a plan gathers partners when k * _SPARSE_RATIO <= pool size, else it mixes with one dense product
+_SPARSE_RATIO = 8
+
+
+def _check_pool(samples: torch.Tensor) -> None:
+    """Samples to mix: floating point (token ids cannot be mixed), finite (one reduction)."""
+    _check_samples(samples)
+    _check_float("samples", samples)
+
+
+def _own_positions(teacher_index: Optional[torch.Tensor], n: int, m: int,
+                   device: torch.device) -> Optional[torch.Tensor]:
+    """Checked ``[n]`` pool positions of the rows' own samples (None: ``arange(n)``, needs ``n <= m``)."""
+    if teacher_index is None:
+        if n > m:
+            fail("teacher_index", f"positions of the {n} rows' own samples (needed when n={n} > m={m})", None)
+        return torch.arange(n, device=device)
+    _check_long("teacher_index", teacher_index, 1)
+    teacher_index = teacher_index.to(device)
+    if teacher_index.shape[0] != n:
+        fail("teacher_index", f"{n} entries, one per row", teacher_index, ShapeError)
+    if n and (int(teacher_index.min()) < 0 or int(teacher_index.max()) >= m):
+        fail("teacher_index", f"positions in [0, {m})", teacher_index)
+    return teacher_index
+
+
+def _check_mixed(mixed: Optional[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    if mixed is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    if not isinstance(mixed, torch.Tensor) or mixed.dtype != torch.bool or mixed.shape != (n,):
+        fail("mixed", f"a bool tensor of shape ({n},)", mixed)
+    return mixed.to(device)
+
+
+def _layout(values: torch.Tensor, *, top_k: Optional[int], mixed: torch.Tensor,
+            teacher_index: Optional[torch.Tensor], renormalize: bool = False, teacher: Tuple[str, ...] = (),
+            teacher_choice: Optional[torch.Tensor] = None, inter: Optional[torch.Tensor] = None,
+            intra: Optional[torch.Tensor] = None, diagonal: Optional[bool] = None) -> MixPlan:
+    """The plan of final weights ``values`` ``[n, m]`` (float32, non-negative): its one layout.
+
+    Keeps the ``top_k`` largest weights per row (all ``m`` when None), divided by their sum
+    when ``renormalize``; a row with no weight becomes uniform over its kept partners. A row that is not mixed (``mixed`` False, or
+    all its mass on its own sample ``teacher_index[r]``) is the original: its own position
+    with weight 1, then zero weights. ``teacher_index`` None: the rows' own samples are not
+    candidates, every row must be mixed. ``diagonal``: whether ``teacher_index`` is
+    ``arange(n)``, when the caller knows (None: found out).
+    """
+    n, m = values.shape
+    device = values.device
+    if top_k is not None:
+        values, index = values.topk(min(top_k, m), dim=1)
+    else:
+        index = torch.arange(m, device=device).expand(n, m)
+    if renormalize:  # (all-zero rows become uniform)
+        values = _normalize_rows(values)
+    else:
+        empty = values.sum(1, keepdim=True) <= 0
+        if device.type != "cpu" or bool(empty.any()):  # (a CPU read-back is free: skip the no-op)
             values = torch.where(empty, torch.full_like(values, 1.0 / values.shape[1]), values)
-        still = ~mixed
-        index = torch.where(still[:, None], teacher_index[:, None].expand_as(index), index)
-        first = torch.zeros_like(values)
-        first[:, 0] = 1
-        values = torch.where(still[:, None], first, values)
-        return cls(index=index.contiguous(), weights=values.contiguous(),
-                   teacher_index=teacher_index, mixed=mixed, teacher=tuple(teacher),
-                   teacher_choice=teacher_choice, inter=inter, intra=intra)
-
-
-def apply(plan: MixPlan, tensor: torch.Tensor) -> torch.Tensor:
-    """Apply ``plan`` to ``tensor`` (same as ``plan.apply(tensor)``).
-
-    Examples:
-        >>> apply(MixPlan.identity(2), torch.tensor([[1.0], [2.0], [3.0]]))
-        tensor([[1.],
-                [2.]])
-    """
-    if not isinstance(plan, MixPlan):
-        fail("plan", "a MixPlan", plan)
-    return plan.apply(tensor)
-
-
-def _draw_generator(generator: Optional[torch.Generator]) -> torch.Generator:
-    if generator is None:  # a private, non-deterministically seeded generator (never global)
-        fresh = torch.Generator()
-        fresh.seed()
-        return fresh
-    if not isinstance(generator, torch.Generator):
-        fail("generator", "a torch.Generator or None", generator)
-    return generator
-
-
-def make_plan(teacher_z: Union[torch.Tensor, Mapping[str, torch.Tensor]], student_z: torch.Tensor, *,
-              resp_rows: Optional[torch.Tensor] = None, resp_cols: Optional[torch.Tensor] = None,
-              teacher_index: Optional[torch.Tensor] = None, similarity: str = "abs_cosine",
-              normalize: str = "row", temperature: Optional[float] = None,
-              self_weight: Optional[float] = None, intra: Optional[str] = "soft",
-              top_k: Optional[int] = None, exclude_self: bool = False, renormalize: bool = True,
-              p: float = 1.0, generator: Optional[torch.Generator] = None) -> MixPlan:
-    """Draw a :class:`MixPlan`: the one place where a plan's randomness is drawn.
-
-    Builds the inter-modal weights (Eq. 10) of every teacher, the intra-modal weights
-    (Eq. 11) when responsibilities are given, combines them (:func:`functional.dca_weights`)
-    and draws, from ``generator`` only, which rows are mixed (each with probability ``p``)
-    and, with several teachers, which teacher guides each row (uniformly). The draw order is
-    fixed: first ``rand(n)`` for ``mixed``, then ``randint`` for the teacher choice.
-
-    Args:
-        teacher_z: teacher latents ``[n, d]``, or a mapping ``name -> [n, d]`` of several.
-        student_z: student latents ``[m, d]`` (the pool that is mixed).
-        resp_rows: GMM responsibilities ``[n, M]`` of the rows. No intra weights without them.
-        resp_cols: GMM responsibilities ``[m, M]`` of the partners (default ``resp_rows``).
-        teacher_index: ``[n]`` pool position of each row's own sample (default ``arange(n)``).
-        similarity: see :func:`functional.inter_modal_weights`.
-        normalize: see :func:`functional.inter_modal_weights`.
-        temperature: see :func:`functional.inter_modal_weights`.
-        self_weight: see :func:`functional.inter_modal_weights`.
-        intra: ``"soft"`` (Eq. 11), ``"hard"`` (code's mask) or None (ignore responsibilities).
-        top_k: see :func:`functional.dca_weights`.
-        exclude_self: see :func:`functional.dca_weights`.
-        renormalize: see :func:`functional.dca_weights`.
-        p: probability that a row is mixed (the others are the original samples).
-        generator: the ``torch.Generator`` to draw from. None uses a fresh, randomly seeded
-            private generator (the global RNG is never touched); pass one to reproduce plans.
-
-    Examples:
-        >>> t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-        >>> plan = make_plan(t, t, generator=torch.Generator().manual_seed(0))
-        >>> plan.dense(2)
-        tensor([[1., 0.],
-                [0., 1.]])
-    """
-    p = check_probability("p", p)
-    check_int("top_k", top_k, minimum=1, allow_none=True)  # checked before anything is drawn
-    generator = _draw_generator(generator)
-    if intra is not None:
-        check_option("intra", intra, Fn.INTRA_MODES)
-    if isinstance(teacher_z, Mapping):
-        if not teacher_z:
-            fail("teacher_z", "at least one teacher modality", teacher_z)
-        names = tuple(teacher_z)
-        if not all(isinstance(name, str) for name in names):
-            fail("teacher_z", "modality names (str) as keys", names)
-        latents = [teacher_z[name] for name in names]
-    elif isinstance(teacher_z, torch.Tensor):
-        names, latents = (), [teacher_z]
+    keep = mixed.to(device=device, dtype=torch.bool)
+    if teacher_index is None:
+        if not bool(keep.all()):
+            fail("mixed", "all rows mixed when the rows' own samples are not candidates", mixed)
+        # no own sample among the candidates: a placeholder position (every row is mixed, none copies it)
+        own = torch.arange(n, device=device) if n <= m else torch.zeros(n, dtype=torch.long, device=device)
+        plan = MixPlan._trusted(index=index.contiguous(), weights=values.contiguous(), teacher_index=own,
+                                mixed=keep, teacher=teacher, teacher_choice=teacher_choice, inter=inter,
+                                intra=intra)
+        object.__setattr__(plan, "_pool", m)
+        return plan
+    own = teacher_index
+    if diagonal is None:  # (whether row r's own sample is candidate r)
+        diagonal = n <= m and bool(torch.equal(own, torch.arange(n, device=device)))
+    if top_k is None and diagonal:
+        self_mass = values.diagonal()  # (values * (index == own)).sum(1), exactly
     else:
-        fail("teacher_z", "a tensor [n, d] or a mapping name -> tensor [n, d]", teacher_z)
-    labels = [f"teacher_z[{name!r}]" for name in names] if names else ["teacher_z"]
-    for label, latent in zip(labels, latents):
-        _check_latents(label, latent)
-    _check_latents("student_z", student_z)
-    device = student_z.device
-    n = latents[0].shape[0]
-    if teacher_index is not None:
-        _check_long("teacher_index", teacher_index, 1)
-        teacher_index = teacher_index.to(device)
-    if teacher_index is not None and (self_weight is not None or exclude_self):
-        if not torch.equal(teacher_index.cpu(), torch.arange(teacher_index.numel())):
-            fail("teacher_index", "None or arange(n) when self_weight or exclude_self is used "
-                 "(they treat column r as row r's own sample)", teacher_index)
-
-    per_teacher = []
-    for label, latent in zip(labels, latents):
-        if latent.shape[0] != n:
-            fail(label, f"{n} rows like the first teacher", latent, ShapeError)
-        try:
-            per_teacher.append(Fn.inter_modal_weights(
-                latent.to(device), student_z, similarity=similarity, normalize=normalize,
-                temperature=temperature, self_weight=self_weight).float())
-        except (ShapeError, ValidationError) as error:
-            raise type(error)(f"{error} (teacher {label})") from None
-
-    m = student_z.shape[0]
-    intra_w = None
-    if resp_rows is not None and intra is not None:
-        _check_resp("resp_rows", resp_rows)
-        if resp_rows.shape[0] != n:
-            fail("resp_rows", f"{n} rows (one per teacher row)", resp_rows, ShapeError)
-        if resp_cols is None and n != m:
-            fail("resp_cols", f"responsibilities of the {m} student samples (resp_rows has "
-                 f"{n} rows)", None)
-        if resp_cols is not None:
-            _check_resp("resp_cols", resp_cols)
-            if resp_cols.shape[0] != m:
-                fail("resp_cols", f"{m} rows (one per student sample)", resp_cols, ShapeError)
-        intra_w = Fn.intra_modal_weights(resp_rows.to(device),
-                                         None if resp_cols is None else resp_cols.to(device),
-                                         mode=intra).float()
-
-    # ---- every random draw of the plan, from `generator` only, in a fixed order
-    mixed = torch.rand(n, generator=generator, device=generator.device) < p
-    if len(latents) > 1:
-        choice = torch.randint(len(latents), (n,), generator=generator, device=generator.device)
-    else:
-        choice = torch.zeros(n, dtype=torch.int64)
-    mixed, choice = mixed.to(device), choice.to(device)
-
-    if len(per_teacher) == 1:
-        inter = per_teacher[0]
-    else:
-        inter = torch.stack(per_teacher).gather(
-            0, choice[None, :, None].expand(1, n, m)).squeeze(0)
-    dense = Fn.dca_weights(inter, intra_w, top_k=top_k, exclude_self=exclude_self,
-                           renormalize=renormalize)
-    return MixPlan.from_dense(dense, top_k=top_k, renormalize=False, teacher_index=teacher_index,
-                              mixed=mixed, teacher=names,
-                              teacher_choice=choice if names else None, inter=inter, intra=intra_w)
+        self_mass = (values * (index == own[:, None])).sum(1)
+    keep = keep & (self_mass < (1.0 - 1e-6) * values.sum(1))  # only itself as partner: the original sample
+    identity = torch.zeros_like(values)
+    identity[:, 0] = 1.0
+    index = torch.where(keep[:, None], index, own[:, None].expand_as(index))
+    weights = torch.where(keep[:, None], values, identity)
+    plan = MixPlan._trusted(index=index, weights=weights, teacher_index=own, mixed=keep, teacher=teacher,
+                            teacher_choice=teacher_choice, inter=inter, intra=intra)
+    object.__setattr__(plan, "_pool", m)
+    return plan

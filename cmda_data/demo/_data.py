@@ -22,7 +22,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..aligners import ContrastiveAligner
 from ..core._validation import fail
+from ..datasets import ShapesDataset, load_webnews, load_wikipedia, wikipedia_article
 from ..exceptions import ShapeError
 from ._grid import GridRow, Partner, TableRow, find_cjk_font, render_mix_grid, render_mix_table
 
@@ -104,9 +106,6 @@ def _subsample(n: Optional[int], total: int, seed: int) -> Optional[List[int]]:
 
 # ---------------------------------------------------------------------------------- shapes
 def _shapes(config: Any) -> DemoTask:
-    from ..aligners import ContrastiveAligner
-    from ..datasets import ShapesDataset
-
     n = config.n or 2000
     data = ShapesDataset(n=n, image_size=32, seed=config.seed)
     train, held = data.train_test_split(0.2, seed=config.seed)
@@ -152,8 +151,6 @@ def _shapes(config: Any) -> DemoTask:
 REAL_BANK_OPTIONS = {"reduce_dim": 16, "candidates": range(1, 11)}
 
 def _feature_aligner(config: Any, image_dim: int, text_dim: int) -> Any:
-    from ..aligners import ContrastiveAligner
-
     # BatchNorm without affine parameters standardises the raw features (no random init)
     return ContrastiveAligner({"image": nn.BatchNorm1d(image_dim, affine=False),
                                "text": nn.BatchNorm1d(text_dim, affine=False)}, dim=64, tau=0.2,
@@ -167,8 +164,6 @@ def _short_id(text_id: str) -> str:
 
 
 def _wikipedia(config: Any) -> DemoTask:
-    from ..datasets import load_wikipedia, wikipedia_article
-
     train, test = load_wikipedia(split="train"), load_wikipedia(split="test")
     keep = _subsample(config.n, len(train), config.seed)
     if keep is not None:
@@ -207,8 +202,6 @@ def _wikipedia(config: Any) -> DemoTask:
 
 
 def _webnews(config: Any) -> DemoTask:
-    from ..datasets import load_webnews
-
     train, test = load_webnews(split="train"), load_webnews(split="test", captions=False)
     photos = load_webnews(image="pixels", image_size=64, split="train", cache=True)
     keep = _subsample(config.n, len(train), config.seed)

@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from ..augment.dataset import CrossModalAugmentedDataset
+from ..bank._bank import EmbeddingBank
 from ..core._validation import check_int, check_option, check_positive_float, fail
 from ..exceptions import DeviceError
+from . import _data as _demo_data
 
 __all__ = ["DATA_CHOICES", "DemoConfig", "run_demo"]
 
@@ -161,8 +164,6 @@ def one_thread() -> Iterator[None]:
 
 def generate(aug: Any, *, batch_size: int = 128, limit: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Iterate a DataLoader over the augmented dataset; collect the ``mix_info`` records."""
-    from torch.utils.data import Subset
-
     data = aug if limit is None or limit >= len(aug) else Subset(aug, range(limit))
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     infos: Dict[str, List[torch.Tensor]] = {"index": [], "partners": [], "weights": [], "mixed": []}
@@ -175,10 +176,6 @@ def generate(aug: Any, *, batch_size: int = 128, limit: Optional[int] = None) ->
 
 def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the demo job; return the summary (also written as JSON next to the PNG)."""
-    from ..augment.dataset import CrossModalAugmentedDataset
-    from ..bank._bank import EmbeddingBank
-    from . import _data as _demo_data
-
     config.validate()
     start = time.perf_counter()
     seconds: Dict[str, float] = {}
