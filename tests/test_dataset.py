@@ -345,3 +345,110 @@ def test_cuda_bank_inside_a_worker_points_to_cmdaugment(data):
     loader = DataLoader(aug, batch_size=4, num_workers=1, multiprocessing_context="spawn")
     with pytest.raises(DeviceError, match="CMDAugment"):
         next(iter(loader))
+
+
+# -- batches: __getitems__ (a DataLoader's fetch) ------------------------------------------------------
+def _same(a, b):
+    """Exactly the same sample: same keys, same tensors (dtype, shape, bits), same other values."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+BATCH_CASES = {
+    "defaults": dict(),
+    "top8-soft": dict(top_k=8, intra="soft"),
+    "dense-soft": dict(top_k=None, intra="soft"),
+    "top8-hard": dict(top_k=8, intra="hard"),
+    "dense-hard": dict(top_k=None, intra="hard"),
+    "inter-only": dict(top_k=8, intra=None),
+    "exclude-self": dict(top_k=None, exclude_self=True, pool_size=6),
+    "exclude-self-top3": dict(top_k=3, exclude_self=True),
+    "keep-real": dict(keep_real=True, p=1.0, top_k=3),
+    "two-teachers": dict(teachers=2, top_k=4),
+    "whole-pool-no-renorm": dict(pool_size=N, renormalize=False, self_weight=2.0, label_smoothing=0.1),
+    "temperature-cosine": dict(similarity="cosine", temperature=0.3, top_k=4),
+}
+
+
+def _batch_case(name, dataset=None, **extra):
+    options = dict(BATCH_CASES[name])
+    teachers = options.pop("teachers", 1)
+    options.setdefault("p", 0.6)
+    options.setdefault("pool_size", 10)
+    dataset = PairedDataset(N) if dataset is None else dataset
+    aug = CrossModalAugmentedDataset(dataset, make_bank(N, teachers=teachers), seed=4, **{**options, **extra})
+    aug.set_epoch(1)
+    return aug
+
+
+@pytest.mark.parametrize("name", sorted(BATCH_CASES))
+def test_a_batch_equals_its_items_one_at_a_time(name):
+    aug = _batch_case(name, target="label", num_classes=NUM_CLASSES)
+    order = torch.randperm(len(aug), generator=torch.Generator().manual_seed(3)).tolist() + [0, 0, len(aug) - 1]
+    batch = aug.__getitems__(order)  # with repeated items
+    single = [aug[i] for i in order]
+    assert _same(batch, single)
+    mixed = [bool(item["mix_info"]["mixed"]) for item in single]
+    assert any(mixed) and (not all(mixed) or BATCH_CASES[name].get("keep_real"))
+
+
+@pytest.mark.parametrize("name", ["defaults", "dense-hard", "exclude-self", "keep-real", "two-teachers"])
+def test_dataloader_batches_with_workers_equal_the_items_one_at_a_time(name):
+    aug = _batch_case(name, target="label", num_classes=NUM_CLASSES)
+    order = torch.randperm(len(aug), generator=torch.Generator().manual_seed(5)).tolist()
+    loader = DataLoader(aug, batch_size=7, sampler=order, num_workers=2)  # fetches with __getitems__
+    batches = list(loader)
+    assert len(batches) == -(-len(order) // 7)
+    for at, batch in enumerate(batches):
+        expected = torch.utils.data.default_collate([aug[i] for i in order[7 * at:7 * at + 7]])
+        assert _same(batch, expected)
+
+
+@pytest.mark.parametrize("name", ["defaults", "dense-soft", "keep-real"])
+def test_tuple_batches_equal_the_items_one_at_a_time(name):
+    aug = _batch_case(name, dataset=TupleDataset(N), fields={"image": 0}, target=2, num_classes=NUM_CLASSES)
+    order = list(range(len(aug)))[::-1] + [3, 3]
+    batch = aug.__getitems__(order)
+    assert all(isinstance(item, tuple) and len(item) == 4 for item in batch)
+    assert _same(batch, [aug[i] for i in order])
+    loader = DataLoader(aug, batch_size=8, sampler=order, num_workers=2)
+    for at, collated in enumerate(loader):
+        assert _same(collated, torch.utils.data.default_collate([aug[i] for i in order[8 * at:8 * at + 8]]))
+
+
+def test_a_batch_reads_each_sample_once_and_only_those_needed(bank):
+    counting = CountingDataset(PairedDataset(N))
+    aug = CrossModalAugmentedDataset(counting, bank, p=0.7, pool_size=N, top_k=3, intra="hard", seed=1)
+    order = list(range(0, N, 2)) + [0, 2, 4]
+    items = aug.__getitems__(order)
+    assert len(counting.reads) == len(set(counting.reads))  # each sample once
+    needed = set(order) | {j for item in items for j, w in zip(item["mix_info"]["partners"].tolist(),
+                                                               item["mix_info"]["weights"].tolist()) if w > 0}
+    assert set(counting.reads) == needed
+
+
+def test_a_batch_raises_the_error_of_its_first_failing_item(data, bank):
+    odd = _Changed(data, 5, "image", torch.zeros(3, 5, 5))
+    aug = CrossModalAugmentedDataset(odd, bank, p=1.0, pool_size=N, top_k=None)
+    with pytest.raises(FieldError, match=r"field 'image' of sample 5: expected shape \(3, 4, 4\) like sample 1 "):
+        aug.__getitems__([1, 0, 5])
+    with pytest.raises(FieldError, match=r"expected shape \(3, 5, 5\) like sample 5 "):
+        aug.__getitems__([5, 1])
+    with pytest.raises(IndexError):
+        aug.__getitems__([0, N])
+
+
+def test_pool_is_drawn_from_seed_epoch_and_index(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank, pool_size=6, seed=2)
+    pool = aug.pool(3)
+    assert pool.tolist() == sorted(set(pool.tolist())) and len(pool) == 6 and 3 in pool.tolist()
+    assert torch.equal(pool, aug.pool(3)) and torch.equal(pool, aug._pools([0, 3])[1])
+    aug.set_epoch(1)
+    assert not all(torch.equal(aug.pool(i), CrossModalAugmentedDataset(data, bank, pool_size=6, seed=2).pool(i))
+                   for i in range(N))
+    assert len(CrossModalAugmentedDataset(data, bank, pool_size=6, exclude_self=True).pool(3)) == 6

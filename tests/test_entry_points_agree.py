@@ -34,7 +34,7 @@ CONFIGS = {
 }
 
 
-def three_ways(config, teachers=1, seed=13, epoch=0, device="cpu"):
+def three_ways(config, teachers=1, seed=13, epoch=0, device="cpu", batch=False):
     data = PairedDataset(N, seed=2)
     bank = make_bank(N, teachers=teachers)
     options = MixOptions(seed=seed, pool_size=N, **config)  # one options object for every entry point
@@ -44,7 +44,8 @@ def three_ways(config, teachers=1, seed=13, epoch=0, device="cpu"):
     module = CMDAugment(bank.to(device), options, **common)
     for entry in (dataset, collate, module):
         entry.set_epoch(epoch)
-    from_dataset = default_collate([dataset[i] for i in range(N)])
+    items = dataset.__getitems__(list(range(N))) if batch else [dataset[i] for i in range(N)]
+    from_dataset = default_collate(items)
     samples = [IndexedDataset(data)[i] for i in range(N)]
     from_collate = collate(samples)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in default_collate(samples).items()}
@@ -134,3 +135,10 @@ def test_different_seeds_disagree():
     b = three_ways(CONFIGS["soft-topk"], seed=2)[1]
     assert not torch.equal(a["mix_info"]["mixed"], b["mix_info"]["mixed"]) or not torch.equal(
         a["mix_info"]["teacher"], b["mix_info"]["teacher"])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_dataset_batch_agrees_with_the_collate(name):
+    """The dataset's batch path (__getitems__: one plan call, one pool per item) gives the collate's rows."""
+    from_dataset, from_collate, _ = three_ways(CONFIGS[name], batch=True)
+    assert_agree(from_dataset, from_collate)

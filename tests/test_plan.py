@@ -8,10 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import strategies as S
+from cmda_data.bank import EmbeddingBank
+from cmda_data.bank._plan import bank_plan
 from cmda_data.core import functional as Fn
 from cmda_data.exceptions import CMDAError, DeviceError, ShapeError, ValidationError
 from cmda_data.core.build import build_plan, make_plan
 from cmda_data.core.plan import MixPlan
+from cmda_data.options import MixOptions, PlanOptions
 from conftest import CPU_AND_CUDA, needs_cuda
 
 
@@ -413,3 +416,75 @@ def test_a_permuted_pool_gives_the_permuted_plan(name):
     moved = bank.plan(rows, pool, p=1.0, top_k=None, **config)
     assert torch.equal(moved.mixed, square.mixed)
     torch.testing.assert_close(moved.dense(n)[:, torch.argsort(pool)], square.dense(n), atol=1e-6, rtol=1e-5)
+
+
+def _per_row_inputs(n=6, m=7, d=5, teachers=1, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    teacher_z = [torch.randn(n, d, generator=gen) for _ in range(teachers)]
+    student_z = torch.randn(n, m, d, generator=gen)  # one pool of m candidates per row
+    resp_rows = torch.softmax(3 * torch.randn(n, 3, generator=gen), 1)
+    resp_cols = torch.softmax(3 * torch.randn(n, m, 3, generator=gen), 2)
+    own = torch.randint(0, m, (n,), generator=gen)
+    choice = torch.randint(0, teachers, (n,), generator=gen)
+    return teacher_z, student_z, resp_rows, resp_cols, own, choice
+
+
+@pytest.mark.parametrize("teachers", [1, 2])
+@pytest.mark.parametrize("name", sorted(SQUARE_CONFIGS))
+def test_one_pool_per_row_gives_each_rows_own_plan(name, teachers):
+    """student_z [n, m, d]: row r's plan is its plan over its own pool alone (the 2-D path, to
+    rounding; the same bits as the one-row call of the per-row path, whatever the other rows)."""
+    config = {k: v for k, v in SQUARE_CONFIGS[name].items() if k != "p"}
+    teacher_z, student_z, resp_rows, resp_cols, own, choice = _per_row_inputs(teachers=teachers)
+    n, m = student_z.shape[:2]
+    if config.get("exclude_self") or config.get("self_weight"):
+        own = torch.arange(n)  # (their own sample must be a candidate: any position works)
+    mixed = torch.ones(n, dtype=torch.bool)
+    for validate in (True, False):
+        batch = build_plan(teacher_z, student_z, mixed=mixed, teacher_choice=choice, resp_rows=resp_rows,
+                           resp_cols=resp_cols, teacher_index=own, validate=validate, **config)
+        assert batch.index.shape[0] == n and int(batch.index.max()) < m
+        for r in range(n):
+            one = slice(r, r + 1)
+            args = dict(mixed=mixed[one], teacher_choice=choice[one], resp_rows=resp_rows[one],
+                        teacher_index=own[one], validate=validate, **config)
+            alone = build_plan([z[one] for z in teacher_z], student_z[r], resp_cols=resp_cols[r], **args)
+            single = build_plan([z[one] for z in teacher_z], student_z[one], resp_cols=resp_cols[one], **args)
+            for field in ("index", "weights", "mixed", "teacher_index"):
+                assert torch.equal(getattr(single, field)[0], getattr(batch, field)[r]), (field, r)
+            assert torch.equal(alone.mixed[0], batch.mixed[r])
+            torch.testing.assert_close(alone.dense(m)[0], batch.dense(m)[r], atol=1e-6, rtol=1e-5)
+
+
+def test_one_pool_per_row_shapes_are_checked():
+    teacher_z, student_z, resp_rows, resp_cols, own, _ = _per_row_inputs()
+    n = student_z.shape[0]
+    mixed = torch.ones(n, dtype=torch.bool)
+    with pytest.raises(ShapeError, match=r"student_z: expected \[6, m, d\] latents, one pool per teacher row"):
+        build_plan(teacher_z, student_z[:-1], mixed=mixed, teacher_index=own, intra=None)
+    with pytest.raises(ShapeError, match=r"resp_cols: expected \[6, 7, M\] responsibilities"):
+        build_plan(teacher_z, student_z, mixed=mixed, resp_rows=resp_rows, resp_cols=resp_cols[:, 1:],
+                   teacher_index=own)
+    with pytest.raises(ValidationError, match="resp_cols: expected responsibilities of the 7 student samples"):
+        build_plan(teacher_z, student_z, mixed=mixed, resp_rows=resp_rows, teacher_index=own)
+    with pytest.raises(ValidationError, match=r"teacher_index: expected positions in \[0, 7\)"):
+        build_plan(teacher_z, student_z, mixed=mixed, teacher_index=own + 7, intra=None)
+
+
+def test_bank_plan_with_one_pool_per_row_is_each_rows_plan_over_its_pool():
+    gen = torch.Generator().manual_seed(6)
+    n = 12
+    z = {m: torch.nn.functional.normalize(torch.randn(n, 5, generator=gen), dim=1) for m in ("image", "text")}
+    bank = EmbeddingBank(z, student="image", teachers="text",
+                         responsibilities=torch.softmax(2 * torch.randn(n, 2, generator=gen), 1))
+    spec = PlanOptions.create(student="image", teachers=["text"], mix=MixOptions(p=1.0, top_k=3))
+    rows = torch.tensor([3, 7, 0])
+    pools = torch.stack([torch.cat([r[None], torch.randperm(n, generator=gen)[:5]]).unique()[:5] for r in rows])
+    pools = torch.stack([p if (p == r).any() else torch.cat([p[:-1], r[None]]).sort().values
+                         for p, r in zip(pools, rows)])
+    batch = bank_plan(bank, rows, pools, spec, 0)
+    for r in range(len(rows)):
+        alone = bank_plan(bank, rows[r:r + 1], pools[r], spec, 0)
+        assert torch.equal(batch.mixed[r], alone.mixed[0])
+        torch.testing.assert_close(batch.dense(5)[r], alone.dense(5)[0], atol=1e-6, rtol=1e-5)
+        assert int(pools[r][batch.teacher_index[r]]) == int(rows[r])

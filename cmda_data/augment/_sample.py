@@ -1,82 +1,198 @@
-"""The per-sample mix (private): one sample and its candidate pool -> one mixed sample.
+"""The per-sample mix (private): samples and their candidate pools -> mixed samples.
 
-Shared by :class:`~cmda_data.CrossModalAugmentedDataset` (a pool drawn from the dataset) and
-:class:`~cmda_data.CandidateBuffer` (a pool of recent stream samples): the plan of the one
-row comes from :func:`cmda_data.bank._plan.bank_plan`, the partners with a non-zero weight are
-read, and the student field and the target are mixed with the plan's weights.
+Shared by :class:`~cmda_data.CrossModalAugmentedDataset` (pools drawn from the dataset, a
+whole DataLoader batch at once) and :class:`~cmda_data.CandidateBuffer` (a pool of recent
+stream samples, one sample at a time): the plans of the rows come from ONE call of
+:func:`cmda_data.bank._plan.bank_plan` with one pool per row, the partners with a non-zero
+weight are read (each once per call), and the student field and the target are mixed with
+the plans' weights.
+
+Every computation is row by row (the plan's weights, then sums over each row's partners
+taken slot by slot, element-wise), so a row's values do not depend on the other rows of the
+call: a batch gives exactly the samples that the rows give one at a time.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..bank._plan import bank_plan
-from ..core import functional as Fn
 from ..core._fields import as_student, as_target, get_field, replace_fields
+from ..core._kernels import _normalize_rows, _targets_as_probabilities
 from ..core._validation import fail
-from ..exceptions import FieldError, ValidationError
+from ..exceptions import FieldError
 from ._batch import name_nonfinite_row
 
-__all__ = ["mix_sample"]
+__all__ = ["mix_sample", "mix_samples"]
+
+#: latents per plan call (rows x pool x d): larger batches are planned in chunks of rows
+_PLAN_ELEMENTS = 1 << 22
+
+
+def _weighted_sum(weights: torch.Tensor, column: Callable[[int], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``out[r] = sum_t weights[r, t] * column(t)[r]`` in ``dtype``: slot by slot, element-wise, in place.
+
+    ``column(t)``: ``[n, ...]`` the rows' partners in slot ``t``. Only element-wise products and
+    sums (no matrix product, whose blocking depends on the number of rows): row ``r`` gets the
+    same bits whatever the other rows.
+    """
+    w = weights.to(dtype)
+    out = None
+    for t in range(w.shape[1]):
+        value = column(t)
+        value = value.to(dtype) if value.dtype != dtype else value
+        scale = w[:, t].reshape(-1, *([1] * (value.ndim - 1)))
+        out = value * scale if out is None else out.add_(value.mul_(scale) if value.is_contiguous() and
+                                                          value._base is None else value * scale)
+    return out
+
+
+def _first_seen(ids: np.ndarray, live: np.ndarray) -> Tuple[List[int], np.ndarray]:
+    """The distinct ``ids[live]`` in row-major order of first appearance, and ``[n, k]`` slots into them.
+
+    A slot that is not live (weight 0) points at its row's first live slot (it adds exactly 0).
+    """
+    unique, first, inverse = np.unique(ids[live], return_index=True, return_inverse=True)
+    by_first = np.argsort(first, kind="stable")
+    rank = np.empty(len(unique), dtype=np.int64)
+    rank[by_first] = np.arange(len(unique))
+    slots = np.zeros(ids.shape, dtype=np.int64)
+    slots[live] = rank[inverse.reshape(-1)]
+    fill = slots[np.arange(ids.shape[0]), live.argmax(1)]
+    return unique[by_first].tolist(), np.where(live, slots, fill[:, None])
+
+
+def _field(sample: Any, field: Any, index: int) -> Any:
+    """:func:`get_field` (a dict's key looked up directly)."""
+    if type(sample) is dict and field in sample:
+        return sample[field]
+    return get_field(sample, field, index)
+
+
+def _student(value: Any, field: Any, index: int) -> torch.Tensor:
+    """:func:`as_student` (a float tensor passes directly)."""
+    if type(value) is torch.Tensor and value.is_floating_point():
+        return value
+    return as_student(value, field, index)
+
+
+def _class_indices(values: List[Any], field: Any, indices: List[int], num_classes: Optional[int]) -> torch.Tensor:
+    """Targets ``[u]`` (class indices) or ``[u, C]`` (scores) of the samples used, checked like :func:`as_target`."""
+    if all(type(v) is int for v in values):  # plain ints: checked at once (the first bad one words the error)
+        if num_classes is not None:
+            for v, j in zip(values, indices):
+                if not 0 <= v < num_classes:
+                    as_target(v, field, j, num_classes)
+        return torch.tensor(values, dtype=torch.long)
+    return torch.stack([as_target(v, field, j, num_classes) for v, j in zip(values, indices)])
+
+
+def _plans(owner: Any, rows: torch.Tensor, pools: torch.Tensor, teacher: torch.Tensor):
+    """``(index [r, k], weights [r, k], mixed [r])`` on the CPU: the plans of ``rows`` over ``pools`` [r, m]."""
+    spec, bank = owner._current_spec(), owner.bank
+    d = bank.embeddings[spec.student].shape[1]
+    step = max(1, _PLAN_ELEMENTS // max(1, pools.shape[1] * d))
+    parts = []
+    for at in range(0, len(rows), step):  # (rows are independent: chunks change no value)
+        part = slice(at, at + step)
+        plan = bank_plan(bank, rows[part], pools[part], spec, owner.epoch,
+                         mixed=torch.ones(len(rows[part]), dtype=torch.bool),
+                         teacher_choice=teacher[part]).to("cpu")
+        parts.append((plan.index, plan.weights, plan.mixed))
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
+def mix_samples(owner: Any, samples: Sequence[Any], indices: Sequence[int], *, mixed: torch.Tensor,
+                teacher: torch.Tensor, width: int, pools: Optional[torch.Tensor],
+                fetch: Callable[[int], Any]) -> List[Any]:
+    """``samples`` (dataset ``indices``) mixed with partners from their pools, each with its ``mix_info``.
+
+    Args:
+        owner: the entry point (``bank``, ``epoch``, ``_current_spec()``, the output fields).
+        samples: the samples themselves, one per row.
+        indices: their dataset indices.
+        mixed: ``[n]`` bool draws (False: the sample is returned unmixed, with the identity record).
+        teacher: ``[n]`` the rows' drawn teachers.
+        width: ``k`` of the records (partners padded with the row's index and weight 0).
+        pools: ``[int(mixed.sum()), m]`` dataset indices of the candidates of the mixed rows,
+            in row order (a row's own index among them unless ``exclude_self``); None or
+            ``m == 0``: no row is mixed.
+        fetch: dataset index -> sample, for the partners that are not among ``indices``
+            (each read at most once per call).
+    """
+    n = len(samples)
+    field = owner.student_field
+    students = [_student(_field(s, field, i), field, i) for s, i in zip(samples, indices)]
+    index = torch.as_tensor(list(indices), dtype=torch.long)
+    partners = index[:, None].repeat(1, width)
+    weights = torch.zeros(n, width)
+    weights[:, 0] = 1.0
+    rows = mixed.nonzero().reshape(-1)
+    done = torch.zeros(n, dtype=torch.bool)
+    if len(rows) and pools is not None and pools.shape[1]:
+        plan_index, plan_weights, keep = _plans(owner, index[rows], pools, teacher[rows])
+        rows, k = rows[keep], plan_index.shape[1]
+        partners[rows, :k] = pools[keep].gather(1, plan_index[keep])
+        weights[rows] = 0.0
+        weights[rows, :k] = plan_weights[keep]
+        done[rows] = True
+    # the samples used (a row's partners with a weight; its own sample when not mixed), each read once
+    ids, live = partners.numpy(), (weights > 0).numpy()
+    used, slots = _first_seen(ids, live)
+    known: Dict[int, Any] = {}
+    for j, s in zip(indices, samples):
+        known.setdefault(j, s)
+    for j in used:
+        if j not in known:
+            known[j] = fetch(j)
+    updates: List[Dict[Any, Any]] = [{} for _ in range(n)]
+    if len(rows):
+        at = rows.numpy()
+        members, mix_slots = _first_seen(ids[at], live[at])  # the samples mixed into the generated rows
+        own = {j: r for r, j in reversed(list(enumerate(indices)))}
+        values = [students[own[j]] if j in own else _student(_field(known[j], field, j), field, j) for j in members]
+        if len({v.shape for v in values} | {students[r].shape for r in at.tolist()}) > 1:
+            for r, row in zip(at.tolist(), mix_slots.tolist()):
+                for t in dict.fromkeys(row):  # each partner once, in slot order
+                    if values[t].shape != students[r].shape:
+                        fail(f"field {field!r} of sample {members[t]}", f"shape {tuple(students[r].shape)} like "
+                             f"sample {indices[r]} (its mixing partner)", tuple(values[t].shape), FieldError)
+        dtype = torch.float64 if values[0].dtype == torch.float64 else torch.float32
+        slot_values = mix_slots.T.tolist()
+        out = _weighted_sum(weights[rows], lambda t: torch.stack([values[v] for v in slot_values[t]]), dtype)
+        if not math.isfinite(float(out.sum())):  # a partner with NaN or inf (or an overflow: then no error)
+            name_nonfinite_row(torch.stack(values), torch.tensor(members), field)
+        for r, value in zip(at.tolist(), out.to(values[0].dtype).unbind(0)):
+            updates[r][field] = value
+    if owner.target is not None:
+        targets = _class_indices([_field(known[j], owner.target, j) for j in used], owner.target, used,
+                                 owner.num_classes)
+        if targets.ndim == 1 and owner.num_classes is None:
+            fail("num_classes", f"an integer (field {owner.target!r} holds class indices)", None)
+        probs = _targets_as_probabilities(targets, owner.num_classes, owner.label_smoothing)
+        dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
+        at_slots = torch.from_numpy(slots)
+        soft = _weighted_sum(_normalize_rows(weights.to(dtype)), lambda t: probs.index_select(0, at_slots[:, t]), dtype)
+        soft = _normalize_rows(soft).float()
+        for r, value in enumerate(soft.unbind(0)):
+            updates[r][owner.target] = value
+    info = [index.unbind(0), partners.unbind(0), weights.unbind(0), done.unbind(0), teacher.long().unbind(0)]
+    return [replace_fields(s, u, extra={owner.info_key: dict(zip(("index", "partners", "weights", "mixed",
+                                                                  "teacher"), record))})
+            for s, u, record in zip(samples, updates, zip(*info))]
 
 
 def mix_sample(owner: Any, sample: Any, index: int, *, mixed: bool, teacher: int, width: int,
                pool: Optional[torch.Tensor], fetch: Callable[[int], Any]) -> Any:
-    """``sample`` (dataset ``index``) mixed with partners from ``pool``, with its ``mix_info`` record.
+    """``sample`` (dataset ``index``) mixed with partners from ``pool`` ``[m]``: :func:`mix_samples` of one row.
 
-    Args:
-        owner: the entry point (``bank``, ``epoch``, ``_current_spec()``, the output fields).
-        sample: the sample itself.
-        index: its dataset index.
-        mixed: the row's draw (False: the sample is returned unmixed, with the identity record).
-        teacher: the row's drawn teacher.
-        width: ``k`` of the record (partners padded with ``index`` and weight 0).
-        pool: ``[m]`` dataset indices of the candidates (the sample's own index among them
-            unless ``exclude_self``); None or empty: not mixed.
-        fetch: dataset index -> sample, for the partners (never called for ``index``).
+    ``pool`` None or empty: not mixed.
     """
-    field = owner.student_field
-    student = as_student(get_field(sample, field, index), field, index)
-    partners = torch.full((width,), index, dtype=torch.long)
-    weights = torch.zeros(width)
-    weights[0] = 1.0
-    if mixed and pool is not None and len(pool):
-        plan = bank_plan(owner.bank, torch.tensor([index]), pool, owner._current_spec(), owner.epoch,
-                         mixed=torch.tensor([True]), teacher_choice=torch.tensor([teacher])).to("cpu")
-        mixed = bool(plan.mixed[0])
-        if mixed:
-            k = plan.index.shape[1]
-            partners[:k] = pool[plan.index[0]]
-            weights[:] = 0.0
-            weights[:k] = plan.weights[0]
-    else:
-        mixed = False
-    used: List[int] = (weights > 0).nonzero().reshape(-1).tolist() if mixed else [0]
-    chosen = [(int(partners[u]), sample if int(partners[u]) == index else fetch(int(partners[u]))) for u in used]
-    updates = {}
-    if mixed:
-        values = []
-        for j, other in chosen:
-            value = as_student(get_field(other, field, j), field, j)
-            if value.shape != student.shape:
-                fail(f"field {field!r} of sample {j}", f"shape {tuple(student.shape)} like sample {index} "
-                     "(its mixing partner)", tuple(value.shape), FieldError)
-            values.append(value)
-        stack = torch.stack(values)
-        try:
-            updates[field] = Fn.mix(weights[used][None].to(stack.device), stack)[0]
-        except ValidationError:
-            name_nonfinite_row(stack, torch.tensor([j for j, _ in chosen]), field)
-            raise
-    if owner.target is not None:
-        targets = torch.stack([as_target(get_field(s, owner.target, j), owner.target, j, owner.num_classes)
-                               for j, s in chosen])
-        if targets.ndim == 1 and owner.num_classes is None:
-            fail("num_classes", f"an integer (field {owner.target!r} holds class indices)", None)
-        updates[owner.target] = Fn.mix_targets(weights[used][None], targets, owner.num_classes,
-                                               owner.label_smoothing)[0]
-    info = {"index": torch.tensor(index), "partners": partners, "weights": weights,
-            "mixed": torch.tensor(mixed), "teacher": torch.tensor(teacher)}
-    return replace_fields(sample, updates, extra={owner.info_key: info})
+    mixed = bool(mixed) and pool is not None and len(pool) > 0
+    pools = torch.as_tensor(pool, dtype=torch.long).reshape(1, -1) if mixed else None
+    return mix_samples(owner, [sample], [index], mixed=torch.tensor([mixed]), teacher=torch.tensor([teacher]),
+                       width=width, pools=pools, fetch=fetch)[0]

@@ -9,19 +9,20 @@ with non-zero weight are read from the wrapped dataset, which is never modified.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch.utils.data import Dataset
 
 from ..core._fields import Field
-from ..core._seeding import draw_row, row_generator
+from ..bank._plan import row_draws
+from ..core._seeding import draw_pools
 from ..core._validation import check_int, fail
 from ..exceptions import FieldError, ShapeError
 from ..options import MixOptions
 from ._base import MixingBase
 from ._batch import check_cpu_bank_in_workers
-from ._sample import mix_sample
+from ._sample import mix_samples
 
 __all__ = ["CrossModalAugmentedDataset", "IndexedDataset"]
 
@@ -143,43 +144,59 @@ class CrossModalAugmentedDataset(MixingBase, Dataset):
         return f"CrossModalAugmentedDataset(n={len(self.dataset)}, pool_size={self.pool_size}, {self._options_repr()})"
 
     # -- items -----------------------------------------------------------------------------
-    def pool(self, index: int, generator: torch.Generator) -> torch.Tensor:
-        """The sorted candidate pool of ``index``, drawn from its generator (after its first draws)."""
-        n = len(self.dataset)
-        include_self = not self.options.exclude_self
-        need = self._pool_len - (1 if include_self else 0)
-        others = n - 1
-        if need >= others:
-            chosen = torch.arange(others)
-        elif 4 * need >= others:
-            chosen = torch.randperm(others, generator=generator)[:need]
-        else:
-            seen: dict = {}
-            while len(seen) < need:
-                for value in torch.randint(0, others, (2 * need,), generator=generator).tolist():
-                    seen.setdefault(value, None)
-                    if len(seen) == need:
-                        break
-            chosen = torch.tensor(list(seen), dtype=torch.long)
-        chosen = chosen + (chosen >= index).long()  # skip the item itself
-        if include_self:
-            chosen = torch.cat([chosen, torch.tensor([index])])
-        return torch.sort(chosen).values
+    def _pools(self, indices: Sequence[int]) -> torch.Tensor:
+        """``[len(indices), pool]`` sorted candidate pools of dataset ``indices`` (see :func:`draw_pools`)."""
+        spec = self.spec
+        return draw_pools(indices, seed=spec.seed, epoch=self.epoch, rank=spec.rank, n=len(self.dataset),
+                          size=self._pool_len, include_self=not self.options.exclude_self)
 
-    def __getitem__(self, item: int) -> Any:
-        n = len(self.dataset)
-        item = check_int("index", item)
+    def pool(self, index: int) -> torch.Tensor:
+        """The sorted candidate pool of dataset ``index`` this epoch (drawn from ``(seed, epoch, rank, index)``)."""
+        index = check_int("index", index)
+        if not 0 <= index < len(self.dataset):
+            raise IndexError(f"index: expected a dataset index in [0, {len(self.dataset)}), got {index}")
+        return self._pools([index])[0]
+
+    def _item(self, item: Any) -> int:
+        item = item if type(item) is int else check_int("index", item)
         if item < 0:
             item += len(self)
         if not 0 <= item < len(self):
             raise IndexError(f"index: expected an integer in [0, {len(self)}), got {item}")
-        base, forced = (item - n, True) if item >= n else (item, False)
+        return item
+
+    def __getitem__(self, item: int) -> Any:
+        return self._items([self._item(item)])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Any]:
+        """The items ``indices`` at once (a DataLoader's batch): exactly ``[self[i] for i in indices]``.
+
+        The draws, the pools, the plans (one :func:`~cmda_data.bank._plan.bank_plan` call with
+        one pool per item) and the mixing are vectorised over the items, and each sample is read
+        once. Every value is computed item by item, so the items are the same as one at a time;
+        an error is the one of the first item that fails on its own.
+        """
+        items = [self._item(item) for item in indices]
+        try:
+            return self._items(items)
+        except Exception:
+            if len(items) > 1:
+                for item in items:  # raise the error of the first item that fails alone
+                    self._items([item])
+            raise
+
+    def _items(self, items: List[int]) -> List[Any]:
+        n = len(self.dataset)
         check_cpu_bank_in_workers(self.bank, "CrossModalAugmentedDataset")
-        spec = self.spec
-        generator = row_generator(spec.seed, self.epoch, base, spec.rank)
-        mixed, teacher = draw_row(generator, self.p, len(spec.teachers))
+        base = [item - n if item >= n else item for item in items]
+        mixed, teacher = row_draws(torch.tensor(base, dtype=torch.long), self._current_spec(), self.epoch)
         if self.options.keep_real:  # the first N items are the originals, the next N generated
-            mixed = forced
-        pool = self.pool(base, generator) if mixed else None
-        return mix_sample(self, self.dataset[base], base, mixed=mixed, teacher=teacher, width=self.k, pool=pool,
-                          fetch=self.dataset.__getitem__)
+            mixed = torch.tensor([item >= n for item in items], dtype=torch.bool)
+        rows = mixed.nonzero().reshape(-1).tolist()
+        pools = self._pools([base[r] for r in rows]) if rows else None
+        read: Dict[int, Any] = {}
+        for index in base:  # each sample read once
+            if index not in read:
+                read[index] = self.dataset[index]
+        return mix_samples(self, [read[index] for index in base], base, mixed=mixed, teacher=teacher,
+                           width=self.k, pools=pools, fetch=self.dataset.__getitem__)

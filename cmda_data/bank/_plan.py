@@ -26,7 +26,7 @@ from ..core._seeding import draw_rows
 from ..core._validation import fail
 from ..core.build import build_plan
 from ..core.plan import MixPlan
-from ..exceptions import CMDAError
+from ..exceptions import CMDAError, ShapeError
 
 __all__ = ["bank_plan", "row_draws"]
 
@@ -74,6 +74,8 @@ def bank_plan(bank: Any, rows: torch.Tensor, pool: torch.Tensor, spec: Any, epoc
               teacher_index: Optional[torch.Tensor] = None) -> MixPlan:
     """The plan of teacher rows ``rows`` over candidates ``pool`` (both dataset indices) of ``bank``.
 
+    ``pool``: ``[m]`` candidates shared by the rows, or ``[n, m]``: one pool per row (the
+    dataset's per-item pools; the plan's positions are then in each row's own pool).
     ``spec``: a :class:`~cmda_data.options.PlanOptions`. ``mixed`` and ``teacher_choice``
     default to :func:`row_draws`. ``teacher_index``: position of each row's own sample in
     ``pool``; by default found there (a row whose own sample is not a candidate: None, then
@@ -81,8 +83,12 @@ def bank_plan(bank: Any, rows: torch.Tensor, pool: torch.Tensor, spec: Any, epoc
     """
     same = pool is rows
     rows = torch.as_tensor(rows).reshape(-1).long().cpu()
-    pool = rows if same else torch.as_tensor(pool).reshape(-1).long().cpu()
-    square = same or (rows.shape == pool.shape and bool(torch.equal(rows, pool)))
+    pool = rows if same else torch.as_tensor(pool).long().cpu()
+    per_row = pool.ndim == 2
+    if per_row and pool.shape[0] != len(rows):
+        fail("pool", f"[{len(rows)}, m] dataset indices, one pool per row", pool, ShapeError)
+    pool = pool if per_row else pool.reshape(-1)
+    square = same or (not per_row and rows.shape == pool.shape and bool(torch.equal(rows, pool)))
     if mixed is None or teacher_choice is None:
         mixed, teacher_choice = row_draws(rows, spec, epoch)
     if spec.intra is not None and bank.responsibilities is None:
@@ -93,7 +99,7 @@ def bank_plan(bank: Any, rows: torch.Tensor, pool: torch.Tensor, spec: Any, epoc
     if square:
         teacher_index = torch.arange(len(rows), device=device)
     elif teacher_index is None:
-        hits = pool[None, :] == rows[:, None]
+        hits = (pool if per_row else pool[None, :]) == rows[:, None]
         found = hits.any(1)
         if bool(found.all()):
             teacher_index = hits.float().argmax(1).to(device)
@@ -104,8 +110,12 @@ def bank_plan(bank: Any, rows: torch.Tensor, pool: torch.Tensor, spec: Any, epoc
     if spec.intra is not None:
         resp_rows = _responsibilities(bank, row_pos, "resp_rows")
         resp_cols = None if square else _responsibilities(bank, pool_pos, "resp_cols")
+    student = tables[spec.student].index_select(0, pool_pos)
+    if per_row:  # [n, m, d] latents and [n, m, M] responsibilities: row r's own candidates
+        student = student.view(*pool.shape, student.shape[1])
+        resp_cols = None if resp_cols is None else resp_cols.view(*pool.shape, resp_cols.shape[1])
     return build_plan([tables[t].index_select(0, row_pos) for t in spec.teachers],
-                      tables[spec.student].index_select(0, pool_pos), mixed=mixed.to(device),
+                      student, mixed=mixed.to(device),
                       teacher_choice=teacher_choice.to(device), resp_rows=resp_rows, resp_cols=resp_cols,
                       teacher_index=teacher_index, teacher=tuple(spec.teachers), similarity=spec.similarity,
                       normalize=spec.normalize, temperature=spec.temperature, self_weight=spec.self_weight,

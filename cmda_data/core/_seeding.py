@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._validation import check_int, check_probability
+from ._validation import check_int, check_probability, fail
 
-__all__ = ["SharedEpoch", "SharedProbability", "draw_row", "draw_rows", "get_rank", "get_world_size", "hash_ints",
-           "is_distributed", "row_generator", "splitmix64"]
+__all__ = ["SharedEpoch", "SharedProbability", "draw_pools", "draw_row", "draw_rows", "get_rank", "get_world_size",
+           "hash_ints", "is_distributed", "row_generator", "splitmix64"]
 
 _MASK = (1 << 64) - 1
 
@@ -88,15 +88,97 @@ def row_generator(seed: int, epoch: int, index: int, rank: int = 0) -> torch.Gen
     return generator
 
 
-def _uniforms_from_keys(keys: np.ndarray, count: int) -> np.ndarray:
-    """``[n, count]`` uniforms in [0, 1): output k of row r is splitmix64(key_r + k * gamma) >> 11, / 2**53."""
-    steps = (np.arange(count, dtype=np.uint64) + np.uint64(1)) * np.uint64(_GAMMA)
+def _uniforms(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """Uniforms in [0, 1), element-wise (broadcast): output ``c`` of a row key is
+    ``splitmix64(key + (c + 1) * gamma) >> 11`` / 2**53 (the splitmix64 stream seeded with the key)."""
     with np.errstate(over="ignore"):
-        z = keys.astype(np.uint64)[:, None] + steps[None, :]
+        steps = (np.asarray(counters).astype(np.uint64) + np.uint64(1)) * np.uint64(_GAMMA)
+        z = np.asarray(keys).astype(np.uint64) + steps
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _uniforms_from_keys(keys: np.ndarray, count: int) -> np.ndarray:
+    """``[n, count]`` uniforms in [0, 1): outputs ``0 .. count - 1`` of each row key (:func:`_uniforms`)."""
+    return _uniforms(np.asarray(keys)[:, None], np.arange(count)[None, :])
+
+
+def _row_keys(indices: Iterable[int], seed: int, epoch: int, rank: int) -> np.ndarray:
+    """``[n]`` uint64 row keys ``hash_ints(tag, seed, epoch, rank, index)`` (the :func:`row_generator` seeds)."""
+    prefix = np.uint64(hash_ints(_STREAM_ROW, seed, epoch, rank))
+    index = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), dtype=np.int64).reshape(-1)
+    with np.errstate(over="ignore"):  # splitmix64(prefix ^ index), vectorised
+        z = (prefix ^ index.astype(np.uint64)) + np.uint64(_GAMMA)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+#: the pool's draws are outputs 2, 3, ... of the row key (0 and 1 are draw_rows' mixed and teacher)
+_POOL_COUNTER = 2
+
+
+def _distinct(keys: np.ndarray, need: int, others: int) -> np.ndarray:
+    """``[n, need]`` distinct integers in ``[0, others)`` per row: a uniform random subset (unsorted).
+
+    Row ``r`` uses outputs ``2, 3, ...`` of its key only, so its subset does not depend on the
+    other rows. Dense (``4 * need >= others``): the ``need`` smallest of ``others`` uniforms.
+    Sparse: uniform draws, a repeated value is drawn again from the row's next outputs until
+    the row holds ``need`` distinct values (the first ``need`` distinct values of the row's
+    stream of draws: a uniform subset).
+    """
+    n = len(keys)
+    if 4 * need >= others:
+        u = _uniforms(keys[:, None], _POOL_COUNTER + np.arange(others)[None, :])
+        return np.argsort(u, axis=1, kind="stable")[:, :need]
+    values = np.zeros((n, need), dtype=np.int64)
+    holes = np.ones((n, need), dtype=bool)
+    used = np.full(n, _POOL_COUNTER, dtype=np.int64)  # the next output of each row's stream
+    while True:
+        rows, cols = np.nonzero(holes)  # row-major: each row's holes in order
+        if not len(rows):
+            return values
+        count = holes.sum(1)
+        rank = np.arange(len(rows)) - (np.cumsum(count) - count)[rows]
+        u = _uniforms(keys[rows], used[rows] + rank)
+        values[rows, cols] = np.minimum((u * others).astype(np.int64), others - 1)
+        used += count
+        order = np.argsort(values, axis=1, kind="stable")  # a repeated value: its later copies are holes
+        ranked = np.take_along_axis(values, order, 1)
+        holes = np.zeros_like(holes)
+        np.put_along_axis(holes, order[:, 1:], ranked[:, 1:] == ranked[:, :-1], 1)
+
+
+def draw_pools(indices: Iterable[int], *, seed: int, epoch: int, rank: int, n: int, size: int,
+               include_self: bool) -> torch.Tensor:
+    """``[len(indices), size]`` sorted candidate pools of dataset indices in ``[0, n)``.
+
+    Row ``r``'s pool holds its own index when ``include_self``, and a uniform random subset of
+    the other ``n - 1`` indices (all of them when ``size`` asks for that many), drawn from the
+    row's key (:func:`draw_rows`' key, after its two draws): a function of
+    ``(seed, epoch, rank, index)`` only, vectorised over rows.
+
+    Examples:
+        >>> pools = draw_pools([3, 8], seed=0, epoch=0, rank=0, n=10, size=4, include_self=True)
+        >>> pools.shape, bool((pools == torch.tensor([[3], [8]])).any(1).all())
+        (torch.Size([2, 4]), True)
+        >>> torch.equal(pools[1:], draw_pools([8], seed=0, epoch=0, rank=0, n=10, size=4, include_self=True))
+        True
+    """
+    index = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), dtype=np.int64).reshape(-1)
+    need, others = size - (1 if include_self else 0), n - 1
+    if not 0 <= need <= others:
+        fail("size", f"a pool of at most {others + int(include_self)} indices", size)
+    if need == others:
+        chosen = np.broadcast_to(np.arange(others), (len(index), others))
+    else:
+        chosen = _distinct(_row_keys(index, seed, epoch, rank), need, others)
+    chosen = chosen + (chosen >= index[:, None])  # skip the row's own index
+    if include_self:
+        chosen = np.concatenate([chosen, index[:, None]], axis=1)
+    return torch.from_numpy(np.sort(chosen, axis=1))
 
 
 def _decide(u: np.ndarray, p: float, n_teachers: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -135,13 +217,7 @@ def draw_rows(indices: Iterable[int], *, seed: int, epoch: int, rank: int, p: fl
         >>> mixed.tolist(), teacher.tolist()
         ([True, True, True], [0, 0, 0])
     """
-    prefix = np.uint64(hash_ints(_STREAM_ROW, seed, epoch, rank))
-    index = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), dtype=np.int64).reshape(-1)
-    with np.errstate(over="ignore"):  # splitmix64(prefix ^ index), vectorised (= row_generator's seed)
-        z = (prefix ^ index.astype(np.uint64)) + np.uint64(_GAMMA)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        keys = z ^ (z >> np.uint64(31))
+    keys = _row_keys(indices, seed, epoch, rank)
     mixed, teacher = _decide(_uniforms_from_keys(keys, 2), p, n_teachers)
     return torch.from_numpy(mixed.copy()), torch.from_numpy(teacher)
 

@@ -44,21 +44,25 @@ def _check_plan_inputs(teacher_z: Sequence[torch.Tensor], student_z: torch.Tenso
     """Every check of a plan's inputs, with every reduction read back in ONE transfer (a GPU sync).
 
     Finite latents, valid responsibilities, draws in range. Returns whether ``teacher_index``
-    is ``arange(n)`` (None without one).
+    is ``arange(n)`` (None without one; False for one pool per row).
     """
     n = teacher_z[0].shape[0] if teacher_z else 0
-    m = student_z.shape[0] if isinstance(student_z, torch.Tensor) else 0
-    names = [f"teacher_z[{i}]" if len(teacher_z) > 1 else "teacher_z" for i in range(len(teacher_z))]
     check_float_tensor("student_z", student_z, finite=False)
-    check_rank("student_z", student_z, 2)
+    per_row = student_z.ndim == 3  # one pool per row
+    if not per_row:
+        check_rank("student_z", student_z, 2)
+    elif student_z.shape[0] != n:
+        fail("student_z", f"[{n}, m, d] latents, one pool per teacher row", student_z, ShapeError)
+    m = student_z.shape[-2]
+    names = [f"teacher_z[{i}]" if len(teacher_z) > 1 else "teacher_z" for i in range(len(teacher_z))]
     device = student_z.device
     for name, z in zip(names, teacher_z):
         check_float_tensor(name, z, finite=False)
         check_rank(name, z, 2)
         if z.shape[0] != n:
             fail(name, f"[{n}, d] latents, one row per teacher row like the first teacher", z, ShapeError)
-        if z.shape[1] != student_z.shape[1]:
-            fail(name, f"{student_z.shape[1]} columns like student_z", z, ShapeError)
+        if z.shape[1] != student_z.shape[-1]:
+            fail(name, f"{student_z.shape[-1]} columns like student_z", z, ShapeError)
         if z.device != device:
             fail(name, f"a tensor on {device} like student_z", z, DeviceError)
     latents = (*teacher_z, student_z)
@@ -66,7 +70,13 @@ def _check_plan_inputs(teacher_z: Sequence[torch.Tensor], student_z: torch.Tenso
                           for z in latents])]
     resps = [(name, r, rows) for name, r, rows in (("resp_rows", resp_rows, n), ("resp_cols", resp_cols, m))
              if r is not None]
-    for name, resp, rows in resps:
+    for at, (name, resp, rows) in enumerate(resps):
+        if name == "resp_cols" and per_row:  # [n, m, M]: checked as its n * m rows
+            if resp.ndim != 3 or resp.shape[:2] != student_z.shape[:2]:
+                fail(name, f"[{n}, {m}, M] responsibilities, one per candidate of each row's pool", resp,
+                     ShapeError)
+            resps[at] = (name, resp.reshape(n * m, resp.shape[2]), n * m)
+            resp, rows = resps[at][1], n * m
         _check_resp_shape(name, resp)
         if resp.shape[0] != rows:
             fail(name, f"[{rows}, M] responsibilities, one row per " + ("teacher row" if name == "resp_rows"
@@ -84,7 +94,8 @@ def _check_plan_inputs(teacher_z: Sequence[torch.Tensor], student_z: torch.Tenso
         if n:
             parts.append(torch.stack(torch.aminmax(value)).double())
     if teacher_index is not None and n:
-        is_arange = (teacher_index == torch.arange(n, device=device)).all() if n <= m else torch.tensor(False)
+        is_arange = ((teacher_index == torch.arange(n, device=device)).all() if n <= m and not per_row
+                     else torch.tensor(False))
         parts.append(is_arange.double().reshape(1).to(device))
     values = torch.cat(parts).tolist()  # the one read-back
     for name, z, total in zip([*names, "student_z"], latents, values):
@@ -124,13 +135,20 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, *, mi
     ``intra`` is not None), combined by :func:`functional.dca_weights`; then the layout
     (top-k, identity rows) of :meth:`MixPlan.from_dense`.
 
+    The candidates are shared by all rows (``student_z`` ``[m, d]``), or each row has its
+    own pool (``student_z`` ``[n, m, d]``, e.g. the dataset's per-item pools): row ``r``'s
+    scores are then computed against ``student_z[r]`` alone, and the same row-wise weight
+    and layout code follows; the plan's ``index`` and ``teacher_index`` are positions in each
+    row's own pool.
+
     Args:
         teacher_z: one ``[n, d]`` tensor per teacher.
-        student_z: ``[m, d]`` latents of the candidates.
+        student_z: ``[m, d]`` latents of the candidates, or ``[n, m, d]``: one pool per row.
         mixed: ``[n]`` bool draws: rows drawn False are the original samples.
         teacher_choice: ``[n]`` int64 index into ``teacher_z`` (default: all 0).
         resp_rows: ``[n, M]`` GMM responsibilities of the rows (no intra weights without them).
-        resp_cols: ``[m, M]`` responsibilities of the candidates (default ``resp_rows``, needs ``n == m``).
+        resp_cols: ``[m, M]`` responsibilities of the candidates (default ``resp_rows``, needs ``n == m``);
+            ``[n, m, M]`` with one pool per row (then required).
         teacher_index: ``[n]`` position of each row's own sample among the candidates (it is
             the one ``self_weight`` and ``exclude_self`` act on, and rows that are not mixed
             copy it); None when the own samples are not candidates (every row must be mixed).
@@ -159,17 +177,17 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, *, mi
         for name in ("exclude_self", "renormalize"):
             if not isinstance(locals()[name], bool):
                 fail(name, "True or False", locals()[name])
-        if resp_cols is None and resp_rows is not None and intra is not None and n != student_z.shape[0]:
-            fail("resp_cols", f"responsibilities of the {student_z.shape[0]} student samples (resp_rows has "
-                 f"{n} rows)", None)
+        if resp_cols is None and resp_rows is not None and intra is not None and (
+                n != student_z.shape[0] or student_z.ndim == 3):
+            fail("resp_cols", f"responsibilities of the {student_z.shape[-2]} student samples (resp_rows has "
+                 f"{n} rows)" + (", one pool per row" if student_z.ndim == 3 else ""), None)
         diagonal = _check_plan_inputs(teacher_z, student_z, resp_rows if intra else None,
                                       resp_cols if intra else None, teacher_choice, teacher_index)
         mixed = _check_mixed(mixed, n, student_z.device)
     elif teacher_index is not None:
         arange = torch.arange(n, device=teacher_index.device)
-        diagonal = n <= student_z.shape[0] and bool(torch.equal(teacher_index, arange))
+        diagonal = student_z.ndim == 2 and n <= student_z.shape[0] and bool(torch.equal(teacher_index, arange))
     device = student_z.device
-    m = int(student_z.shape[0])
     if teacher_choice is None:
         teacher_choice = torch.zeros(n, dtype=torch.long, device=device)
     choice = teacher_choice.to(device)

@@ -162,9 +162,16 @@ def _inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, simil
     """:func:`inter_modal_weights` without argument checks (trusted, already checked inputs).
 
     ``own``: ``[n]`` column of each row's own sample (None: column ``r``, the diagonal).
+    ``student_z`` ``[n, m, d]``: one pool per row (row ``r`` against ``student_z[r]``; ``"legacy_broadcast"``
+    then divides by the row's sum, like ``"row"``); its values do not depend on the other rows.
     """
     dtype = _compute_dtype(teacher_z, student_z)
-    scores = _unit_rows(teacher_z, dtype) @ _unit_rows(student_z, dtype).T
+    teacher = _unit_rows(teacher_z, dtype)
+    if student_z.ndim == 3:  # products summed along d (a batched matmul's bits change with n)
+        n, m, d = student_z.shape
+        scores = (_unit_rows(student_z.reshape(n * m, d), dtype).view(n, m, d) * teacher[:, None, :]).sum(2)
+    else:
+        scores = teacher @ _unit_rows(student_z, dtype).T
     scores = scores.abs() if similarity == "abs_cosine" else scores.clamp_min(0)
     if self_weight is not None:
         _set_own_entries(scores, own, float(self_weight))
@@ -180,7 +187,7 @@ def _inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, simil
         if scores.device.type != "cpu" or bool((sums <= torch.finfo(scores.dtype).tiny).any()):
             scores = _uniform_if_empty(scores)
             sums = scores.sum(1)
-        weights = scores / (sums[:, None] if normalize == "row" else sums[None, :])
+        weights = scores / (sums[:, None] if normalize == "row" or student_z.ndim == 3 else sums[None, :])
     return weights.to(teacher_z.dtype)
 
 
@@ -226,15 +233,16 @@ def intra_modal_weights(resp: torch.Tensor, partner_resp: Optional[torch.Tensor]
 
 
 def _intra_modal_weights(resp: torch.Tensor, partner_resp: Optional[torch.Tensor], mode: str) -> torch.Tensor:
-    """:func:`intra_modal_weights` without argument checks (trusted, already checked inputs)."""
+    """:func:`intra_modal_weights` without checks (trusted inputs); ``partner_resp`` ``[n, m, M]``: a pool per row."""
     dtype = _compute_dtype(resp, *(() if partner_resp is None else (partner_resp,)))
     rows = resp.to(dtype)
     c_rows = rows.argmax(1)
-    c_cols = c_rows if partner_resp is None else partner_resp.to(dtype).argmax(1)
+    c_cols = c_rows if partner_resp is None else partner_resp.to(dtype).argmax(-1)  # [m], or [n, m] per row
     if mode == "soft":
-        weights = rows.index_select(1, c_cols) + rows.gather(1, c_rows[:, None])
+        cols = rows.gather(1, c_cols) if c_cols.ndim == 2 else rows.index_select(1, c_cols)
+        weights = cols + rows.gather(1, c_rows[:, None])
     else:
-        weights = (c_rows[:, None] == c_cols[None, :]).to(dtype)
+        weights = (c_rows[:, None] == (c_cols if c_cols.ndim == 2 else c_cols[None, :])).to(dtype)
     return weights.to(resp.dtype)
 
 
