@@ -6,6 +6,8 @@ below), the official code's literal expression in numpy, and slow Python loops.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -637,7 +639,7 @@ def tiny_blocks(monkeypatch):
     torch.set_num_threads(1)  # the blocked path runs at one thread only
     calls = []
     blocked = Kn._mix_sparse_blocked
-    monkeypatch.setattr(Kn, "_mix_sparse_blocked", lambda *a: calls.append(a[-1]) or blocked(*a))
+    monkeypatch.setattr(Kn, "_mix_sparse_blocked", lambda *a, **kw: calls.append(a[-1]) or blocked(*a, **kw))
     Kn.blocked_calls = calls
     yield Kn
     del Kn.blocked_calls
@@ -694,12 +696,158 @@ def test_blocked_sparse_mix_keeps_gradients(tiny_blocks):
     assert len(tiny_blocks.blocked_calls) == 1
 
 
-def test_sparse_block_columns_choice():
+def test_sparse_block_columns_choice(monkeypatch):
     from cmda_data.core import _kernels as Kn
+    assert 128 << 10 <= Kn._BLOCK_BYTES <= Kn._BLOCK_MAX_BYTES  # half an L2, within bounds
+    monkeypatch.setattr(Kn, "_BLOCK_BYTES", 512 << 10)  # a 1 MiB L2
     assert Kn._sparse_block_columns(128, 128, 1024, 4) == 1024  # cache resident: one block
-    assert Kn._sparse_block_columns(128, 128, 150528, 4) == 4096  # 2 MiB of partner rows
+    assert Kn._sparse_block_columns(128, 128, 150528, 4) == 1024  # 512 KiB of partner rows
     assert Kn._sparse_block_columns(128, 100_000, 150528, 4) == Kn._BLOCK_MIN_COLUMNS
     assert Kn._sparse_block_columns(1, 1, 2_000_003, 4) % 64 == 0
+    monkeypatch.setattr(Kn, "_BLOCK_BYTES", 1 << 20)  # a 2 MiB L2
+    assert Kn._sparse_block_columns(128, 128, 150528, 4) == 2048
+
+
+def test_l2_size_is_read_or_defaults():
+    from cmda_data.core import _kernels as Kn
+    assert Kn._l2_bytes() >= 1 << 10
+    assert Kn._l2_bytes(default=123) in (123, Kn._l2_bytes())
+
+
+class _FakeClock:
+    """perf_counter / process_time for _kernels: each call of the blocked kernel takes 1 s
+    of wall time and ``cpu`` seconds of process CPU time."""
+
+    def __init__(self, cpu):
+        self.wall = 100.0
+        self.cpu_time = 0.0
+        self.cpu = cpu
+
+    def perf_counter(self):
+        return self.wall
+
+    def process_time(self):
+        return self.cpu_time
+
+    def tick(self):
+        self.wall += 1.0
+        self.cpu_time += self.cpu
+
+
+@pytest.fixture
+def two_threads(tiny_blocks, monkeypatch):
+    """tiny_blocks at 2 threads, with a fake clock that the blocked kernel advances."""
+    torch.set_num_threads(2)
+    clock = _FakeClock(cpu=2.0)  # quiet: both threads busy for the whole call
+    monkeypatch.setattr(tiny_blocks, "time", clock)
+    monkeypatch.setattr(tiny_blocks, "_contended_until", 0.0)
+    blocked = tiny_blocks._mix_sparse_blocked
+    monkeypatch.setattr(tiny_blocks, "_mix_sparse_blocked", lambda *a, **kw: clock.tick() or blocked(*a, **kw))
+    tiny_blocks.clock = clock
+    yield tiny_blocks
+    del tiny_blocks.clock
+
+
+@pytest.mark.parametrize("n, m, shape, k", [(5, 7, (11,), 3), (1, 1, (1, 7), 1), (1, 9, (13,), 4),
+                                            (9, 4, (3, 5, 2), 4), (3, 6, (64,), 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_multithreaded_sparse_mix_blocks_while_quiet_and_not_while_contended(two_threads, n, m, shape, k, dtype,
+                                                                            contiguous):
+    """At several threads the blocked path runs while the threads get their cores; after a
+    call measured below _MIN_EFFICIENCY the next calls skip blocking for _CONTENDED_HOLD_S.
+    Every way gives the dense matmul's numbers (bitwise the unblocked kernel's)."""
+    Kn = two_threads
+    g = torch.Generator().manual_seed(n * 100 + m)
+    x = torch.randn(m, *shape, generator=g, dtype=dtype)
+    if not contiguous:  # every other entry of the last dim (1-D samples stay a strided view)
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+        assert not x.is_contiguous() or m == 1
+    index = torch.randint(0, m, (n, k), generator=g)
+    w = torch.rand(n, k, generator=g, dtype=dtype)
+    dense = torch.zeros(n, m, dtype=dtype).scatter_add_(1, index, w)
+    reference = Fn.mix(dense, x)
+    plain = Kn._embedding_bag_sum(index, w, x.reshape(m, -1)).reshape(reference.shape)
+    size = int(np.prod(shape))
+    columns = Kn._sparse_block_columns(m, n, size, x.element_size())
+    blocks = columns < size and Kn._flatten_trailing(x)[0].stride(1) == 1
+
+    out = Fn.mix(w, x, index=index)  # quiet: blocked
+    assert Kn.blocked_calls == ([columns] if blocks else [])
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out, plain)
+    if not blocks:
+        return
+    Kn.clock.cpu = 1.0  # one thread waits for a core: efficiency 0.5 < 0.75
+    assert torch.equal(Fn.mix(w, x, index=index), plain)  # measured while blocked
+    assert len(Kn.blocked_calls) == 2 and Kn._contended_until == 100.0 + 2 + Kn._CONTENDED_HOLD_S
+    assert torch.equal(Fn.mix(w, x, index=index), plain)  # within the hold: one embedding_bag
+    assert len(Kn.blocked_calls) == 2
+    Kn.clock.wall = Kn._contended_until  # the hold is over: blocking is tried again
+    Kn.clock.cpu = 2.0
+    assert torch.equal(Fn.mix(w, x, index=index), plain)
+    assert len(Kn.blocked_calls) == 3
+    torch.set_num_threads(1)  # one thread blocks whatever was measured
+    Kn._contended_until = float("inf")
+    assert torch.equal(Fn.mix(w, x, index=index), plain)
+    assert len(Kn.blocked_calls) == 4
+
+
+@pytest.mark.parametrize("bad_row", [0, 3])  # 3: a sample that no index row picks
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_mix_refuses_non_finite_samples_and_weights_on_every_path(two_threads, bad_row, value, dtype):
+    """The CPU value checks (one direct read per reduction; for blocked sparse mixing, the
+    check bags that sum every block while mixing) still catch every non-finite input, dense
+    and sparse, blocked or not, also in a sample that no row picks."""
+    x = torch.rand(4, 2, 7).to(dtype)
+    x[bad_row, 1, 3] = value
+    index = torch.tensor([[0, 1], [2, 0], [1, 2]])
+    w = torch.full((3, 2), 0.5, dtype=dtype)
+    x_ok = x.clone()
+    x_ok[bad_row, 1, 3] = 0
+    w_bad = w.clone()
+    w_bad[2, 1] = value
+    wide = torch.zeros(4, 14, 2, dtype=dtype)
+    wide[..., 0] = x.reshape(4, 14)
+    strided = wide[..., 0]  # [4, 14], stride (28, 2)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        calls = len(two_threads.blocked_calls)
+        with pytest.raises(ValidationError, match=r"samples: expected finite values .* 1 non-finite"):
+            Fn.mix(w, x, index=index)
+        assert len(two_threads.blocked_calls) == calls + 1  # checked by the blocked kernel, while mixing
+        with pytest.raises(ValidationError, match=r"samples: expected finite values .* 1 non-finite"):
+            Fn.mix(w, x.transpose(1, 2), index=index)  # a permuted layout: mixed as it lies in memory
+        with pytest.raises(ValidationError, match=r"samples: expected finite values .* 1 non-finite"):
+            Fn.mix(w, strided, index=index)  # 2-D strided: one embedding_bag call, then a scan
+        with pytest.raises(ValidationError, match=r"samples: expected finite values .* 1 non-finite"):
+            Fn.mix(torch.full((3, 4), 0.25, dtype=dtype), x)
+        with pytest.raises(ValidationError, match=r"weights: expected finite values .* 1 non-finite"):
+            Fn.mix(w_bad, x, index=index)  # weights and index are refused before any mixing
+        with pytest.raises(ValidationError, match=r"index: expected positions in \[0, 4\)"):
+            Fn.mix(w, x, index=index + 2)
+        assert len(two_threads.blocked_calls) == calls + 2
+        two_threads.clock.wall = 1e9  # no contention hold left for the next thread count
+        torch.testing.assert_close(Fn.mix(w, x_ok, index=index).double(), _sparse_loop(index, w, x_ok),
+                                   rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("m, n, k", [(6, 4, 3), (1, 1, 1), (7, 1, 2), (5, 0, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_blocked_check_bags_sum_every_sample(tiny_blocks, m, n, k, dtype):
+    """The two check bags of the blocked kernel sum all m rows (both halves), whatever n."""
+    g = torch.Generator().manual_seed(m * 10 + n)
+    flat = torch.randn(m, 29, generator=g, dtype=dtype)
+    index = torch.randint(0, m, (n, k), generator=g)
+    w = torch.rand(n, k, generator=g, dtype=dtype)
+    out, total = tiny_blocks._mix_sparse_blocked(index, w, flat, 4, check=True)
+    plain, none = tiny_blocks._mix_sparse_blocked(index, w, flat, 4)
+    assert none is None and torch.equal(out, plain)
+    assert torch.equal(out, tiny_blocks._embedding_bag_sum(index, w, flat))
+    assert total == pytest.approx(float(flat.double().sum()), rel=1e-5, abs=1e-4)
+    flat[m - 1, 28] = float("nan")  # the last row, last column: the second half's bag
+    assert math.isnan(tiny_blocks._mix_sparse_blocked(index, w, flat, 4, check=True)[1])
 
 
 # ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Nothing here is public API; :mod:`cmda_data.core.functional` documents the behav
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -175,21 +176,37 @@ def _check_index(index: object, weights: torch.Tensor, m: int, samples: torch.Te
     return index
 
 
-def _check_mix_values(weights: torch.Tensor, samples: torch.Tensor, index: Optional[torch.Tensor], m: int) -> None:
+def _sum_or_zero(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` as a 1-element float64 tensor (float32 accumulation below float64)."""
+    if not t.numel():
+        return torch.zeros(1, dtype=torch.float64, device=t.device)
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.sum(dtype=acc).to(torch.float64).reshape(1)
+
+
+def _check_mix_values(weights: torch.Tensor, samples: Optional[torch.Tensor], index: Optional[torch.Tensor],
+                      m: int) -> None:
     """The value checks of ``mix`` (finite weights and samples, index range) with ONE transfer.
 
     Each check is a reduction whose result the host must read; on a GPU every read is a
     synchronisation that costs more than the reduction itself, so the reductions are stacked
-    and read together. A failed scan re-runs the element-wise check that words the error.
+    and read together. On the CPU a read is free and stacking is pure overhead (five extra
+    small ops, about as long as the reductions of a 1024-d batch): each reduction is read
+    directly. A failed scan re-runs the element-wise check that words the error.
+    ``samples=None`` (CPU only): the caller checks the samples itself, while mixing.
     """
-    parts = []
-    for t in (weights, samples):
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        parts.append(t.sum(dtype=acc).to(torch.float64).reshape(1) if t.numel()
-                     else torch.zeros(1, dtype=torch.float64, device=t.device))
-    if index is not None and index.numel():
-        parts.append(torch.stack(torch.aminmax(index)).to(torch.float64))  # exact below 2**53
-    weight_sum, sample_sum, *bounds = torch.cat(parts).tolist()
+    if samples is None or samples.device.type == "cpu":
+        weight_sum = _cpu_sum(weights)
+        sample_sum = 0.0 if samples is None else _cpu_sum(samples)
+        bounds = ()
+        if index is not None and index.numel():
+            low_high = torch.aminmax(index)
+            bounds = (int(low_high[0]), int(low_high[1]))
+    else:
+        parts = [_sum_or_zero(weights), _sum_or_zero(samples)]
+        if index is not None and index.numel():
+            parts.append(torch.stack(torch.aminmax(index)).to(torch.float64))  # exact below 2**53
+        weight_sum, sample_sum, *bounds = torch.cat(parts).tolist()
     if not math.isfinite(weight_sum):
         check_finite("weights", weights)  # a finite sum can overflow: look element-wise
     if bounds:
@@ -199,6 +216,13 @@ def _check_mix_values(weights: torch.Tensor, samples: torch.Tensor, index: Optio
                  f"positions from {low} to {high}", raw=True)
     if not math.isfinite(sample_sum):
         check_finite("samples", samples)
+
+
+def _cpu_sum(t: torch.Tensor) -> float:
+    """The sum of a CPU tensor as a Python float (float32 accumulation below float64)."""
+    if not t.numel():
+        return 0.0
+    return t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).item()
 
 
 def _mix_sparse_bmm(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -211,15 +235,47 @@ def _mix_sparse_bmm(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tens
 # Column blocking of the CPU sparse path: when the ``m`` partner rows do not fit in the L2
 # cache, every output row re-reads its ``k`` partners from memory (k x the traffic of a
 # copy). Mixing one block of columns at a time keeps that block of all ``m`` rows in L2, so
-# memory traffic approaches one read of the samples and one write of the output. 2 MiB per
-# block measured best on a 2 MiB-L2 Xeon (3x224x224, B=128: 1.2-1.35x faster than unblocked);
-# tables below _BLOCK_MIN_BYTES are cache resident and gain nothing from blocking. Only at
-# one thread: each block is two parallel regions, and with more threads than free cores
-# (a shared machine) every region waits for a descheduled thread -- measured 3x slower
-# than one call at 2 threads on a loaded 2-core VM; unmeasured on a quiet multi-core one.
-_BLOCK_BYTES = 2 << 20
+# memory traffic approaches one read of the samples and one write of the output. A block of
+# partner rows and the block of output it produces each take half of one core's L2
+# (``_BLOCK_BYTES``, read from sysfs, an L2 of 1 MiB when unknown), at most 512 KiB: 512 KiB
+# blocks on a 1 MiB-L2 EPYC (3x224x224, B = 128: 1.5x a clone against 2.0-2.4x unblocked).
+# Wider blocks also make the per-block output of embedding_bag larger, and glibc then hands
+# it out as fresh pages on every block (measured: 3x the page faults of a clone from 1 MiB
+# blocks up, 2x slower), hence the cap.
+# Tables below _BLOCK_MIN_BYTES are cache resident and gain nothing from blocking.
 _BLOCK_MIN_BYTES = 4 << 20
 _BLOCK_MIN_COLUMNS = 256
+_BLOCK_MAX_BYTES = 512 << 10
+
+
+def _l2_bytes(default: int = 1 << 20) -> int:
+    """One core's L2 cache in bytes (Linux sysfs), or ``default`` when it cannot be read."""
+    try:
+        from pathlib import Path
+
+        for entry in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            if (entry / "level").read_text().strip() == "2":
+                text = (entry / "size").read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+                return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return default
+
+
+_BLOCK_BYTES = max(128 << 10, min(_l2_bytes() // 2, _BLOCK_MAX_BYTES))
+
+# With several threads every block is two parallel regions (embedding_bag, copy into the
+# output), and each region waits for its slowest thread: when another process holds one of
+# the cores, a descheduled thread stalls every region (measured on a 2-core VM with one busy
+# core: blocked 3.4x a clone, one embedding_bag over whole rows 2.3x). So a multi-threaded
+# blocked call measures its own parallel efficiency (process CPU time / (threads x wall
+# time)); below _MIN_EFFICIENCY the next calls in the following _CONTENDED_HOLD_S seconds
+# skip the blocking (one parallel region), then blocking is tried again. The choice only
+# moves time: both ways give bitwise the same result. One thread always blocks.
+_MIN_EFFICIENCY = 0.75
+_CONTENDED_HOLD_S = 2.0
+_contended_until = 0.0  # time.perf_counter() until which multi-threaded calls do not block
 
 
 def _sparse_block_columns(m: int, n: int, size: int, itemsize: int) -> int:
@@ -243,24 +299,77 @@ def _embedding_bag_sum(index: torch.Tensor, weights: torch.Tensor, table: torch.
                            per_sample_weights=weights.reshape(-1))
 
 
-def _mix_sparse_blocked(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor,
-                        columns: int) -> torch.Tensor:
+def _mix_sparse_blocked(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, columns: int, *,
+                        check: bool = False) -> Tuple[torch.Tensor, Optional[float]]:
     """:func:`_mix_sparse` one block of ``columns`` columns at a time, into one preallocated output.
 
     Every output element is computed by the same ``embedding_bag`` arithmetic as the unblocked
-    path, so the results are bitwise identical. No autograd support (callers check).
+    path, so the results are bitwise identical. No autograd support (callers check). The
+    argument checks of ``F.embedding_bag`` run once, on the first block; the others call the
+    op directly (a few microseconds each, over ~150 blocks of a 224 px batch).
+
+    Returns ``(out, total)``. With ``check``, ``total`` is the sum of every entry of ``flat``
+    (NaN or inf when an entry is, or when the sum overflows): two extra bags, each summing half
+    of the ``m`` rows with weight 1, ride along in every block while the block is in cache, so
+    the finiteness check of ``mix`` costs no second pass over the samples in memory (one half
+    at each end, so the threads' shares of bags stay even). Otherwise ``total`` is None.
     """
-    n, size = index.shape[0], flat.shape[1]
+    n, k = index.shape
+    m, size = flat.shape
+    bags, per_sample = index.reshape(-1), weights.reshape(-1)
+    offsets = torch.arange(0, n * k, k, device=index.device)
+    first = 0
+    if check:
+        half = m // 2
+        rows = torch.arange(m, device=index.device)
+        ones = torch.ones(m, dtype=per_sample.dtype, device=per_sample.device)
+        bags = torch.cat([rows[:half], bags, rows[half:]])
+        per_sample = torch.cat([ones[:half], per_sample, ones[half:]])
+        offsets = torch.cat([offsets.new_zeros(1), offsets + half, offsets.new_full((1,), half + n * k)])
+        first = 1
+        check_rows = torch.empty((2, size), dtype=flat.dtype, device=flat.device)
     out = torch.empty((n, size), dtype=flat.dtype, device=flat.device)
-    n_k = index.shape[0] * index.shape[1]
-    bags = index.reshape(-1)
-    offsets = torch.arange(0, n_k, index.shape[1], device=index.device)
-    per_sample = weights.reshape(-1)
     for start in range(0, size, columns):
-        stop = min(start + columns, size)
-        out[:, start:stop] = F.embedding_bag(bags, flat[:, start:stop], offsets, mode="sum",
-                                             per_sample_weights=per_sample)
-    return out
+        width = min(columns, size - start)
+        table = flat.narrow(1, start, width)
+        if start == 0:
+            block = F.embedding_bag(bags, table, offsets, mode="sum", per_sample_weights=per_sample)
+        else:
+            block = torch.embedding_bag(table, bags, offsets, False, 0, False, per_sample)[0]
+        out.narrow(1, start, width).copy_(block.narrow(0, first, n))
+        if check:
+            check_rows.narrow(1, start, width).copy_(block[0::n + 1])
+    if not check:
+        return out, None
+    return out, check_rows.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32).item()
+
+
+def _mix_sparse_cpu(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, *,
+                    check: bool = False) -> Tuple[torch.Tensor, Optional[float]]:
+    """The CPU ``embedding_bag`` route: column blocks when worth it (see ``_BLOCK_BYTES``),
+    the adaptive choice at several threads (see ``_MIN_EFFICIENCY``).
+
+    Returns ``(out, total)``: ``total`` is the sum of ``flat`` when ``check`` asked for it and
+    the blocked path computed it on the way (see :func:`_mix_sparse_blocked`), else None.
+    """
+    global _contended_until
+    if flat.stride(1) != 1 or (torch.is_grad_enabled() and (flat.requires_grad or weights.requires_grad)):
+        return _embedding_bag_sum(index, weights, flat), None
+    columns = _sparse_block_columns(flat.shape[0], index.shape[0], flat.shape[1], flat.element_size())
+    if columns >= flat.shape[1]:
+        return _embedding_bag_sum(index, weights, flat), None
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return _mix_sparse_blocked(index, weights, flat, columns, check=check)
+    wall0 = time.perf_counter()
+    if wall0 < _contended_until:
+        return _embedding_bag_sum(index, weights, flat), None
+    cpu0 = time.process_time()
+    result = _mix_sparse_blocked(index, weights, flat, columns, check=check)
+    wall = time.perf_counter() - wall0
+    if wall > 0 and (time.process_time() - cpu0) < _MIN_EFFICIENCY * threads * wall:
+        _contended_until = wall0 + wall + _CONTENDED_HOLD_S
+    return result
 
 
 def _mix_dense(weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -299,8 +408,9 @@ def _mix_sparse(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) 
     ``embedding_bag(mode="sum", per_sample_weights=...)`` computes exactly this weighted sum
     of gathered rows without materialising the ``[n, k, P]`` gather (6x faster than gather +
     bmm on CPU, accumulating half/bfloat16 in float32); other backends use gather + bmm.
-    On the CPU at one thread, large inputs without autograd are mixed in L2-sized column
-    blocks (:func:`_mix_sparse_blocked`, same results). On CUDA, a batch that is small
+    On the CPU, large inputs without autograd are mixed in L2-sized column blocks
+    (:func:`_mix_sparse_blocked`, same results; at several threads only while the threads
+    get their cores, see :func:`_mix_sparse_cpu`). On CUDA, a batch that is small
     against ``k`` (``m <= 16 k``) is mixed as one dense product (:func:`_sparse_route`).
     """
     route = _sparse_route(flat.device.type, flat.shape[0], index.shape[1])
@@ -308,12 +418,8 @@ def _mix_sparse(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) 
         return _mix_dense(_densify(index.long(), weights, flat.shape[0]), flat)
     if route == "embedding_bag":
         index = index.long()
-        if (flat.device.type == "cpu" and torch.get_num_threads() == 1 and flat.stride(1) == 1
-                and not (torch.is_grad_enabled() and (flat.requires_grad or weights.requires_grad))):
-            columns = _sparse_block_columns(flat.shape[0], index.shape[0], flat.shape[1],
-                                            flat.element_size())
-            if columns < flat.shape[1]:
-                return _mix_sparse_blocked(index, weights, flat, columns)
+        if flat.device.type == "cpu":
+            return _mix_sparse_cpu(index, weights, flat)[0]
         return _embedding_bag_sum(index, weights, flat)
     work = torch.float32 if flat.dtype in _LOW_PRECISION else flat.dtype
     return _mix_sparse_bmm(index.long(), weights.to(work), flat.to(work)).to(flat.dtype)

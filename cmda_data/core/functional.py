@@ -30,11 +30,13 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
 from ..exceptions import ShapeError
+from . import _kernels
 from ._kernels import (  # noqa: F401 - private helpers (some used only by the tests)
     _check_bool,
     _check_float,
@@ -46,6 +48,7 @@ from ._kernels import (  # noqa: F401 - private helpers (some used only by the t
     _check_same_device,
     _check_samples,
     _compute_dtype,
+    _cpu_sum,
     _flatten_trailing,
     _mix_dense,
     _mix_sparse,
@@ -56,6 +59,7 @@ from ._kernels import (  # noqa: F401 - private helpers (some used only by the t
     _unit_rows,
 )
 from ._validation import (
+    check_finite,
     check_float_tensor,
     check_int,
     check_label_smoothing,
@@ -390,8 +394,29 @@ def mix(weights: torch.Tensor, samples: torch.Tensor, *,
                  f"weights {tuple(weights.shape)}", samples, ShapeError)
     else:
         _check_index(index, weights, m, samples, check_range=False)
-    _check_mix_values(weights, samples, index, m)  # reductions only, read back in one transfer
-    return _mix(weights, samples, index)
+    return _mix_checked(weights, samples, index, m)
+
+
+def _mix_checked(weights: torch.Tensor, samples: torch.Tensor, index: Optional[torch.Tensor], m: int) -> torch.Tensor:
+    """The value checks of :func:`mix` (finite weights and samples, index range), then :func:`_mix`.
+
+    The checks are reductions read back in one transfer (:func:`_check_mix_values`). On the
+    CPU, sparse mixing checks the samples while it mixes them (the column-blocked kernel sums
+    each block while the block is in cache: no second pass over the samples in memory); the
+    samples are then refused after mixing, with the same error, when that sum is not finite.
+    """
+    if (index is None or samples.device.type != "cpu"
+            or _kernels._sparse_route("cpu", m, index.shape[1]) != "embedding_bag"):
+        _check_mix_values(weights, samples, index, m)  # reductions only, read back in one transfer
+        return _mix(weights, samples, index)
+    _check_mix_values(weights, None, index, m)  # weights and index first: the kernel reads by index
+    flat, restore = _flatten_trailing(samples)
+    out, total = _kernels._mix_sparse_cpu(index.long(), weights.to(flat.dtype), flat, check=True)
+    if total is None:
+        total = _cpu_sum(samples)
+    if not math.isfinite(total):
+        check_finite("samples", samples)  # a finite sum can overflow: look element-wise
+    return restore(out)
 
 
 def _mix(weights: torch.Tensor, samples: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
