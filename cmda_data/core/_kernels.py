@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -251,8 +252,6 @@ _BLOCK_MAX_BYTES = 512 << 10
 def _l2_bytes(default: int = 1 << 20) -> int:
     """One core's L2 cache in bytes (Linux sysfs), or ``default`` when it cannot be read."""
     try:
-        from pathlib import Path
-
         for entry in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
             if (entry / "level").read_text().strip() == "2":
                 text = (entry / "size").read_text().strip().upper()

@@ -255,15 +255,23 @@ class MixPlan:
             return tensor.index_copy_(0, rows, out.to(tensor.dtype))
         if not tensor.is_floating_point() and not bool(mixed.any()):  # token ids: copies, when nothing is mixed
             return tensor.index_select(0, index[:, 0])
-        _check_pool(tensor)  # floating point, finite (the plan itself was checked when it was made)
+        _check_pool(tensor)  # floating point (the plan itself was checked when it was made)
         return self._mix(index, weights, tensor)  # (rows not mixed: weight 1 on their own sample, exactly)
 
     @staticmethod
     def _mix(index: torch.Tensor, weights: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-        """``out[r] = sum_t weights[r, t] * tensor[index[r, t]]``: gathered, or one dense product."""
+        """``out[r] = sum_t weights[r, t] * tensor[index[r, t]]``: gathered, or one dense product.
+
+        The samples are checked (finite values) by the kernels of :func:`functional.mix`, on
+        the CPU while they are mixed (no second pass over them).
+        """
         m = tensor.shape[0]
         if index.shape[1] * _SPARSE_RATIO <= m:
+            if tensor.device.type == "cpu":  # the blocked CPU kernel checks the samples as it reads them
+                return Fn._mix_checked(weights, tensor, index, m)
+            _check_float("samples", tensor)
             return Fn._mix(weights, tensor, index)
+        _check_float("samples", tensor)  # (one reduction, read back once)
         dense = torch.zeros(index.shape[0], m, dtype=torch.float32, device=tensor.device)
         return Fn._mix(dense.scatter_add_(1, index, weights), tensor)
 
@@ -330,9 +338,8 @@ _SPARSE_RATIO = 8
 
 
 def _check_pool(samples: torch.Tensor) -> None:
-    """Samples to mix: floating point (token ids cannot be mixed), finite (one reduction)."""
+    """Samples to mix: floating point (token ids cannot be mixed; finite values: checked while mixing)."""
     _check_samples(samples)
-    _check_float("samples", samples)
 
 
 def _own_positions(teacher_index: Optional[torch.Tensor], n: int, m: int,
