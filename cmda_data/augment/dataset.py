@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-from ..core._fields import Field
 from ..bank._plan import row_draws
+from ..core._fields import Field
 from ..core._seeding import draw_pools
 from ..core._validation import check_int, fail
 from ..exceptions import FieldError, ShapeError

@@ -23,8 +23,8 @@ from ..bank._plan import bank_plan, row_draws
 from ..core._fields import Field, get_field, resolve_fields
 from ..core._seeding import hash_ints
 from ..core._validation import check_int, fail
-from ..core.mixture import GaussianMixture
 from ..core.build import build_plan
+from ..core.mixture import GaussianMixture
 from ..exceptions import FieldError, ValidationError
 from ..options import MixOptions
 from ._base import MixingBase
