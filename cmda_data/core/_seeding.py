@@ -35,6 +35,18 @@ _STREAM_ROW = 0x5EED_0001
 _GAMMA = 0x9E3779B97F4A7C15
 
 
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _splitmix64(values: Any) -> np.ndarray:
+    """splitmix64 of every element of a uint64 array (vectorised): the one implementation."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(values, dtype=np.uint64) + np.uint64(_GAMMA)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+        return z ^ (z >> np.uint64(31))
+
+
 def splitmix64(value: int) -> int:
     """One splitmix64 step: a fixed bijective mix of a 64-bit integer.
 
@@ -44,10 +56,7 @@ def splitmix64(value: int) -> int:
         >>> splitmix64(0) == splitmix64(0)
         True
     """
-    z = (value + 0x9E3779B97F4A7C15) & _MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-    return z ^ (z >> 31)
+    return int(_splitmix64(int(value) & _MASK))
 
 
 def hash_ints(*values: int) -> int:
@@ -92,11 +101,7 @@ def _uniforms(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
     """Uniforms in [0, 1), element-wise (broadcast): output ``c`` of a row key is
     ``splitmix64(key + (c + 1) * gamma) >> 11`` / 2**53 (the splitmix64 stream seeded with the key)."""
     with np.errstate(over="ignore"):
-        steps = (np.asarray(counters).astype(np.uint64) + np.uint64(1)) * np.uint64(_GAMMA)
-        z = np.asarray(keys).astype(np.uint64) + steps
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = _splitmix64(np.asarray(keys).astype(np.uint64) + np.asarray(counters).astype(np.uint64) * np.uint64(_GAMMA))
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -109,11 +114,7 @@ def _row_keys(indices: Iterable[int], seed: int, epoch: int, rank: int) -> np.nd
     """``[n]`` uint64 row keys ``hash_ints(tag, seed, epoch, rank, index)`` (the :func:`row_generator` seeds)."""
     prefix = np.uint64(hash_ints(_STREAM_ROW, seed, epoch, rank))
     index = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), dtype=np.int64).reshape(-1)
-    with np.errstate(over="ignore"):  # splitmix64(prefix ^ index), vectorised
-        z = (prefix ^ index.astype(np.uint64)) + np.uint64(_GAMMA)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    return _splitmix64(prefix ^ index.astype(np.uint64))
 
 
 #: the pool's draws are outputs 2, 3, ... of the row key (0 and 1 are draw_rows' mixed and teacher)
