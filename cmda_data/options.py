@@ -190,6 +190,15 @@ class PlanOptions:
         return cls(student=student, teachers=teachers, mix=mix.resolved())
 
 
+def resolve_fit_on(fit_on: Any, student: str, teachers: Sequence[str], modalities: Sequence[str]) -> str:
+    """The modality a GMM is fitted on: ``"teacher"`` (the first teacher), ``"student"`` or a name in ``modalities``."""
+    if fit_on == "teacher":
+        return teachers[0]
+    if fit_on == "student":
+        return student
+    return check_option("fit_on", fit_on, ("teacher", "student", *modalities))
+
+
 def split_options(options: Optional[MixOptions], kwargs: Mapping[str, Any], owner: str) -> MixOptions:
     """``MixOptions.create(options, **kwargs)``, with an error naming ``owner`` for an unknown keyword."""
     unknown = sorted(set(kwargs) - set(_CHECKS))

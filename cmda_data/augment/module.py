@@ -26,7 +26,7 @@ from ..core._validation import check_int, fail
 from ..core.build import build_plan
 from ..core.mixture import GaussianMixture
 from ..exceptions import FieldError, ValidationError
-from ..options import MixOptions
+from ..options import MixOptions, resolve_fit_on
 from ._base import MixingBase
 from ._batch import batch_index, batch_student, keep_real_batch, mix_batch, name_nonfinite_row
 
@@ -109,13 +109,7 @@ class CMDAugment(MixingBase, nn.Module):
         self.gmm = gmm
         modalities = (self.student, *self.teachers)
         self.fields = resolve_fields(modalities, fields)
-        if fit_on == "teacher":
-            fit_on = self.teachers[0]
-        elif fit_on == "student":
-            fit_on = self.student
-        if fit_on not in modalities:
-            fail("fit_on", "'teacher', 'student' or one of " + ", ".join(map(repr, modalities)), fit_on)
-        self.fit_on = fit_on
+        self.fit_on = resolve_fit_on(fit_on, self.student, self.teachers, modalities)
         self.refit_every = check_int("refit_every", refit_every, minimum=1, allow_none=True)
         self.n_components = check_int("n_components", n_components, minimum=1)
         self.gmm_options = dict(gmm_options or {}, covariance_type=covariance_type)

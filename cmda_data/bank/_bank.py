@@ -20,10 +20,10 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..core._validation import check_finite, check_int, check_option, fail
+from ..core._validation import check_finite, check_int, fail
 from ..exceptions import DeviceError, ShapeError
 from ..io._safetensors import load_file, save_file
-from ..options import MixOptions, PlanOptions, split_options
+from ..options import MixOptions, PlanOptions, resolve_fit_on, split_options
 from ._build import embed_dataset
 from ._checks import as_tensor, check_bank_indices, check_embeddings, check_roles
 from ._fit import fit_mixture, gmm_from_state, gmm_state, pca_project
@@ -245,12 +245,7 @@ class EmbeddingBank:
 
     def resolve_fit_on(self, fit_on: str) -> str:
         """``"teacher"`` -> the first teacher, ``"student"`` -> the student, else a modality name."""
-        if fit_on == "teacher":
-            return self.teachers[0]
-        if fit_on == "student":
-            return self.student
-        check_option("fit_on", fit_on, ("teacher", "student", *self.modalities))
-        return fit_on
+        return resolve_fit_on(fit_on, self.student, self.teachers, self.modalities)
 
     def __repr__(self) -> str:
         return (f"EmbeddingBank(rows={len(self)}, dim={self.dim}, student={self.student!r}, "
