@@ -314,3 +314,16 @@ def test_bad_latents_and_posteriors_are_named(data, bank):
     module = CMDAugment(aligner=PrecomputedAligner({"image": z["image"], "text": z["text"]}), gmm=_BadGMM(), **kwargs)
     with pytest.raises(ValidationError, match=r"resp_rows: expected responsibility rows that sum to 1"):
         module(full_batch(data))
+
+
+def test_online_mode_with_a_bank_takes_its_roles_and_its_gmm(data, bank):
+    """aligner + bank (for its GMM only): student and teachers default to the bank's, and the
+    plan equals the one built with them given explicitly."""
+    z = latents(N)
+    aligner = PrecomputedAligner({"image": z["image"], "text": z["text"]})
+    implicit = CMDAugment(bank, aligner=aligner, p=1.0, seed=2)
+    explicit = CMDAugment(bank, aligner=aligner, student="image", teachers="text", p=1.0, seed=2)
+    assert (implicit.student, implicit.teachers) == (bank.student, tuple(bank.teachers))
+    batch = full_batch(data)
+    a, b = implicit.plan(batch), explicit.plan(batch)
+    assert torch.equal(a.index, b.index) and torch.equal(a.weights, b.weights) and bool(a.mixed.any())

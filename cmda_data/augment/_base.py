@@ -45,11 +45,11 @@ class MixingBase:
                 fail("bank", "an EmbeddingBank" + hint, bank)
         self.bank = bank
         mix = split_options(options, mix_kwargs, owner)
+        if bank is not None:  # the roles default to the bank's
+            student, teachers = student or bank.student, teachers or bank.teachers
+        # (check_bank_roles False: an aligner gives the latents, the bank only its GMM)
         self.spec = PlanOptions.create(student=student, teachers=teachers, mix=mix,
                                        bank=bank if check_bank_roles else None)
-        if bank is not None and not check_bank_roles:  # (roles default to the bank's, nothing else is checked)
-            self.spec = PlanOptions.create(student=student or bank.student, teachers=teachers or bank.teachers,
-                                           mix=mix)
         self.options = self.spec.mix
         self.fields: Dict[str, Field] = dict(fields or {})
         self.student_field = check_field_name("fields", self.fields.get(self.spec.student, self.spec.student))
