@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import os
 import pickle
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from cmda_data.augment.dataset import IndexedDataset  # noqa: E402
 from cmda_data.exceptions import FieldError, MissingDependencyError, ValidationError  # noqa: E402
 from cmda_data.augment.buffer import CandidateBuffer, cmda_mix  # noqa: E402
 from cmda_data.io.codec import SafeDecoder, SkipCounter  # noqa: E402
-from cmda_data.io.shards import read_shards, write_shards  # noqa: E402
+from cmda_data.io.shards import MANIFEST_SUFFIX, read_manifest, read_shards, write_shards  # noqa: E402
 from cmda_data.exceptions import SkippedSamplesWarning  # noqa: E402
 
 N = 14
@@ -195,21 +197,34 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path, shards):
     blob = open(paths[0], "rb").read()
     cut = tmp_path / "cut-0.tar"
     cut.write_bytes(blob[: len(blob) // 2 + 100])
+    (tmp_path / ("cut-0.tar" + MANIFEST_SUFFIX)).write_bytes(open(paths[0] + MANIFEST_SUFFIX, "rb").read())
     counter = SkipCounter()
-    with pytest.warns(SkippedSamplesWarning):
+    with pytest.warns(SkippedSamplesWarning, match="sample.s. lost or skipped"):
         got = list(read_shards([str(cut), paths[1]], counter=counter))
-    assert counter.count == 1
-    assert "(a truncated shard?)" in counter.errors[0]
-    assert [s["index"] for s in got] == [0, 1, 5, 6, 7, 8, 9]  # the second shard is read in full
-    assert all(sorted(s) == sorted(got[-1]) for s in got)  # the incomplete sample was skipped
+    assert counter.count in (1, 2)  # the shard cut short (and the incomplete sample at the cut, if any)
+    assert "expected 5 samples (its manifest)" in counter.errors[-1] and "(a truncated shard?)" in counter.errors[-1]
+    assert [s["index"] for s in got][-5:] == [5, 6, 7, 8, 9]  # the second shard is read in full
+    assert len(got) - 5 + counter.samples == 5  # emitted + counted == written
+    assert all(sorted(s) == sorted(got[-1]) for s in got)  # no incomplete sample
 
 
 def test_required_fields():
     decoder = SafeDecoder(required=["index", "x"])
     with pytest.raises(ValidationError, match=r"sample 'k': expected the fields index, x, got a sample without x"):
         decoder({"__key__": "k", "index.cls": b"1"})
-    with pytest.raises(ValidationError, match="required: expected None, 'consistent' or a sequence"):
-        SafeDecoder(required="all")
+    assert decoder({"__key__": "k", "index.cls": b"1", "x.npy.gz": gzip.compress(npy([1.0])), "y.txt": b"extra"})
+    for bad in ("all", "consistent", 3):  # fields are never inferred from a sample
+        with pytest.raises(ValidationError, match="required: expected None or a sequence of field names"):
+            SafeDecoder(required=bad)
+        with pytest.raises(ValidationError, match="required: expected None or a list of field names"):
+            read_shards(["x.tar"], required=bad)
+
+
+def test_safe_decoder_non_string_member_name():
+    with pytest.raises(ValidationError, match=r"member 5 of sample 'k': expected a member name \(a str"):
+        SafeDecoder()({"__key__": "k", 5: b"x", "y.cls": b"1"})
+    with pytest.raises(ValidationError, match=r"member: expected a member name \(a str such as 'image.npy'\), got 5"):
+        SafeDecoder().decode_one(5, b"x")
 
 
 class _Payload:
@@ -282,6 +297,214 @@ def test_missing_webdataset_names_the_extra(monkeypatch, tmp_path):
         write_shards(make_data(1), str(tmp_path / "m-%d.tar"))
     with pytest.raises(MissingDependencyError, match=r"pip install -e '\.\[webdataset\]'"):
         read_shards([str(tmp_path / "m-0.tar")])
+
+
+# --------------------------------------------------------------------------- manifests: nothing lost silently
+FIELDS = {"caption", "feat64", "ids", "image", "index", "label", "meta"}
+
+
+def member_offsets(path):
+    """``(header offset, data offset, data end)`` of every member of a tar file."""
+    with tarfile.open(path) as tar:
+        return [(m.offset, m.offset_data, m.offset_data + m.size) for m in tar.getmembers()]
+
+
+def read_counted(paths, **kw):
+    counter = SkipCounter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedSamplesWarning)
+        got = list(read_shards(paths, counter=counter, **kw))
+    return got, counter
+
+
+def test_manifest_records_count_fields_and_size(shards):
+    _, paths = shards
+    for path, count in zip(paths, (5, 5, 4)):
+        manifest = read_manifest(path)
+        with tarfile.open(path) as tar:
+            keys = {name.split(".", 1)[0] for name in tar.getnames()}
+        assert manifest["samples"] == count == len(keys)
+        assert set(manifest["fields"]) == FIELDS
+        assert manifest["bytes"] == os.path.getsize(path)
+        assert manifest["shard"] == os.path.basename(path)
+    assert read_manifest(paths[0] + ".nothing") is None
+
+
+def cuts_of(path):
+    """Every member boundary (512-byte aligned), and inside each header and each data block."""
+    cuts = set()
+    for header, start, end in member_offsets(path):
+        cuts.update({header, header + 100, start, (start + end) // 2, end, end - 1})
+    return sorted(c for c in cuts if 0 <= c < os.path.getsize(path))
+
+
+def test_a_cut_anywhere_is_counted_or_raised_never_lost(tmp_path, shards):
+    _, paths = shards
+    blob = open(paths[0], "rb").read()
+    manifest = open(paths[0] + MANIFEST_SUFFIX, "rb").read()
+    cut = tmp_path / "cut.tar"
+    cuts = cuts_of(paths[0])
+    assert len(cuts) > 100
+    for n in cuts:
+        cut.write_bytes(blob[:n])
+        (tmp_path / ("cut.tar" + MANIFEST_SUFFIX)).write_bytes(manifest)
+        got, counter = read_counted([str(cut)])
+        assert len(got) + counter.samples == 5, n  # emitted + counted == written
+        assert counter.count >= 1 and "(a truncated shard?)" in " ".join(counter.errors), n
+        assert all(set(s) - {"__key__", "__url__"} == FIELDS for s in got), n  # never a sample lacking fields
+        assert [s["index"] for s in got] == sorted(s["index"] for s in got)
+        with pytest.raises(ValidationError, match=r"shard '.*cut\.tar': expected 5 samples \(its manifest\)"):
+            list(read_shards([str(cut)], strict=True))
+
+
+def test_a_cut_inside_the_first_sample_emits_nothing_incomplete(tmp_path, shards):
+    _, paths = shards
+    first_sample_end = member_offsets(paths[0])[len(FIELDS) - 1][2]
+    (tmp_path / "a.tar").write_bytes(open(paths[0], "rb").read()[: first_sample_end - 600])
+    (tmp_path / ("a.tar" + MANIFEST_SUFFIX)).write_bytes(open(paths[0] + MANIFEST_SUFFIX, "rb").read())
+    got, counter = read_counted([str(tmp_path / "a.tar")])
+    assert got == [] and counter.samples == 5
+
+
+def test_a_cut_on_a_block_boundary_between_samples_is_found(tmp_path, shards):
+    """The case a tar alone cannot show: the archive ends cleanly after sample 2."""
+    _, paths = shards
+    end = member_offsets(paths[0])[3 * len(FIELDS) - 1][2]
+    end += -end % 512
+    (tmp_path / "b.tar").write_bytes(open(paths[0], "rb").read()[:end])
+    (tmp_path / ("b.tar" + MANIFEST_SUFFIX)).write_bytes(open(paths[0] + MANIFEST_SUFFIX, "rb").read())
+    with tarfile.open(tmp_path / "b.tar") as tar:  # python's tarfile reads it without complaint
+        assert len(tar.getnames()) == 3 * len(FIELDS)
+    with pytest.warns(SkippedSamplesWarning, match="skipped 1 item.s., 2 sample.s. lost or skipped"):
+        got = list(read_shards([str(tmp_path / "b.tar")]))
+    assert [s["index"] for s in got] == [0, 1, 2]
+
+
+def test_manifest_errors(tmp_path, shards):
+    _, paths = shards
+    path = paths[0]
+    good = open(path + MANIFEST_SUFFIX).read()
+    for text, match in (("{not json", "expected a JSON shard manifest"),
+                        (json.dumps({"format": "x"}), "expected a dict with format"),
+                        (good.replace('"samples": 5', '"samples": 4.5'), r"key 'samples': expected an integer >= 0"),
+                        (good.replace('"fields": [', '"fields": [3, '), r"key 'fields': expected a list")):
+        open(path + MANIFEST_SUFFIX, "w").write(text)
+        with pytest.raises(ValidationError, match=r"manifest '.*train-000\.tar\.manifest\.json'.*" + match):
+            list(read_shards([path]))
+    open(path + MANIFEST_SUFFIX, "w").write(good.replace('"samples": 5', '"samples": 3'))
+    with pytest.raises(ValidationError, match="expected at most 3 samples .its manifest., got more"):
+        list(read_shards([path]))
+    open(path + MANIFEST_SUFFIX, "w").write(good.replace('"samples": 5', '"samples": 7'))
+    got, counter = read_counted([path])
+    assert len(got) == 5 and counter.samples == 2  # two samples the shard should have and lacks
+    open(path + MANIFEST_SUFFIX, "w").write(good)
+    with pytest.raises(ValidationError, match=r"required: expected fields that the manifest of shard .* lists "
+                                              r"\(caption, .*\), got nope"):
+        list(read_shards([path], required=["image", "nope"]))
+    assert len(read_all([path], required=["image", "index"])) == 5
+    os.remove(path)  # a shard listed in its manifest that is gone: its samples are lost, and counted
+    got, counter = read_counted([path, paths[1]])
+    assert len(got) == 5 and counter.samples == 5 and "no file where its manifest says" in counter.errors[0]
+
+
+def test_required_fields_come_from_the_manifest_or_the_caller_never_sample_0(tmp_path):
+    x = npy(np.ones(2, dtype=np.float32))
+    extra_first = [{"__key__": f"{i:03d}", "x.npy": x, "index.cls": str(i).encode(), **({"extra.txt": b"!"} if i == 0 else {})}
+                   for i in range(6)]
+    write_raw(tmp_path / "extra-0.tar", extra_first)  # another tool's shard: no manifest
+    assert [s["index"] for s in read_all([str(tmp_path / "extra-0.tar")])] == list(range(6))  # nothing dropped
+    assert [s["index"] for s in read_all([str(tmp_path / "extra-0.tar")], required=["x", "index"])] == list(range(6))
+    missing = [dict(r) for r in extra_first]
+    del missing[3]["x.npy"]
+    write_raw(tmp_path / "missing-0.tar", missing)
+    got, counter = read_counted([str(tmp_path / "missing-0.tar")], required=["x", "index"])
+    assert [s["index"] for s in got] == [0, 1, 2, 4, 5] and counter.samples == 1  # that sample only
+    assert "sample '003' of shard" in counter.errors[0] and "got a sample without x" in counter.errors[0]
+    # write_shards: sample 0 with an extra field, sample 3 without one
+    data = [{"x": torch.ones(2), "label": i, **({"extra": "!"} if i == 0 else {})} for i in range(6)]
+    del data[3]["label"]
+    paths = write_shards(iter(data), str(tmp_path / "w-%d.tar"))
+    assert read_manifest(paths[0])["fields"] == ["index", "x"]  # the fields every sample has
+    got = read_all(paths)
+    assert [s["index"] for s in got] == list(range(6)) and got[0]["extra"] == "!"
+
+
+def test_shards_of_other_tools_without_a_manifest(tmp_path):
+    records = [{"__key__": f"{i:03d}", "x.npy": npy([float(i)] * 300), "index.cls": str(i).encode()} for i in range(4)]
+    write_raw(tmp_path / "other-0.tar", records)
+    path = str(tmp_path / "other-0.tar")
+    assert [s["index"] for s in read_all([path])] == [0, 1, 2, 3]
+    offsets = member_offsets(path)
+    blob = open(path, "rb").read()
+    (tmp_path / "in-member.tar").write_bytes(blob[: (offsets[4][1] + offsets[4][2]) // 2])  # inside sample 2's .npy
+    got, counter = read_counted([str(tmp_path / "in-member.tar")])
+    assert [s["index"] for s in got] == [0, 1] and counter.damaged == 1 and counter.samples == 0
+    assert "it has no manifest, so how many samples were lost is unknown" in counter.errors[0]
+    with pytest.raises(ValidationError, match="expected a complete tar archive, got ReadError"):
+        list(read_shards([str(tmp_path / "in-member.tar")], strict=True))
+    (tmp_path / "boundary.tar").write_bytes(blob[: offsets[5][0]])  # after x.npy of sample 2: index.cls gone
+    assert len(read_all([str(tmp_path / "boundary.tar")])) == 3  # undetectable without a manifest ...
+    got, counter = read_counted([str(tmp_path / "boundary.tar")], required=["x", "index"])
+    assert [s["index"] for s in got] == [0, 1] and counter.samples == 1  # ... but no sample lacks a declared field
+
+
+# --------------------------------------------------------------------------- no URL is executed
+@pytest.fixture
+def no_process(monkeypatch):
+    """Patch every way webdataset starts a process; the list records attempts."""
+    started = []
+
+    def refuse(*args, **kwargs):
+        started.append(args)
+        raise AssertionError(f"a process was started: {args}")
+
+    import webdataset.gopen as _unused  # noqa: F401  (the module, for its Popen)
+    gopen_module = sys.modules["webdataset.gopen"]
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(gopen_module, "Popen", refuse)
+    monkeypatch.setattr(os, "system", refuse)
+    monkeypatch.setattr(os, "popen", refuse)
+    return started
+
+
+@pytest.mark.parametrize("url", ["pipe:touch {marker}", "PIPE:touch {marker}", "http://127.0.0.1:9/a.tar",
+                                 "s3://bucket/a.tar", "gs://b/a.tar", "hf://x/a.tar", "ais://x/a.tar"])
+def test_urls_that_start_a_process_are_refused(tmp_path, shards, no_process, url):
+    _, paths = shards
+    marker = tmp_path / "marker"
+    url = url.format(marker=marker)
+    with pytest.raises(ValidationError, match=r"urls: expected a local path or a file: URL \(allow_pipe=True .*got "
+                                              + repr(url).replace("(", r"\(").replace(".", r"\.")):
+        list(read_shards(url))
+    with pytest.raises(ValidationError, match="allow_pipe=True"):
+        list(read_shards([paths[0], url]))  # refused before anything is read
+    with pytest.raises(ValidationError, match=r"pattern: expected a local path or a file: URL"):
+        write_shards(make_data(2), url + "-%d.tar")
+    assert not no_process and not marker.exists()
+    assert not list(tmp_path.glob("*-0.tar"))
+
+
+def test_brace_patterns_file_urls_and_paths_are_read_without_a_process(tmp_path, shards, no_process):
+    _, paths = shards
+    folder = os.path.dirname(paths[0])
+    assert len(read_all(os.path.join(folder, "train-{000..002}.tar"))) == N
+    assert len(read_all(["file:" + paths[0], "file://" + paths[1], type(tmp_path)(paths[2])])) == N
+    with pytest.raises(ValidationError, match="allow_pipe"):
+        read_shards(os.path.join(folder, "train-{000..001}.tar") + "::pipe:cat x")
+    got = read_all(write_shards(make_data(3), "file:" + str(tmp_path / "f-%d.tar")))
+    assert len(got) == 3 and read_manifest(str(tmp_path / "f-0.tar"))["samples"] == 3
+    assert not no_process
+
+
+def test_allow_pipe_is_the_explicit_opt_in(tmp_path, shards):
+    _, paths = shards
+    got = read_all([f"pipe:cat {paths[0]}"], allow_pipe=True)  # the caller's own command, on purpose
+    assert [s["index"] for s in got] == [0, 1, 2, 3, 4]
+    written = write_shards(make_data(2), f"pipe:cat > {tmp_path}/p-%d.tar", allow_pipe=True)
+    assert written == [f"pipe:cat > {tmp_path}/p-0.tar"] and not os.path.exists(f"{tmp_path}/p-0.tar" + MANIFEST_SUFFIX)
+    assert len(read_all([str(tmp_path / "p-0.tar")])) == 2
+    with pytest.raises(ValidationError, match="allow_pipe: expected True or False"):
+        read_shards(paths, allow_pipe="yes")
 
 
 # --------------------------------------------------------------------------- the candidate buffer

@@ -141,6 +141,8 @@ def split_member(name: str) -> Tuple[str, str]:
         >>> split_member("npy")
         ('npy', 'npy')
     """
+    if not isinstance(name, str):
+        fail("member", "a member name (a str such as 'image.npy')", name)
     field, dot, ext = name.rpartition(".")
     if not dot:
         return name, name.lower()
@@ -221,6 +223,12 @@ class SkipCounter:
     that calls it when the stream ends. Counts are per process: each DataLoader worker
     holds its own copy.
 
+    ``count`` counts every problem (a refused member, a skipped sample, a damaged shard);
+    ``samples`` the samples :func:`~cmda_data.io.shards.read_shards` skipped or found
+    missing (so samples emitted + ``samples`` == samples written, for shards with a
+    manifest); ``damaged`` the shards without a manifest that ended in a damaged member
+    (how many samples they lost is unknown).
+
     Args:
         name: what is counted, for the messages.
         max_errors: how many messages to keep (the count goes on).
@@ -231,12 +239,18 @@ class SkipCounter:
         (True, 1, ['ValueError: truncated .npy'])
         >>> counter.summary()
         'webdataset: skipped 1 item(s); first: ValueError: truncated .npy'
+        >>> counter.skip(ValueError("shard cut short"), samples=3), counter.count, counter.samples
+        (True, 2, 3)
+        >>> counter.summary()
+        'webdataset: skipped 2 item(s), 3 sample(s) lost or skipped; first: ValueError: truncated .npy'
     """
 
     def __init__(self, name: str = "webdataset", *, max_errors: int = 20) -> None:
         self.name = str(name)
         self.max_errors = check_int("max_errors", max_errors, minimum=0)
         self.count = 0
+        self.samples = 0
+        self.damaged = 0
         self.errors: List[str] = []
         self._reported = 0
 
@@ -247,11 +261,21 @@ class SkipCounter:
             self.errors.append(text if len(text) <= 400 else text[:397] + "...")
         return True
 
+    def skip(self, exn: BaseException, *, samples: int = 1, unknown: bool = False) -> bool:
+        """Count one problem that cost ``samples`` samples (``unknown``: and an unknown number more)."""
+        self(exn)
+        self.samples += int(samples)
+        self.damaged += bool(unknown)
+        return True
+
     def summary(self) -> str:
-        """One line: how many items were skipped and the first message."""
+        """One line: how many items (and samples) were skipped and the first message."""
         if not self.count:
             return f"{self.name}: skipped nothing"
-        return f"{self.name}: skipped {self.count} item(s); first: {self.errors[0] if self.errors else '?'}"
+        lost = f", {self.samples} sample(s) lost or skipped" if self.samples else ""
+        if self.damaged:
+            lost += f", {self.damaged} damaged shard(s) without a manifest (samples lost: unknown)"
+        return f"{self.name}: skipped {self.count} item(s){lost}; first: {self.errors[0] if self.errors else '?'}"
 
     def report(self) -> None:
         """Warn (:class:`SkippedSamplesWarning`) once per new count; silent when nothing was skipped."""
@@ -266,10 +290,10 @@ class SkipCounter:
 
     def reset(self) -> None:
         """Forget the count and the messages."""
-        self.count, self.errors, self._reported = 0, [], 0
+        self.count, self.samples, self.damaged, self.errors, self._reported = 0, 0, 0, [], 0
 
     def __repr__(self) -> str:
-        return f"SkipCounter(name={self.name!r}, count={self.count})"
+        return f"SkipCounter(name={self.name!r}, count={self.count}, samples={self.samples})"
 
 
 class SafeDecoder:
@@ -296,9 +320,10 @@ class SafeDecoder:
         counter: a :class:`SkipCounter` that counts refused members.
         handlers: extension -> ``bytes -> value`` for more formats (pickle ones refused).
         required: fields every sample must have, else it raises (and a ``handler`` skips
-            it): a sequence of names, ``"consistent"`` (the fields of the first sample of
-            the same shard: catches the incomplete last sample of a truncated shard) or
-            None (no check).
+            it): a sequence of names (without extension), or None (no check). Never
+            inferred from a sample; extra members are kept and not checked.
+            :func:`~cmda_data.io.shards.read_shards` checks the fields of each shard's
+            manifest by itself.
 
     Examples:
         >>> import warnings
@@ -325,10 +350,12 @@ class SafeDecoder:
         for ext in self.handlers:
             if ext in UNSAFE_EXTENSIONS:
                 fail("handlers", "no decoder for pickle-based extensions", f".{ext}", raw=True)
-        if isinstance(required, str) and required != "consistent":
-            fail("required", "None, 'consistent' or a sequence of field names", required)
-        self.required = required if required is None or isinstance(required, str) else tuple(required)
-        self._first: Dict[Any, frozenset] = {}  # shard url -> fields of its first sample
+        if required is not None and (isinstance(required, (str, bytes)) or not isinstance(required, Iterable)):
+            fail("required", "None or a sequence of field names (fields are never inferred from a sample)",
+                 required)
+        self.required = None if required is None else tuple(required)
+        if self.required is not None and not all(isinstance(name, str) and name for name in self.required):
+            fail("required", "a sequence of field names (non-empty str)", list(self.required))
         self.refused = 0
         self._warned = False
 
@@ -369,7 +396,11 @@ class SafeDecoder:
             fail("sample", "a dict of webdataset members", sample)
         key = sample.get("__key__")
         out: Dict[str, Any] = {}
+        fields = set()  # field names without extension, for the required check
         for member, data in sample.items():
+            if not isinstance(member, str):
+                fail(f"member {member!r} of sample {key!r}", "a member name (a str such as 'image.npy')",
+                     member)
             if member.startswith("__"):
                 out[member] = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
                 continue
@@ -379,25 +410,21 @@ class SafeDecoder:
                 continue
             value = self.decode_one(member, data, key)
             name = split_member(field)[0] if ext == "gz" else field
+            fields.add(name)
             name = name if self.strip else member
             if name in out:
                 fail(f"member {member!r} of sample {key!r}", "one member per field (strip=False keeps "
                      "the extensions)", f"a second member for field {name!r}", raw=True)
             out[name] = value
         if self.required is not None:
-            self._check_required(out, key)
+            self._check_required(fields, key)
         return out
 
-    def _check_required(self, out: Dict[str, Any], key: Any) -> None:
-        fields = frozenset(name for name in out if not name.startswith("__"))
-        if self.required == "consistent":
-            need = self._first.setdefault(out.get("__url__"), fields)
-        else:
-            need = frozenset(self.required)
+    def _check_required(self, fields: set, key: Any) -> None:
+        need = frozenset(self.required)
         missing = sorted(need - fields)
         if missing:
-            fail(f"sample {key!r}", "the fields " + ", ".join(sorted(need)) + (
-                 " of the first sample of its shard" if self.required == "consistent" else ""),
+            fail(f"sample {key!r}", "the fields " + ", ".join(sorted(need)),
                  "a sample without " + ", ".join(missing) + " (a truncated shard?)", raw=True)
 
     def __repr__(self) -> str:
