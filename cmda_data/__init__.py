@@ -27,6 +27,7 @@ _EXPORTS = {
     "SkippedSamplesWarning": ".exceptions",
     "ValidationError": ".exceptions",
     "MixOptions": ".options",
+    "ImageField": ".core._fields",
     "MixPlan": ".core.plan",
     "make_plan": ".core.build",
     "GaussianMixture": ".core.mixture",

@@ -7,7 +7,11 @@
 * a mapping of equally long tensors / arrays ``{"image": X, "text": T, "label": y}``:
   batches are sliced directly (fast, no collate);
 * a map-style dataset (``__getitem__`` + ``__len__``) whose samples are dicts: wrapped
-  in a ``DataLoader`` with ``default_collate`` and an explicit generator.
+  in a ``DataLoader`` with ``default_collate`` and an explicit generator;
+* Hugging Face ``datasets``: a ``Dataset`` (a DataLoader whose collate keeps PIL images and
+  strings as lists: the aligner preprocesses them), an ``IterableDataset`` (read in order,
+  ``batch_size`` samples at a time), and ``datasets`` columns or lists of strings / PIL
+  images as the values of the mapping.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..core._validation import fail
 from ..exceptions import FieldError, ShapeError, ValidationError
+from ..io._hf import RowList, StreamBatches, collate_columns, is_hf_dataset, is_hf_iterable, is_value_column
 
 __all__ = ["batch_size_of", "check_batch", "check_finite_loss", "make_batches", "move_to", "progress_bar"]
 
@@ -45,11 +50,14 @@ class _TensorDictBatches:
             yield {key: value[rows.to(value.device)] for key, value in self.columns.items()}
 
 
-def _as_column(name: str, value: Any) -> torch.Tensor:
+def _as_column(name: str, value: Any) -> Any:
+    if is_value_column(value):  # strings, PIL images, a datasets column: sliced as a list
+        return RowList(value)
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor):
-        fail(f"data[{name!r}]", "a tensor or numpy array (one row per sample)", value)
+        fail(f"data[{name!r}]", "a tensor or numpy array (one row per sample), a datasets column or a list of "
+             "strings or PIL images", value)
     if value.ndim == 0:
         fail(f"data[{name!r}]", "a tensor with one row per sample", value, ShapeError)
     return value
@@ -60,6 +68,13 @@ def make_batches(data: Any, *, batch_size: int, shuffle: bool, num_workers: int,
     """An iterable of dict batches (re-iterable once per epoch) for ``data``."""
     if isinstance(data, DataLoader):
         return data
+    if is_hf_iterable(data):
+        return StreamBatches(data, batch_size)
+    if is_hf_dataset(data):
+        if len(data) == 0:
+            fail("data", "a non-empty dataset", data)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                          generator=generator, drop_last=False, collate_fn=collate_columns)
     if isinstance(data, Mapping):
         if not data:
             fail("data", "a non-empty mapping of tensors", data)
@@ -75,7 +90,7 @@ def make_batches(data: Any, *, batch_size: int, shuffle: bool, num_workers: int,
                           generator=generator, drop_last=False)
     if hasattr(data, "__iter__"):
         return data
-    fail("data", "a DataLoader, a dataset of dict samples or a mapping of tensors", data)
+    fail("data", "a DataLoader, a dataset of dict samples (or a datasets.Dataset) or a mapping of tensors", data)
 
 
 def batch_size_of(batch: Mapping[str, Any], field: str) -> int:

@@ -10,6 +10,11 @@ aligner answers:
 * ``modalities`` (tuple of names) and ``dim`` (``d``);
 * ``to(device)``, ``state_dict()``, ``save(folder)`` and ``load(folder)``
   (``config.json`` + ``model.safetensors``; never pickle).
+
+Inputs as they come: before :meth:`Aligner.encode`, :meth:`Aligner.prepare_input` turns a
+Hugging Face ``datasets`` column (``ds["text"]``) into a list, and PIL images or uint8 image
+tensors (``with_format("torch")``) into the float batch the encoder takes, with the aligner's
+own preprocessing (:meth:`Aligner.preprocess_image`).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core._fields import is_pil_image, pil_to_tensor
 from ..core._validation import fail
 from ..exceptions import ShapeError, ValidationError
 from ..io._folders import CONFIG_NAME, PathLike, read_config
+from ..io._hf import column_values
 
 __all__ = [
     "Aligner",
@@ -83,10 +90,69 @@ class Aligner(nn.Module):
             fail("modality", "one of " + ", ".join(repr(m) for m in self.modalities), modality)
         return modality
 
+    # -- inputs as they come -------------------------------------------------------------
+    def preprocess_image(self, image: Any) -> torch.Tensor:
+        """One image (a PIL image or an integer ``[C, H, W]`` tensor) as the ``[C, H, W]`` float
+        tensor this aligner's image encoder takes.
+
+        The default is torchvision's ``ToTensor``: the pixels as float32 in ``[0, 1]`` (uint8
+        divided by 255), no resizing, no normalisation. Aligners of pretrained models override
+        it with their model's preprocessing (resize, crop, normalise): the CLIP aligner uses its
+        image processor. All images of a batch must come out with the same shape.
+
+        Examples:
+            >>> from PIL import Image
+            >>> import numpy as np
+            >>> image = Image.fromarray(np.full((2, 3, 3), 51, dtype=np.uint8))
+            >>> Aligner().preprocess_image(image).shape, float(Aligner().preprocess_image(image)[0, 0, 0])
+            (torch.Size([3, 2, 3]), 0.2)
+        """
+        pixels = pil_to_tensor(image) if is_pil_image(image) else image
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim not in (2, 3):
+            fail("image", "a PIL image or an image tensor [C, H, W]", pixels)
+        if pixels.is_floating_point():
+            return pixels
+        if pixels.dtype == torch.bool or pixels.is_complex():
+            fail("image", "a PIL image or an image tensor of integer or float pixels", pixels)
+        return pixels.to(torch.float32).div_(float(torch.iinfo(pixels.dtype).max))
+
+    def prepare_input(self, modality: str, batch: Any) -> Any:
+        """``batch`` as :meth:`encode` takes it (called by :meth:`forward` and :meth:`embed`).
+
+        * a ``datasets`` column (``ds["text"]``) becomes a list;
+        * a list of PIL images, or of integer ``[C, H, W]`` image tensors, becomes one float
+          tensor ``[n, C, H, W]``: each image through :meth:`preprocess_image`;
+        * a uint8 tensor ``[n, C, H, W]`` (``with_format("torch")`` images) becomes float the
+          same way;
+        * anything else (float tensors, strings, tokenizer output) is returned as it is.
+
+        Images that come out with different shapes raise a :class:`ShapeError`.
+        """
+        batch = column_values(batch)
+        if isinstance(batch, torch.Tensor):
+            if batch.dtype != torch.uint8 or batch.ndim < 3:
+                return batch
+            if type(self).preprocess_image is Aligner.preprocess_image:  # the default, vectorised
+                return batch.to(torch.float32).div_(255.0)
+            images = list(batch.unbind(0))
+        elif isinstance(batch, (list, tuple)) and batch and all(
+                is_pil_image(v) or (isinstance(v, torch.Tensor) and not v.is_floating_point() and v.ndim == 3)
+                for v in batch):
+            images = list(batch)
+        else:
+            return batch
+        pixels = [self.preprocess_image(image) for image in images]
+        shapes = sorted({tuple(p.shape) for p in pixels})
+        if len(shapes) > 1:
+            fail(f"{modality} batch", "images of one size after preprocess_image (resize them, e.g. with "
+                 "dataset.with_transform(...), or override preprocess_image)",
+                 "shapes " + ", ".join(map(str, shapes[:4])), ShapeError, raw=True)
+        return torch.stack(pixels)
+
     def forward(self, modality: str, batch: Any) -> torch.Tensor:
         """L2-normalised ``[n, d]`` latents of ``batch`` (with gradient, current mode)."""
         self.check_modality(modality)
-        z = self.encode(modality, batch)
+        z = self.encode(modality, self.prepare_input(modality, batch))
         if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.dim:
             fail(f"{type(self).__name__}.encode({modality!r})", f"a [n, {self.dim}] tensor", z, ShapeError)
         return F.normalize(z, dim=-1)

@@ -176,6 +176,14 @@ class CLIPAligner(Aligner):
         out = self.model.get_text_features(**inputs)
         return _features(out, "text")
 
+    def preprocess_image(self, image: Any) -> torch.Tensor:
+        """One image (PIL or an integer ``[C, H, W]`` tensor) through the model's image processor:
+        ``pixel_values`` ``[3, H, W]`` (resized, cropped, normalised)."""
+        if self.image_processor is None:
+            fail("image batch", "preprocessed float pixel_values [n, 3, H, W] (this aligner has no image "
+                 "processor)", image)
+        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
     def _pixels(self, batch: Any) -> torch.Tensor:
         if isinstance(batch, torch.Tensor) and batch.is_floating_point():
             if batch.ndim != 4:

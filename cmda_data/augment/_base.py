@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Dict, Optional, Union
 
 from ..bank import EmbeddingBank
-from ..core._fields import Field, check_field_name
+from ..core._fields import Field, check_field_name, image_spec
 from ..core._seeding import SharedEpoch, SharedProbability
 from ..core._validation import check_int, fail
 from ..options import MixOptions, PlanOptions, split_options
@@ -25,7 +25,7 @@ class MixingBase:
     :class:`~cmda_data.CMDAugment` and :class:`~cmda_data.CandidateBuffer`.
 
     Attributes set by :meth:`_setup`: ``bank``, ``options`` (the :class:`~cmda_data.MixOptions`,
-    ``rank`` resolved), ``spec`` (roles + options), ``student_field``, ``target``,
+    ``rank`` resolved), ``spec`` (roles + options), ``student_field``, ``student_image``, ``target``,
     ``num_classes``, ``label_smoothing``, ``info_key`` and, when taken, ``index_field``.
     """
 
@@ -53,6 +53,8 @@ class MixingBase:
         self.options = self.spec.mix
         self.fields: Dict[str, Field] = dict(fields or {})
         self.student_field = check_field_name("fields", self.fields.get(self.spec.student, self.spec.student))
+        #: the ImageField declaration of the student field (None: a plain field name)
+        self.student_image = image_spec(self.fields.get(self.spec.student))
         self.target = None if target is None else check_field_name("target", target)
         self.num_classes = check_int("num_classes", num_classes, minimum=1, allow_none=True)
         self.label_smoothing = self.options.label_smoothing

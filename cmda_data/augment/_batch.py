@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import get_worker_info
 
-from ..core._fields import TOKEN_ID_HINT, Field, check_targets_batch, get_field
+from ..core._fields import Field, ImageField, check_targets_batch, get_field, student_pixels
 from ..core._kernels import _targets_as_probabilities
 from ..core._validation import fail
 from ..exceptions import DeviceError, FieldError
@@ -44,14 +44,16 @@ def batch_index(batch: Any, index_field: Optional[Field]) -> Optional[torch.Tens
     return value.long()
 
 
-def batch_student(batch: Any, field: Field) -> torch.Tensor:
-    """The student field of a batch: a floating-point tensor ``[B, ...]``."""
+def batch_student(batch: Any, field: Field, image: Optional[ImageField] = None) -> torch.Tensor:
+    """The student field of a batch: a floating-point tensor ``[B, ...]``.
+
+    uint8 pixels (any integer pixels when ``image`` declares the field an image) come back
+    as float32 (see :func:`cmda_data.core._fields.student_pixels`).
+    """
     value = get_field(batch, field, "batch")
     if not isinstance(value, torch.Tensor):
         fail(f"field {field!r} of the batch", "a floating-point tensor [B, ...]", value, FieldError)
-    if not value.is_floating_point():
-        fail(f"field {field!r} of the batch", TOKEN_ID_HINT, value, FieldError)
-    return value
+    return student_pixels(value, image, field)
 
 
 def check_cpu_bank_in_workers(bank: Any, owner: str) -> None:

@@ -73,11 +73,11 @@ def _field(sample: Any, field: Any, index: int) -> Any:
     return get_field(sample, field, index)
 
 
-def _student(value: Any, field: Any, index: int) -> torch.Tensor:
-    """:func:`as_student` (a float tensor passes directly)."""
+def _student(value: Any, field: Any, index: int, image: Any = None) -> torch.Tensor:
+    """:func:`as_student` (a float tensor passes directly; uint8 pixels and PIL images become float32)."""
     if type(value) is torch.Tensor and value.is_floating_point():
         return value
-    return as_student(value, field, index)
+    return as_student(value, field, index, image)
 
 
 def _class_indices(values: List[Any], field: Any, indices: List[int], num_classes: Optional[int]) -> torch.Tensor:
@@ -126,7 +126,9 @@ def mix_samples(owner: Any, samples: Sequence[Any], indices: Sequence[int], *, m
     """
     n = len(samples)
     field = owner.student_field
-    students = [_student(_field(s, field, i), field, i) for s, i in zip(samples, indices)]
+    image = getattr(owner, "student_image", None)
+    raw = [_field(s, field, i) for s, i in zip(samples, indices)]
+    students = [_student(v, field, i, image) for v, i in zip(raw, indices)]
     index = torch.as_tensor(list(indices), dtype=torch.long)
     partners = index[:, None].repeat(1, width)
     weights = torch.zeros(n, width)
@@ -149,12 +151,14 @@ def mix_samples(owner: Any, samples: Sequence[Any], indices: Sequence[int], *, m
     for j in used:
         if j not in known:
             known[j] = fetch(j)
-    updates: List[Dict[Any, Any]] = [{} for _ in range(n)]
+    # rows whose student was converted (uint8 or PIL pixels -> float32) return the float32 values
+    updates: List[Dict[Any, Any]] = [{} if s is v else {field: s} for s, v in zip(students, raw)]
     if len(rows):
         at = rows.numpy()
         members, mix_slots = _first_seen(ids[at], live[at])  # the samples mixed into the generated rows
         own = {j: r for r, j in reversed(list(enumerate(indices)))}
-        values = [students[own[j]] if j in own else _student(_field(known[j], field, j), field, j) for j in members]
+        values = [students[own[j]] if j in own else _student(_field(known[j], field, j), field, j, image)
+                  for j in members]
         if len({v.shape for v in values} | {students[r].shape for r in at.tolist()}) > 1:
             for r, row in zip(at.tolist(), mix_slots.tolist()):
                 for t in dict.fromkeys(row):  # each partner once, in slot order

@@ -19,9 +19,19 @@ from torch.utils.data._utils.collate import collate as _collate_with
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from ..bank._plan import bank_plan
-from ..core._fields import Field, as_index, as_student, as_target, check_targets_batch, get_field
+from ..core._fields import (
+    Field,
+    as_index,
+    as_student,
+    as_target,
+    check_targets_batch,
+    get_field,
+    is_pil_image,
+    pil_to_tensor,
+    replace_fields,
+)
 from ..core._validation import fail, field_error
-from ..exceptions import ValidationError
+from ..exceptions import CMDAError, ValidationError
 from ..options import MixOptions
 from ._base import MixingBase
 from ._batch import (
@@ -131,7 +141,7 @@ class CMDACollate(MixingBase):
             index = as_index(get_field(sample, index_key, where), index_key, where,
                              "wrap the dataset in IndexedDataset so every sample carries its index")
             values = [(self.student_field, as_student(get_field(sample, self.student_field, index),
-                                                      self.student_field, index))]
+                                                      self.student_field, index, self.student_image))]
             if self.target is not None:
                 values.append((self.target, as_target(get_field(sample, self.target, index), self.target, index,
                                                       self.num_classes)))
@@ -140,6 +150,21 @@ class CMDACollate(MixingBase):
                 if tuple(value.shape) != shape:
                     field_error(field, index, f"shape {shape} like sample {first} (samples of a batch are "
                                 "stacked)", tuple(value.shape))
+
+    def _decode_images(self, samples: list) -> list:
+        """PIL images in the student field (a Hugging Face image column) as uint8 ``[C, H, W]`` tensors."""
+        field = self.student_field
+        first = samples[0]
+        try:
+            if not is_pil_image(get_field(first, field, 0)):
+                return samples
+        except CMDAError:  # (a sample without the field: the checks after collation name it)
+            return samples
+        out = []
+        for position, sample in enumerate(samples):
+            value = get_field(sample, field, f"{position} of the batch")
+            out.append(replace_fields(sample, {field: pil_to_tensor(value)}) if is_pil_image(value) else sample)
+        return out
 
     def __call__(self, samples: Sequence[Any]) -> Any:
         if isinstance(samples, (str, bytes, Mapping)) or not isinstance(samples, Sequence) or not samples:
@@ -170,12 +195,15 @@ class CMDACollate(MixingBase):
 
     def _collate(self, samples: list) -> tuple:
         """``default_collate`` + checks of the batch; on a problem, find the sample at fault."""
+        samples = self._decode_images(samples)
         try:
             batch = _collate_plain(samples)
             if not isinstance(batch, Mapping):
                 batch = tuple(batch)
             index = batch_index(batch, self.index_field)
-            batch_student(batch, self.student_field)
+            student = batch_student(batch, self.student_field, self.student_image)  # uint8 -> float32
+            if student is not get_field(batch, self.student_field, "batch"):
+                batch = with_field(batch, self.student_field, student)
             targets = None
             if self.target is not None:
                 targets = check_targets_batch(get_field(batch, self.target, "batch"), self.target, self.num_classes)

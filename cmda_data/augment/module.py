@@ -28,7 +28,7 @@ from ..core.mixture import GaussianMixture
 from ..exceptions import FieldError, ValidationError
 from ..options import MixOptions, resolve_fit_on
 from ._base import MixingBase
-from ._batch import batch_index, batch_student, keep_real_batch, mix_batch, name_nonfinite_row
+from ._batch import batch_index, batch_student, keep_real_batch, mix_batch, name_nonfinite_row, with_field
 
 __all__ = ["CMDAugment"]
 
@@ -190,7 +190,7 @@ class CMDAugment(MixingBase, nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def plan(self, batch: Any) -> Any:
         """The :class:`~cmda_data.MixPlan` of ``batch`` (draws, weights), on the batch's device."""
-        student = batch_student(batch, self.fields[self.student])
+        student = batch_student(batch, self.fields[self.student], self.student_image)
         device = student.device
         n = student.shape[0]
         index = self._index(batch, required=self.aligner is None)
@@ -229,7 +229,10 @@ class CMDAugment(MixingBase, nn.Module):
         """Mix ``batch`` (a dict or tuple of tensors); returns ``(new_batch, plan)``."""
         if not isinstance(batch, (Mapping, tuple, list)):
             fail("batch", "a dict (or tuple) of batched fields", batch)
-        plan = self.plan(batch)
+        plan = self.plan(batch)  # (an aligner embeds the student as given: uint8 images stay uint8 there)
+        pixels = batch_student(batch, self.fields[self.student], self.student_image)  # uint8 -> float32
+        if pixels is not get_field(batch, self.fields[self.student], "batch"):
+            batch = with_field(batch, self.fields[self.student], pixels)
         index = self._index(batch, required=False)
         student = self.fields[self.student]
         try:

@@ -152,10 +152,14 @@ class EmbeddingBank:
         """Embed every sample of ``dataset`` with ``aligner`` and fit the GMM.
 
         Each modality's field values of a chunk of ``batch_size`` samples are collated with
-        ``default_collate`` and passed to ``aligner.embed(modality, batch)`` (no gradient).
+        ``default_collate`` (PIL images and strings stay lists: the aligner preprocesses them)
+        and passed to ``aligner.embed(modality, batch)`` (no gradient).
 
         Args:
-            dataset: a map-style dataset of dict or tuple samples.
+            dataset: a map-style dataset of dict or tuple samples, a Hugging Face
+                ``datasets.Dataset`` (read a batch of rows at a time) or a stream
+                (``datasets.IterableDataset``, torch ``IterableDataset``: row ``r`` is the
+                ``r``-th sample; ``indices`` must be None).
             aligner: anything with ``embed(modality, batch) -> [n, d]`` (see
                 :mod:`cmda_data.aligners`). Aligners that look rows up by dataset index
                 (``PrecomputedAligner``) receive the index tensor instead of the fields.

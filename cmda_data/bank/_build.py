@@ -1,16 +1,23 @@
-"""Embedding a whole dataset with an aligner, in batches (private; used by EmbeddingBank.build)."""
+"""Embedding a whole dataset with an aligner, in batches (private; used by EmbeddingBank.build).
+
+The dataset is a map-style dataset (read by index), a Hugging Face ``datasets.Dataset`` (read
+a batch of rows at a time) or a stream (a ``datasets.IterableDataset`` or a torch
+``IterableDataset``: row ``r`` of the bank is the ``r``-th sample of the stream). Each field of
+a batch reaches ``aligner.embed`` as :func:`cmda_data.io._hf.to_batch` makes it: PIL images
+and strings as lists (the aligner preprocesses them), everything else stacked.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.data import default_collate
 
 from ..aligners.precomputed import PrecomputedAligner
 from ..core._fields import get_field, resolve_fields
 from ..core._validation import check_int, describe, fail
-from ..exceptions import ShapeError, ValidationError
+from ..exceptions import FieldError, ShapeError, ValidationError
+from ..io._hf import is_hf_dataset, is_stream, iter_chunks, read_rows, to_batch
 
 __all__ = ["embed_dataset", "embeds_by_index"]
 
@@ -77,43 +84,100 @@ def embed_dataset(dataset: Any, aligner: Any, modalities: Sequence[str], *,
             if modality not in known:
                 fail("aligner", f"an aligner that knows modality {modality!r}",
                      f"modalities {tuple(known)}", ValidationError, raw=True)
-    try:
-        length = len(dataset)
-    except TypeError:
-        fail("dataset", "a map-style dataset with __len__ and __getitem__", dataset)
     batch_size = check_int("batch_size", batch_size, minimum=1)
-    chosen = check_indices(indices, length)
-    order = chosen if chosen is not None else range(length)
-    if not len(order):
-        fail("dataset", "at least one sample", "an empty dataset", raw=True)
-    target = torch.device(device) if device is not None else aligner_device(aligner)
     field_of = resolve_fields(modalities, fields)
     by_index = embeds_by_index(aligner)
+    if is_stream(dataset):
+        if indices is not None:
+            fail("indices", "None for a streaming dataset (its rows are read in order; shard it with "
+                 "datasets.distributed.split_dataset_by_node instead)", indices)
+        if by_index:
+            fail("aligner", "an aligner that embeds field values (a streaming dataset has no indices to look up)",
+                 aligner)
+        chunks: Iterator[Tuple[List[int], Dict[str, Any]]] = _stream_chunks(dataset, field_of, batch_size)
+        chosen, total = None, None
+    else:
+        try:
+            length = len(dataset)
+        except TypeError:
+            fail("dataset", "a map-style dataset with __len__ and __getitem__ (or a streaming IterableDataset)",
+                 dataset)
+        chosen = check_indices(indices, length)
+        order = chosen if chosen is not None else range(length)
+        if not len(order):
+            fail("dataset", "at least one sample", "an empty dataset", raw=True)
+        chunks, total = _index_chunks(dataset, order, field_of, batch_size, by_index), len(order)
+    target = torch.device(device) if device is not None else aligner_device(aligner)
+    # known length: one [total, d] float32 table per modality, filled in place (no list + concatenation,
+    # which would hold every embedding twice); a stream of unknown length collects its batches
     parts: Dict[str, List[torch.Tensor]] = {m: [] for m in modalities}
-    starts = range(0, len(order), batch_size)
-    bar = _progress(starts, progress, len(order), batch_size)
-    for start in bar:
-        chunk = list(order[start:start + batch_size])
-        samples = None if by_index else [dataset[i] for i in chunk]
+    tables: Dict[str, torch.Tensor] = {}
+    done = 0
+    for chunk, columns in _progress(chunks, progress, total, batch_size):
         for modality in modalities:
-            if by_index:
-                batch: Any = torch.tensor(chunk, dtype=torch.long)
-            else:
-                batch = default_collate([get_field(s, field_of[modality], i) for s, i in zip(samples, chunk)])
+            batch: Any = torch.tensor(chunk, dtype=torch.long) if by_index else columns[modality]
             z = aligner.embed(modality, move(batch, target))
-            if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[0] != len(chunk):
-                fail(f"aligner.embed({modality!r}, batch of {len(chunk)})", f"a [{len(chunk)}, d] tensor", z,
-                     ShapeError)
-            parts[modality].append(z.detach().float().cpu())
+            width = tables[modality].shape[1] if modality in tables else (
+                parts[modality][0].shape[1] if parts[modality] else None)
+            if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[0] != len(chunk) or (
+                    width is not None and z.shape[1] != width):
+                fail(f"aligner.embed({modality!r}, batch of {len(chunk)})",
+                     f"a [{len(chunk)}, {'d' if width is None else width}] tensor", z, ShapeError)
+            if total is None:
+                parts[modality].append(z.detach().float().cpu())
+                continue
+            if modality not in tables:
+                tables[modality] = torch.empty((total, z.shape[1]), dtype=torch.float32)
+            tables[modality][done:done + len(chunk)].copy_(z.detach())
+        done += len(chunk)
+    if total is not None:
+        return tables, None if chosen is None else torch.tensor(chosen, dtype=torch.long)
+    if not parts[modalities[0]]:
+        fail("dataset", "at least one sample", "an empty stream", raw=True)
     embeddings = {m: torch.cat(p) for m, p in parts.items()}
     return embeddings, None if chosen is None else torch.tensor(chosen, dtype=torch.long)
 
 
-def _progress(iterable: Any, enabled: bool, total: int, batch_size: int) -> Any:
+def _columns(samples: List[Any], chunk: List[int], field_of: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{modality: batch}`` of the samples (dataset indices ``chunk``), each field through :func:`to_batch`."""
+    return {m: to_batch([get_field(s, f, i) for s, i in zip(samples, chunk)], f) for m, f in field_of.items()}
+
+
+def _index_chunks(dataset: Any, order: Sequence[int], field_of: Mapping[str, Any], batch_size: int,
+                  by_index: bool) -> Iterator[Tuple[List[int], Dict[str, Any]]]:
+    """``(dataset indices, {modality: batch})`` per batch of a map-style dataset."""
+    hf = is_hf_dataset(dataset)
+    for start in range(0, len(order), batch_size):
+        chunk = list(order[start:start + batch_size])
+        if by_index:
+            yield chunk, {}
+        elif hf:  # one batched read of the rows; its columns are the fields
+            rows = read_rows(dataset, chunk)
+            for modality, field in field_of.items():
+                if field not in rows:
+                    fail(f"fields[{modality!r}]", "a column of the dataset (" + ", ".join(map(repr, rows)) + ")",
+                         field, FieldError)
+            yield chunk, {m: to_batch(rows[f], f) for m, f in field_of.items()}
+        else:
+            yield chunk, _columns([dataset[i] for i in chunk], chunk, field_of)
+
+
+def _stream_chunks(stream: Any, field_of: Mapping[str, Any], batch_size: int
+                   ) -> Iterator[Tuple[List[int], Dict[str, Any]]]:
+    """``(row numbers, {modality: batch})`` per batch of a stream (rows numbered in stream order)."""
+    seen = 0
+    for samples in iter_chunks(stream, batch_size):
+        chunk = list(range(seen, seen + len(samples)))
+        seen += len(samples)
+        yield chunk, _columns(samples, chunk, field_of)
+
+
+def _progress(iterable: Any, enabled: bool, total: Optional[int], batch_size: int) -> Any:
     if not enabled:
         return iterable
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional: no bar
         return iterable
-    return tqdm(iterable, desc="embedding", unit="batch", total=(total + batch_size - 1) // batch_size)
+    batches = None if total is None else (total + batch_size - 1) // batch_size
+    return tqdm(iterable, desc="embedding", unit="batch", total=batches)
