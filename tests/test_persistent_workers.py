@@ -39,9 +39,9 @@ def _epochs(indexed, bank, num_classes, *, persistent, num_workers=2, own_sample
     """``EPOCHS`` epochs of a shuffled loader with a seeded generator: per epoch, the list of batches."""
     collate = _collate(bank, num_classes)
     if own_sampler:  # the sampler draws from its own generator: the order does not depend on the workers
-        order = dict(sampler=RandomSampler(indexed, generator=torch.Generator().manual_seed(0)))
+        order = {"sampler": RandomSampler(indexed, generator=torch.Generator().manual_seed(0))}
     else:            # shuffle=True: the sampler and the workers' base seed share the loader's generator
-        order = dict(shuffle=True, generator=torch.Generator().manual_seed(0))
+        order = {"shuffle": True, "generator": torch.Generator().manual_seed(0)}
     loader = DataLoader(indexed, batch_size=BATCH, collate_fn=collate, num_workers=num_workers,
                         persistent_workers=persistent and num_workers > 0, **order)
     epochs = []
@@ -90,8 +90,8 @@ def test_pytorch_shuffles_differently_with_persistent_workers(setup):
 def test_mixing_is_the_same_with_and_without_persistent_workers_for_the_same_order(setup):
     indexed, bank, num_classes = setup
     runs = {name: _epochs(indexed, bank, num_classes, own_sampler=True, **kwargs)
-            for name, kwargs in {"plain": dict(persistent=False), "persistent": dict(persistent=True),
-                                 "main process": dict(persistent=False, num_workers=0)}.items()}
+            for name, kwargs in {"plain": {"persistent": False}, "persistent": {"persistent": True},
+                                 "main process": {"persistent": False, "num_workers": 0}}.items()}
     plain, persistent = runs["plain"], runs["persistent"]
     for epoch in range(EPOCHS):
         assert _order(plain[epoch]) == _order(persistent[epoch]) == _order(runs["main process"][epoch])
