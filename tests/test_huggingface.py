@@ -164,6 +164,10 @@ def test_entry_points_on_a_hugging_face_dataset_with_workers(hf):
     w, p = items["mix_info"]["weights"], items["mix_info"]["partners"]
     torch.testing.assert_close(items["image"], (w[:, :, None, None, None] * want[p]).sum(1), atol=1e-3, rtol=1e-5)
     stream = hf.to_iterable_dataset().map(lambda row, i: {"index": i}, with_indices=True)
+    streamed = next(iter(DataLoader(stream, batch_size=N, collate_fn=collate)))  # the stream in a DataLoader
+    torch.testing.assert_close(streamed["image"], batch["image"])
+    with pytest.raises(CMDAError, match="map-style"):  # the per-sample dataset needs indices: said so
+        CrossModalAugmentedDataset(stream, bank, **common)
     out = list(CandidateBuffer(bank, **common)(iter(stream)))
     assert len(out) == N and all(o["image"].dtype == torch.float32 for o in out)
     for o in out:
