@@ -24,6 +24,7 @@ from ..core._validation import check_int, check_option, check_positive_float, fa
 from ..exceptions import ShapeError, ValidationError
 from ..io._folders import PathLike, load_folder, save_folder
 from . import _training
+from ._encoders import build_encoder, describable_names, describe_encoder
 from .base import Aligner, register_aligner
 
 __all__ = ["ContrastiveAligner", "PAPER_HEAD_HIDDEN", "default_head_hidden"]
@@ -408,7 +409,7 @@ class ContrastiveAligner(Aligner):
         for name, encoder in self.encoders.items():
             cls = type(encoder)
             encoders[name] = {"class": f"{cls.__module__}.{cls.__qualname__}",
-                              "has_state": bool(encoder.state_dict())}
+                              "has_state": bool(encoder.state_dict()), "spec": describe_encoder(encoder)}
         return {
             "aligner": self.kind,
             "dim": self._dim,
@@ -436,11 +437,19 @@ class ContrastiveAligner(Aligner):
         encoders = dict(encoders or {})
         for name in config["modalities"]:
             saved = config["encoders"][name]
-            if name not in encoders:
-                if saved["class"] != "torch.nn.modules.linear.Identity":
-                    fail("encoders", f"an encoder for modality {name!r} (saved with {saved['class']})",
-                         "none", ValidationError, raw=True)
+            if name in encoders:
+                continue
+            if saved.get("spec") is not None:  # a plain layer stack: rebuilt from the fixed table, no code read
+                encoders[name] = build_encoder(saved["spec"], f"{Path(path) / 'config.json'}: encoders.{name}.spec")
+            elif saved["class"] == "torch.nn.modules.linear.Identity":
                 encoders[name] = nn.Identity()
+            else:
+                cls_name = saved["class"].rsplit(".", 1)[-1]
+                fail("encoders", f"an encoder for modality {name!r} (saved with {saved['class']}, which config.json "
+                     f"cannot rebuild: only {describable_names()} are rebuilt from it, and model.safetensors "
+                     "holds weights, never code), so pass the module built as when saving: "
+                     f"ContrastiveAligner.load(path, encoders={{{name!r}: {cls_name}(...)}})",
+                     "none", ValidationError, raw=True)
         unknown = set(encoders) - set(config["modalities"])
         if unknown:
             fail("encoders", "only the saved modalities " + ", ".join(map(repr, config["modalities"])),
