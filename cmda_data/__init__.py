@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first attribute access)
 _EXPORTS = {
     "CMDAError": ".exceptions",
+    "CMDAWarning": ".exceptions",
     "ConvergenceWarning": ".exceptions",
     "DeviceError": ".exceptions",
     "FieldError": ".exceptions",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "CMDAError",
+    "CMDAWarning",
     "ConvergenceWarning",
     "DeviceError",
     "FieldError",
@@ -56,6 +57,10 @@ class DeviceError(CMDAError, RuntimeError):
 
 class MissingDependencyError(CMDAError, ImportError):
     """An optional dependency is not installed; the message names the pip extra."""
+
+
+class CMDAWarning(UserWarning):
+    """Something works but probably not as meant (e.g. the GMM chose M = 1: DCA weights inert)."""
 
 
 class ConvergenceWarning(UserWarning):

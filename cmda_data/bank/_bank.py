@@ -139,7 +139,7 @@ class EmbeddingBank:
         if not fit_gmm:
             return bank
         fitted = fit_mixture(bank.embeddings[modality], n_components=n_components, candidates=candidates,
-                             reduce_dim=reduce_dim, random_state=random_state, **gmm_options)
+                             reduce_dim=reduce_dim, random_state=random_state, field=modality, **gmm_options)
         bank.gmm, bank.responsibilities, bank.pca = fitted.gmm, fitted.responsibilities, fitted.pca
         bank.metadata.update(fitted.metadata)
         return bank

@@ -9,6 +9,7 @@ settings + tensors and back (no pickle).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -16,8 +17,10 @@ import torch
 
 from ..core._validation import check_int, fail
 from ..core.mixture import GaussianMixture, select_n_components
+from ..exceptions import CMDAWarning
 
-__all__ = ["FittedMixture", "fit_mixture", "gmm_from_state", "gmm_state", "pca_fit", "pca_project"]
+__all__ = ["FittedMixture", "fit_mixture", "gmm_from_state", "gmm_state", "pca_fit", "pca_project",
+           "warn_dca_inert"]
 
 _CONFIG_KEYS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params")
 _TENSOR_KEYS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
@@ -58,10 +61,31 @@ def pca_project(x: torch.Tensor, pca: Tuple[torch.Tensor, torch.Tensor]) -> torc
     return (x - mean.to(x.device, x.dtype)) @ components.to(x.device, x.dtype).T
 
 
+def warn_dca_inert(field: Optional[str], criterion: str, scores: Dict[int, float]) -> str:
+    """Warn (:class:`~cmda_data.CMDAWarning`) that the choice of M gave 1; return the message.
+
+    With M = 1 every responsibility is 1, so the intra-modal weights of Eq. 11 are the constant
+    2 and DCA changes nothing: only the inter-modal weights (Eq. 10) act.
+    """
+    table = ", ".join(f"M={m}: {score:.1f}" for m, score in sorted(scores.items()))
+    where = f"the {field!r} embeddings" if field else "the embeddings"
+    message = (f"{criterion.upper()} chose M = 1 for the Gaussian mixture on {where} "
+               f"({criterion.upper()} {table}; lower is better): one cluster, so the intra-modal (DCA) "
+               "weights of Eq. 11 are all equal and do nothing; only the teacher (Eq. 10) weights act. "
+               "Pass n_components=2 (the paper's choice) to force DCA, or reduce_dim=... if the latents "
+               "have too many dimensions for a full covariance")
+    warnings.warn(message, CMDAWarning, stacklevel=4)
+    return message
+
+
 def fit_mixture(x: torch.Tensor, *, n_components: Optional[int], candidates: Iterable[int],
                 reduce_dim: Optional[int], random_state: Any = 0, criterion: str = "bic",
-                **gmm_options: Any) -> FittedMixture:
-    """Fit the GMM on ``x`` [N, d]; M by ``criterion`` over ``candidates`` when None."""
+                field: Optional[str] = None, **gmm_options: Any) -> FittedMixture:
+    """Fit the GMM on ``x`` [N, d]; M by ``criterion`` over ``candidates`` when None.
+
+    When the criterion picks M = 1 out of several candidates, a :class:`~cmda_data.CMDAWarning`
+    names ``field`` and the scores, and ``metadata["dca_inert"]`` keeps its message.
+    """
     n, d = x.shape
     pca = None
     metadata: Dict[str, Any] = {"reduce_dim": None, "criterion": None, "n_components_scores": None}
@@ -80,6 +104,8 @@ def fit_mixture(x: torch.Tensor, *, n_components: Optional[int], candidates: Ite
         metadata["criterion"] = criterion
         metadata["n_components_scores"] = {str(m): float(s) for m, s in scores.items()}
         n_components = best
+        if best == 1 and len(scores) > 1:
+            metadata["dca_inert"] = warn_dca_inert(field, criterion, scores)
     n_components = check_int("n_components", n_components, minimum=1)
     if n_components > n:
         fail("n_components", f"at most the number of rows ({n})", n_components)

@@ -1,0 +1,102 @@
+"""The bank says when BIC picks M = 1 (DCA inert): one CMDAWarning with the scores, kept in bank.json."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.mixture import GaussianMixture as SklearnGMM
+
+from cmda_data import CMDAWarning, EmbeddingBank
+from cmda_data.core import functional as F
+
+
+def build(x: torch.Tensor, **options):
+    """Build a bank on ``x`` (student and teacher); return it and the CMDAWarnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bank = EmbeddingBank.from_embeddings({"image": x, "caption": x}, student="image", teachers="caption",
+                                             **options)
+    return bank, [w for w in caught if issubclass(w.category, CMDAWarning)]
+
+
+def one_cluster(n: int = 240) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5])
+
+
+@pytest.fixture(scope="module")
+def inert():
+    """A bank on one Gaussian blob with the default options (M by BIC over 1..6), and its warnings."""
+    return build(one_cluster())
+
+
+def test_one_cluster_warns_once_with_the_bic_table_of_sklearn(inert):
+    x = one_cluster()
+    bank, caught = inert
+    assert bank.n_components == 1
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "'caption' embeddings" in message and "BIC chose M = 1" in message and "DCA" in message
+    shown = {int(m): float(v) for m, v in re.findall(r"M=(\d+): (-?[\d.]+)", message)}
+    assert set(shown) >= {1, 2, 3, 4}
+    data = x.double().numpy()
+    for m in (1, 2, 3, 4):
+        reference = SklearnGMM(m, covariance_type="full", random_state=0, n_init=5).fit(data).bic(data)
+        # the table keeps one decimal; EM of M > 1 may stop at another optimum than sklearn's best of 5
+        assert shown[m] == pytest.approx(reference, rel=1e-3), m
+    # M = 1 has a closed form: the stored scores equal sklearn's to rounding
+    stored = bank.metadata["n_components_scores"]
+    assert stored["1"] == pytest.approx(SklearnGMM(1, covariance_type="full").fit(data).bic(data), rel=1e-9)
+    # the scores in the message are the stored ones
+    for m in (1, 2, 3, 4):
+        assert shown[m] == pytest.approx(stored[str(m)], abs=0.051)
+    assert bank.metadata["dca_inert"] == message
+    # with M = 1 the intra-modal weights really are one constant: the warning's claim
+    intra = F.intra_modal_weights(bank.responsibilities)
+    assert torch.allclose(intra, torch.full_like(intra, 2.0))
+
+
+def test_other_covariance_types_and_aic_name_their_criterion():
+    x = one_cluster()
+    data = x.double().numpy()
+    bank, caught = build(x, covariance_type="diag", candidates=range(1, 5))
+    assert len(caught) == 1
+    shown = {int(m): float(v) for m, v in re.findall(r"M=(\d+): (-?[\d.]+)", str(caught[0].message))}
+    assert shown[1] == pytest.approx(SklearnGMM(1, covariance_type="diag").fit(data).bic(data), abs=0.051)
+    bank, caught = build(x, candidates=[1, 2, 3], criterion="aic")
+    assert bank.n_components == 1 and len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith("AIC chose M = 1") and "M=3" in message and "M=4" not in message
+    aic = SklearnGMM(1, covariance_type="full").fit(data).aic(data)
+    assert bank.metadata["n_components_scores"]["1"] == pytest.approx(aic, rel=1e-9)
+
+
+def test_two_clear_clusters_do_not_warn():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[6.0, 0.0, 0.0], [-6.0, 0.0, 0.0]])
+    x = centres[torch.arange(200) % 2] + torch.randn(200, 3, generator=g)
+    bank, caught = build(x)
+    assert caught == [] and bank.n_components == 2
+    assert "dca_inert" not in bank.metadata
+
+
+def test_a_given_m_of_one_is_the_users_choice_and_does_not_warn():
+    bank, caught = build(one_cluster(), n_components=1)
+    assert caught == [] and bank.n_components == 1
+    bank, caught = build(one_cluster(), candidates=[1])  # nothing to choose from
+    assert caught == [] and bank.n_components == 1
+
+
+def test_the_note_is_saved_in_bank_json_and_loaded(tmp_path, inert):
+    bank, caught = inert
+    folder = bank.save(tmp_path / "bank")
+    assert "BIC chose M = 1" in (folder / "bank.json").read_text(encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CMDAWarning)  # loading does not warn again
+        loaded = EmbeddingBank.load(folder)
+    assert loaded.metadata["dca_inert"] == str(caught[0].message)
+    assert np.isfinite(list(loaded.metadata["n_components_scores"].values())).all()
