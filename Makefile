@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.cmda-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench docs clean
+.PHONY: setup demo test fuzz bench docs clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# tests/fuzz/ at the thorough hypothesis profile (>= 20,000 examples); prints the counts per property,
+# writes benchmarks/results/fuzz.json and the figures of docs/reliability.md (exit status: pytest's)
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=thorough CMDA_FUZZ_REPORT=benchmarks/results/fuzz.json \
+		$(BIN)/python -m pytest -n 2 -q -p no:cacheprovider tests/fuzz $(PYTEST_ARGS); status=$$?; \
+		$(BIN)/python tests/fuzz/fuzz_report.py benchmarks/results/fuzz.json; exit $$status
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_mixing.py

@@ -101,7 +101,15 @@ def _load_npy(path: str, option: str) -> Any:
         shape = getattr(array, "shape", None)
         raise CLIError(f"{option}: expected a 2-D numeric [N, d] array, got shape {shape} in {path!r}",
                        "store one embedding per row: numpy.save(path, z) with z of shape [N, d]")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if np.iscomplexobj(array):  # casting would drop the imaginary part without a word
+        raise CLIError(f"{option}: expected real-valued embeddings, got complex dtype {array.dtype} in {path!r}",
+                       "store real features, e.g. numpy.save(path, np.concatenate([z.real, z.imag], axis=1))")
+    with np.errstate(over="ignore"):
+        values = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(values).all() and np.isfinite(array).all():  # finite float64 beyond float32's range
+        raise CLIError(f"{option}: expected values within float32's range (|x| < 3.4e38), got a maximum "
+                       f"|x| of {float(np.abs(array).max()):.4g} in {path!r}", "scale the embeddings before saving")
+    return torch.from_numpy(values)
 
 
 def _parse_candidates(text: str) -> List[int]:

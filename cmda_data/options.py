@@ -32,6 +32,7 @@ from .core._validation import (
     check_option,
     check_positive_float,
     check_probability,
+    check_temperature,
     fail,
 )
 from .core.functional import INTRA_MODES, NORMALIZATIONS, SIMILARITIES
@@ -52,7 +53,7 @@ _CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "intra": lambda name, v: check_option(name, v, (*INTRA_MODES, None)),
     "similarity": lambda name, v: check_option(name, v, SIMILARITIES),
     "normalize": lambda name, v: check_option(name, v, NORMALIZATIONS),
-    "temperature": lambda name, v: check_positive_float(name, v, allow_none=True),
+    "temperature": check_temperature,
     "self_weight": lambda name, v: check_positive_float(name, v, allow_zero=True, allow_none=True),
     "exclude_self": _check_bool,
     "renormalize": _check_bool,
@@ -169,10 +170,13 @@ class PlanOptions:
                bank: Any = None) -> "PlanOptions":
         """Check the roles (against ``bank``'s modalities and GMM when given); ``mix.rank`` resolved."""
         if bank is not None:
-            student = student or bank.student
-            teachers = teachers or bank.teachers
+            student = bank.student if student is None or (isinstance(student, str) and not student) else student
+            teachers = bank.teachers if teachers is None or (isinstance(teachers, (str, list, tuple)) and not teachers) \
+                else teachers
         if not isinstance(student, str) or not student:
             fail("student", "the student modality name", student)
+        if not (teachers is None or isinstance(teachers, (str, Sequence))):
+            fail("teachers", "one or more teacher modality names", teachers)
         teachers = (teachers,) if isinstance(teachers, str) else tuple(teachers or ())
         if not teachers or not all(isinstance(t, str) and t for t in teachers):
             fail("teachers", "one or more teacher modality names", teachers)

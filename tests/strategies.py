@@ -9,6 +9,7 @@ Sections:
     1. sizes and dtypes            (owner: functional helper)
     2. latents and responsibilities (owner: functional helper)
     3. weights and samples          (owner: functional helper)
+    4. extreme values, bad arguments and devices (owner: reliability helper, tests/fuzz/)
 """
 
 from __future__ import annotations
@@ -19,16 +20,23 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 __all__ = [
+    "BAD_SCALARS",
     "BATCH_SIZES",
+    "EXTREME_MAGNITUDES",
     "FLOAT_DTYPES",
+    "bad_scalars",
     "batch_sizes",
     "dense_weights",
+    "devices_with_meta",
+    "extreme_floats",
+    "extreme_tensors",
     "float_dtypes",
     "latent_pairs",
     "latents",
     "responsibilities",
     "sample_tensors",
     "sparse_weights",
+    "stochastic_rows",
     "trailing_shapes",
 ]
 
@@ -137,3 +145,91 @@ def sample_tensors(draw, m: int | None = None, dtype: torch.dtype | None = None,
     dtype = draw(float_dtypes()) if dtype is None else dtype
     values = torch.from_numpy(draw(_array((m, *trailing), -100.0, 100.0)))
     return values.to(dtype)
+
+
+# =====================================================================================
+# 4. extreme values, bad arguments and devices (owner: reliability helper, tests/fuzz/)
+# =====================================================================================
+
+#: magnitudes at the edges of each dtype: subnormal, tiny normal, huge (overflow of squares and sums)
+EXTREME_MAGNITUDES = {
+    torch.float16: (6e-8, 6.1e-5, 1.0, 3e4, 6.5e4),
+    torch.bfloat16: (1e-40, 1e-38, 1.0, 1e38, 3e38),
+    torch.float32: (1e-45, 1e-40, 1e-38, 1.0, 1e20, 1e38, 3e38),
+    torch.float64: (5e-324, 1e-310, 1e-300, 1.0, 1e20, 1e200, 1e300, 1e308),
+}
+
+
+def extreme_floats(dtype: torch.dtype = torch.float32, *, finite: bool = True,
+                   nonnegative: bool = False) -> st.SearchStrategy[float]:
+    """Numbers at the edges of ``dtype``: subnormal, 1e+-38 (float32), 1e+-300 (float64), -0.0,
+    0.0, ordinary values and (unless ``finite``) inf, -inf and NaN. Every value is exact in ``dtype``.
+    """
+    width = {torch.float16: 16, torch.float64: 64}.get(dtype, 32)
+    scale = st.sampled_from(EXTREME_MAGNITUDES[dtype])
+    edges = st.builds(lambda m, u, s: s * m * (1.0 + u), scale, st.floats(0.0, 0.5), st.sampled_from([1.0, -1.0]))
+    ordinary = st.floats(-1e3, 1e3, width=width)
+    pool = [edges, ordinary, st.sampled_from([0.0, -0.0, 1.0])]
+    if not finite:
+        pool.append(st.sampled_from([float("inf"), float("-inf"), float("nan")]))
+    values = st.one_of(*pool)
+    if nonnegative:
+        values = values.map(abs)
+    return values.map(lambda v: torch.tensor(v, dtype=torch.float64).to(dtype).item()
+                      if dtype != torch.float64 else v).filter(lambda v: finite is False or np.isfinite(v))
+
+
+@st.composite
+def extreme_tensors(draw, shape: tuple, dtype: torch.dtype | None = None, *, finite: bool = True,
+                    nonnegative: bool = False, same_scale: bool | None = None) -> torch.Tensor:
+    """A tensor of ``shape`` drawn from :func:`extreme_floats` (one magnitude for all entries when
+    ``same_scale``: a row of huge values then really overflows a sum)."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64])) if dtype is None else dtype
+    same_scale = draw(st.booleans()) if same_scale is None else same_scale
+    size = int(np.prod(shape)) if shape else 1
+    if same_scale:
+        magnitude = draw(st.sampled_from(EXTREME_MAGNITUDES[dtype]))
+        unit = draw(hnp.arrays(np.float64, size, elements=st.floats(0.0, 1.0)))
+        values = magnitude * (0.5 + 0.5 * unit)
+        if not nonnegative:
+            values = values * draw(hnp.arrays(np.float64, size, elements=st.sampled_from([1.0, -1.0])))
+        tensor = torch.from_numpy(values).to(dtype)
+    else:
+        values = draw(st.lists(extreme_floats(dtype, finite=finite, nonnegative=nonnegative),
+                               min_size=size, max_size=size))
+        tensor = torch.tensor(values, dtype=torch.float64).to(dtype)
+    tensor = tensor.reshape(shape)
+    if finite:
+        assume_finite = torch.isfinite(tensor).all()
+        if not bool(assume_finite):  # a magnitude rounded up to inf in dtype: bring it back to max
+            tensor = torch.nan_to_num(tensor, posinf=torch.finfo(dtype).max, neginf=-torch.finfo(dtype).max)
+    return tensor
+
+
+@st.composite
+def stochastic_rows(draw, n: int, m: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Convex weights ``[n, m]`` (non-negative, rows sum to 1) with some subnormal and zero entries."""
+    raw = draw(extreme_tensors((n, m), torch.float64, nonnegative=True, same_scale=False))
+    raw = raw / raw.amax(1, keepdim=True).clamp_min(1e-300)
+    raw[raw.sum(1) == 0, 0] = 1.0
+    return (raw / raw.sum(1, keepdim=True)).to(dtype)
+
+
+#: values that are wrong for most arguments: wrong types, out of range, non-finite, huge
+BAD_SCALARS = (None, True, "1", b"1", 1j, -1, 0, 10 ** 20, 1e20, -1e-300, float("nan"), float("inf"),
+               float("-inf"), [], {}, object())
+
+
+def bad_scalars() -> st.SearchStrategy:
+    """A value from :data:`BAD_SCALARS`, a numpy scalar or a 0-d tensor (some on the meta device)."""
+    return st.one_of(
+        st.sampled_from(BAD_SCALARS),
+        st.sampled_from([np.float32(np.nan), np.int64(-3), np.float64(1e300), np.complex64(1j)]),
+        st.sampled_from([torch.tensor(0.5), torch.tensor(-2), torch.tensor(float("nan")),
+                         torch.tensor(1.0, device="meta"), torch.tensor([1, 2])]),
+    )
+
+
+def devices_with_meta() -> st.SearchStrategy[str]:
+    """``"cpu"`` or ``"meta"`` (a tensor without data); tests add ``"cuda"`` by mark."""
+    return st.sampled_from(["cpu", "meta"])

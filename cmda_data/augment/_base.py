@@ -46,11 +46,15 @@ class MixingBase:
         self.bank = bank
         mix = split_options(options, mix_kwargs, owner)
         if bank is not None:  # the roles default to the bank's
-            student, teachers = student or bank.student, teachers or bank.teachers
+            student = bank.student if student is None or (isinstance(student, str) and not student) else student
+            teachers = bank.teachers if teachers is None or (isinstance(teachers, (str, list, tuple)) and not teachers) \
+                else teachers
         # (check_bank_roles False: an aligner gives the latents, the bank only its GMM)
         self.spec = PlanOptions.create(student=student, teachers=teachers, mix=mix,
                                        bank=bank if check_bank_roles else None)
         self.options = self.spec.mix
+        if fields is not None and not isinstance(fields, Mapping):
+            fail("fields", "None or a mapping modality -> sample field", fields)
         self.fields: Dict[str, Field] = dict(fields or {})
         self.student_field = check_field_name("fields", self.fields.get(self.spec.student, self.spec.student))
         #: the ImageField declaration of the student field (None: a plain field name)

@@ -75,7 +75,7 @@ def _field(sample: Any, field: Any, index: int) -> Any:
 
 def _student(value: Any, field: Any, index: int, image: Any = None) -> torch.Tensor:
     """:func:`as_student` (a float tensor passes directly; uint8 pixels and PIL images become float32)."""
-    if type(value) is torch.Tensor and value.is_floating_point():
+    if type(value) is torch.Tensor and value.is_floating_point() and not value.is_meta:
         return value
     return as_student(value, field, index, image)
 

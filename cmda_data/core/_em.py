@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..exceptions import ValidationError
+from . import _numerics
 from ._validation import fail
 
 __all__ = [
@@ -256,7 +257,13 @@ def estimate_log_prob_resp(
     """
     weighted = estimate_log_gaussian_prob(X, means, precisions_cholesky, covariance_type) + weights.log()
     log_prob_norm = torch.logsumexp(weighted, dim=1)
-    return log_prob_norm, weighted - log_prob_norm[:, None]
+    log_resp = weighted - log_prob_norm[:, None]
+    far = _numerics.far_rows(weighted)  # overflowed or digit-less distances: the scaled pairwise formula
+    if bool(far.any()):
+        rows = far.nonzero().flatten()
+        norm, resp = _numerics.far_log_resp(X[rows], weights, means, precisions_cholesky, covariance_type)
+        log_prob_norm, log_resp = log_prob_norm.index_copy(0, rows, norm), log_resp.index_copy(0, rows, resp)
+    return log_prob_norm, log_resp
 
 
 def e_step(

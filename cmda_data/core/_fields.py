@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Optional, Union
 import numpy as np
 import torch
 
-from ..exceptions import FieldError, ValidationError
+from ..exceptions import DeviceError, FieldError, ValidationError
 from ._validation import fail, field_error
 
 __all__ = [
@@ -247,6 +247,9 @@ def as_student(value: Any, field: Field, index: Any, image: Optional[ImageField]
         value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor):
         field_error(field, index, "a floating-point tensor (or a uint8 image)", value)
+    if value.is_meta:
+        fail(f"field {field!r} of sample {index}", "a tensor with data (cpu or cuda), not on the meta device",
+             value, DeviceError)
     return student_pixels(value, image, field, index)
 
 
@@ -267,6 +270,9 @@ def as_target(value: Any, field: Field, index: Any, num_classes: Optional[int] =
     """Check a target field: a class index (int or integer scalar tensor; in ``[0, num_classes)``
     when ``num_classes`` is given) or a float vector [C]."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if not -2 ** 63 <= int(value) < 2 ** 63 or (num_classes is not None and not 0 <= int(value) < num_classes):
+            field_error(field, index, "a class index" + ("" if num_classes is None else
+                                                        f" in [0, {num_classes}) (num_classes)"), int(value))
         value = torch.tensor(int(value), dtype=torch.long)
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..exceptions import DeviceError, ShapeError
-from ._validation import FLOAT_DTYPES, check_finite, check_float_tensor, check_rank, describe, fail
+from ._validation import FLOAT_DTYPES, check_finite, check_float_tensor, check_rank, check_tensor_data, describe, fail
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -126,6 +126,7 @@ def _unit_rows(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _check_samples(samples: object) -> torch.Tensor:
     if not isinstance(samples, torch.Tensor):
         fail("samples", "a floating-point torch.Tensor [m, ...]", samples)
+    check_tensor_data("samples", samples)
     if samples.dtype not in FLOAT_DTYPES:
         fail("samples", "floating-point samples (token ids cannot be interpolated: mix "
              "embeddings instead)" if not samples.is_complex() else
@@ -431,6 +432,7 @@ def _targets_as_probabilities(targets: object, num_classes: Optional[int],
     if not isinstance(targets, torch.Tensor):
         fail("targets", "class indices [m] or a [m, C] tensor of one-hot / multi-hot / "
              "probability rows", targets)
+    check_tensor_data("targets", targets)
     if targets.ndim == 1:
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
             fail("targets", "integer class indices for a 1-D tensor (float targets must be [m, C])",
@@ -443,7 +445,11 @@ def _targets_as_probabilities(targets: object, num_classes: Optional[int],
                 fail("targets", f"class indices in [0, {num_classes})",
                      f"values from {low} to {high}", raw=True)
         # F.one_hot(targets, num_classes).float(), without its second range check
-        probs = torch.zeros(targets.shape[0], num_classes, dtype=torch.float32, device=targets.device)
+        try:
+            probs = torch.zeros(targets.shape[0], num_classes, dtype=torch.float32, device=targets.device)
+        except (RuntimeError, TypeError, OverflowError) as error:  # too large to allocate
+            fail("num_classes", f"a number of classes that fits a [{targets.shape[0]}, num_classes] float32 tensor",
+                 f"{num_classes} ({type(error).__name__}: {str(error).splitlines()[0][:80]})", raw=True)
         probs.scatter_(1, targets.long()[:, None], 1.0)
     elif targets.ndim == 2:
         if targets.is_complex():
@@ -459,7 +465,8 @@ def _targets_as_probabilities(targets: object, num_classes: Optional[int],
         if probs.numel() and bool((sums <= 0).any()):
             fail("targets", "every row to have a positive sum (at least one class)",
                  f"{int((sums <= 0).sum())} all-zero rows", raw=True)
-        probs = (probs / sums).float()
+        # a row sum can overflow (entries near 3e38): such rows are scaled by their max first
+        probs = torch.where(torch.isfinite(sums), probs / sums, _normalize_rows(probs)).float()
     else:
         fail("targets", "class indices [m] or a [m, C] matrix", targets, ShapeError)
     if label_smoothing:

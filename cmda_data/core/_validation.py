@@ -10,7 +10,7 @@ from typing import Any, Iterable, NoReturn, Optional, Sequence, Type
 import numpy as np
 import torch
 
-from ..exceptions import CMDAError, FieldError, ShapeError, ValidationError
+from ..exceptions import CMDAError, DeviceError, FieldError, ShapeError, ValidationError
 
 __all__ = [
     "check_finite",
@@ -22,11 +22,17 @@ __all__ = [
     "check_probability",
     "check_rank",
     "check_same_size",
+    "check_temperature",
+    "check_tensor_data",
     "describe",
     "fail",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: the smallest temperature: below it, ``1 / temperature`` overflows float32 (and the temperature
+#: itself is subnormal there, flushed to zero on some devices)
+MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
 
 
 def describe(value: Any) -> str:
@@ -71,6 +77,7 @@ def check_int(name: str, value: Any, *, minimum: Optional[int] = None, allow_non
     """Check an integer argument (``bool`` is refused); return it as ``int``."""
     if value is None and allow_none:
         return None
+    check_tensor_data(name, value)
     if isinstance(value, bool) or not isinstance(value, (int,)) and not (
         isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point()
     ):
@@ -93,9 +100,12 @@ def check_positive_float(name: str, value: Any, *, allow_zero: bool = False, all
     if value is None and allow_none:
         return None
     bound = ">= 0" if allow_zero else "> 0"
+    check_tensor_data(name, value)
+    if _is_complex(value):
+        fail(name, f"a real, finite number {bound}", value)
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         fail(name, f"a finite number {bound}", value)
     if isinstance(value, bool) or number != number or number in (float("inf"), float("-inf")):
         fail(name, f"a finite number {bound}", value)
@@ -104,11 +114,30 @@ def check_positive_float(name: str, value: Any, *, allow_zero: bool = False, all
     return number
 
 
+def check_temperature(name: str, value: Any, *, allow_none: bool = True) -> Optional[float]:
+    """A softmax temperature: finite, ``>= MIN_TEMPERATURE`` (about 1.2e-38), so that its reciprocal is finite."""
+    number = check_positive_float(name, value, allow_none=allow_none)
+    if number is not None and number < MIN_TEMPERATURE:
+        fail(name, f"a number >= {MIN_TEMPERATURE:.4g} (smaller temperatures have no finite reciprocal in "
+             "float32)", value)
+    return number
+
+
+def _is_complex(value: Any) -> bool:
+    """A complex number (Python, numpy or tensor): ``float()`` would drop its imaginary part."""
+    return isinstance(value, (complex, np.complexfloating)) or (
+        isinstance(value, (torch.Tensor, np.ndarray)) and (value.dtype.is_complex if isinstance(value, torch.Tensor)
+                                                           else value.dtype.kind == "c"))
+
+
 def check_probability(name: str, value: Any) -> float:
     """Check a number in [0, 1]."""
+    check_tensor_data(name, value)
+    if _is_complex(value):
+        fail(name, "a real probability in [0, 1]", value)
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         fail(name, "a probability in [0, 1]", value)
     if isinstance(value, bool) or not (0.0 <= number <= 1.0):
         fail(name, "a probability in [0, 1]", value)
@@ -117,7 +146,7 @@ def check_probability(name: str, value: Any) -> float:
 
 def check_label_smoothing(name: str, value: Any) -> float:
     """``eps`` of label smoothing: a number in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         fail(name, "a number in [0, 1)", value)
     return float(value)
 
@@ -128,6 +157,7 @@ def check_float_tensor(name: str, value: Any, *, finite: bool = True) -> torch.T
         fail(name, "a floating-point torch.Tensor", value)
     if value.dtype not in FLOAT_DTYPES:
         fail(name, "a floating-point tensor (float16, bfloat16, float32 or float64)", value)
+    check_tensor_data(name, value)
     if finite:
         check_finite(name, value)
     return value
@@ -135,6 +165,7 @@ def check_float_tensor(name: str, value: Any, *, finite: bool = True) -> torch.T
 
 def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
     """Refuse NaN and infinite entries."""
+    check_tensor_data(name, value)
     if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())
         fail(name, "finite values (no NaN or inf)", f"{bad} non-finite entries in {describe(value)}", raw=True)
@@ -144,9 +175,17 @@ def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
 def check_rank(name: str, value: torch.Tensor, ndim: int | Sequence[int]) -> torch.Tensor:
     """Check the number of dimensions of a tensor."""
     allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    check_tensor_data(name, value)
     if value.ndim not in allowed:
         want = " or ".join(f"{d}-D" for d in allowed)
         fail(name, f"a {want} tensor", value, ShapeError)
+    return value
+
+
+def check_tensor_data(name: str, value: Any) -> Any:
+    """Refuse tensors without data (the ``meta`` device): nothing can be read from them."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        fail(name, "a tensor with data (cpu or cuda), not on the meta device", value, DeviceError)
     return value
 
 

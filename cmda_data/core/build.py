@@ -22,7 +22,8 @@ import torch
 from ..exceptions import DeviceError, ShapeError
 from . import functional as Fn
 from ._kernels import _check_latents, _check_resp_shape, _check_resp_stats, _resp_stats
-from ._validation import check_float_tensor, check_int, check_option, check_probability, check_rank, fail
+from ._validation import (check_float_tensor, check_int, check_option, check_probability, check_rank,
+                          check_temperature, check_tensor_data, fail)
 from .plan import MixPlan, _check_long, _check_mixed, _layout, _own_positions
 
 __all__ = ["build_plan", "make_plan"]
@@ -174,6 +175,7 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, *, mi
         if intra is not None:
             check_option("intra", intra, Fn.INTRA_MODES)
         check_int("top_k", top_k, minimum=1, allow_none=True)
+        check_temperature("temperature", temperature)
         for name in ("exclude_self", "renormalize"):
             if not isinstance(locals()[name], bool):
                 fail(name, "True or False", locals()[name])
@@ -253,6 +255,11 @@ def make_plan(teacher_z: Union[torch.Tensor, Mapping[str, torch.Tensor]], studen
     """
     p = check_probability("p", p)
     check_int("top_k", top_k, minimum=1, allow_none=True)  # checked before anything is drawn
+    for label, value in (("student_z", student_z), ("resp_rows", resp_rows), ("resp_cols", resp_cols),
+                         ("teacher_index", teacher_index)):
+        if not isinstance(value, torch.Tensor) and (value is not None or label == "student_z"):
+            fail(label, "a torch.Tensor" + ("" if label == "student_z" else " or None"), value)
+        check_tensor_data(label, value)  # before any copy to student_z's device
     generator = _draw_generator(generator)
     if isinstance(teacher_z, Mapping):
         if not teacher_z:

@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..exceptions import ShapeError
-from . import _kernels
+from . import _kernels, _numerics
 from ._kernels import (  # noqa: F401 - private helpers (some used only by the tests)
     _check_bool,
     _check_float,
@@ -67,6 +67,7 @@ from ._validation import (
     check_positive_float,
     check_rank,
     check_same_size,
+    check_temperature,
     fail,
 )
 
@@ -101,7 +102,8 @@ def inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, *,
             (the official code's ``C / C.sum(1)``, which divides column ``j`` by the sum of
             row ``j``; needs ``n == m``) or ``"none"`` (raw scores).
         temperature: if given, a row softmax of ``score / temperature`` (an opt-in
-            extension; ``normalize`` must then be ``"row"``).
+            extension; ``normalize`` must then be ``"row"``). At least about 1.2e-38 (the
+            smallest normal float32), so that ``1 / temperature`` is finite.
         self_weight: if given, the diagonal of the score matrix is set to this value before
             normalising (code parity: 1 or 10; needs ``n == m``).
 
@@ -119,7 +121,7 @@ def inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, *,
     """
     check_option("similarity", similarity, SIMILARITIES)
     check_option("normalize", normalize, NORMALIZATIONS)
-    temperature = check_positive_float("temperature", temperature, allow_none=True)
+    temperature = check_temperature("temperature", temperature)
     self_weight = check_positive_float("self_weight", self_weight, allow_zero=True, allow_none=True)
     _check_latents("teacher_z", teacher_z)
     _check_latents("student_z", student_z)
@@ -180,8 +182,9 @@ def _inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, simil
     if self_weight is not None:
         _set_own_entries(scores, own, float(self_weight))
     if temperature is not None:
-        # subtract the row max first: the logits are then <= 0 and the max is exactly 0
-        logits = (scores - scores.amax(1, keepdim=True)) / temperature
+        # subtract the row max first: the logits are then <= 0 and the max is exactly 0; a finite
+        # reciprocal (checked temperatures) keeps 0 * (1 / t) = 0 where 0 / t would be 0 / 0 in float32
+        logits = (scores - scores.amax(1, keepdim=True)) * (1.0 / temperature)
         weights = torch.softmax(logits, dim=1)
     elif normalize == "none":
         weights = scores
@@ -309,6 +312,9 @@ def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Opti
     dtype = _compute_dtype(inter, *(() if intra is None else (intra,)))
     w = inter.to(dtype)
     w = w * intra.to(dtype) if intra is not None else w.clone()
+    cpu = w.device.type == "cpu"
+    if intra is not None and (not cpu or not math.isfinite(float(w.sum())) or bool((w.sum(1) <= 0).any())):
+        w = _numerics.product_without_overflow(w, inter.to(dtype), intra.to(dtype), renormalize)  # over/underflow
     alone = None
     if exclude_self:
         _set_own_entries(w, own, 0.0)
@@ -316,7 +322,6 @@ def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Opti
         _set_own_entries(w, own, alone.to(dtype))
     empty = w.sum(1) <= 0
     # CPU: skip the selections that would change nothing (same values; a sync is free on the CPU)
-    cpu = w.device.type == "cpu"
     if not cpu or bool(empty.any()):
         w = torch.where(empty[:, None], torch.full_like(w, 1.0 / m), w)
     fallback = empty if alone is None else alone | empty  # rows that fell back to a fixed row

@@ -248,7 +248,9 @@ class GaussianMixture:
             y: ignored (scikit-learn's signature).
 
         Warns:
-            ConvergenceWarning: the best start did not converge within ``max_iter``.
+            ConvergenceWarning: the best start did not converge within ``max_iter``; or k-means
+                (``init_params="kmeans"``) found fewer distinct clusters than ``n_components``
+                (duplicate points), with scikit-learn's message.
         """
         self.fit_predict(X, y)
         return self
@@ -324,6 +326,11 @@ class GaussianMixture:
         weights = means = covariances = None
         if weights_init is None or means_init is None or precisions_init is None:
             resp = _em.initial_resp(data, int(self.n_components), self.init_params, generator)
+            found = int((resp.sum(0) > 0).sum()) if self.init_params == "kmeans" else int(self.n_components)
+            if found < int(self.n_components):  # scikit-learn's KMeans warning, word for word
+                warnings.warn(f"Number of distinct clusters ({found}) found smaller than n_clusters "
+                              f"({int(self.n_components)}). Possibly due to duplicate points in X.",
+                              ConvergenceWarning, stacklevel=4)
             nk, means, covariances = _em.estimate_gaussian_parameters(data, resp, reg, kind)
             weights = nk / data.shape[0]
         if weights_init is not None:
@@ -465,7 +472,10 @@ def select_n_components(
         fail("gmm_kwargs", "no 'n_components' (it comes from candidates)", gmm_kwargs["n_components"])
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Iterable):
         fail("candidates", "an iterable of integers >= 1", candidates)
-    values = list(candidates)
+    try:
+        values = list(candidates)
+    except TypeError:  # e.g. a 0-d tensor
+        fail("candidates", "an iterable of integers >= 1", candidates)
     if not values:
         fail("candidates", "at least one component count", candidates)
     values = list(dict.fromkeys(check_int("candidates", m, minimum=1) for m in values))
