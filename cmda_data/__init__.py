@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first attribute access)
 _EXPORTS = {
+    "BankFormatError": ".exceptions",
     "CMDAError": ".exceptions",
     "CMDAWarning": ".exceptions",
     "ConvergenceWarning": ".exceptions",

@@ -10,6 +10,7 @@ Messages follow one template, built by :func:`cmda_data.core._validation.fail`::
 from __future__ import annotations
 
 __all__ = [
+    "BankFormatError",
     "CMDAError",
     "CMDAWarning",
     "ConvergenceWarning",
@@ -29,6 +30,10 @@ class CMDAError(Exception):
 
 class ValidationError(CMDAError, ValueError):
     """An argument has a bad value (unknown option, NaN, negative count, ...)."""
+
+
+class BankFormatError(ValidationError):
+    """A saved bank is damaged, tampered with or not a bank (the message names the file)."""
 
 
 class ShapeError(CMDAError, ValueError):

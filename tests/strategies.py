@@ -10,6 +10,7 @@ Sections:
     2. latents and responsibilities (owner: functional helper)
     3. weights and samples          (owner: functional helper)
     4. extreme values, bad arguments and devices (owner: reliability helper, tests/fuzz/)
+    6. saved bank files: bit flips, truncations, header edits (owner: bank-file helper)
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ __all__ = [
     "EXTREME_MAGNITUDES",
     "FLOAT_DTYPES",
     "bad_scalars",
+    "bit_flips",
     "batch_sizes",
     "dense_weights",
     "devices_with_meta",
     "extreme_floats",
     "extreme_tensors",
     "float_dtypes",
+    "header_edits",
+    "json_values",
     "latent_pairs",
     "latents",
     "responsibilities",
@@ -233,3 +237,31 @@ def bad_scalars() -> st.SearchStrategy:
 def devices_with_meta() -> st.SearchStrategy[str]:
     """``"cpu"`` or ``"meta"`` (a tensor without data); tests add ``"cuda"`` by mark."""
     return st.sampled_from(["cpu", "meta"])
+
+# =====================================================================================
+# 6. saved bank files: bit flips, truncations, header edits (owner: bank-file helper,
+#    tests/fuzz/test_fuzz_bank.py)
+# =====================================================================================
+
+def bit_flips(size: int) -> st.SearchStrategy[tuple]:
+    """``(byte position, bit)`` in a file of ``size`` bytes: anywhere, or in its first 256 bytes
+    (the length field and the header, where a flip changes the structure)."""
+    return st.tuples(st.integers(0, size - 1) | st.integers(0, min(size, 256) - 1), st.integers(0, 7))
+
+
+#: any JSON value a hand-edited or damaged header may hold
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2 ** 65), 2 ** 65) | st.integers(-2, 64)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6) | st.sampled_from(["F32", "F64", "I64", "U8"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+
+
+@st.composite
+def header_edits(draw, names):
+    """``(tensor name, field, value)``: one field of one safetensors header entry set to ``value``;
+    the field may be ``dtype``, ``shape``, ``data_offsets`` or an unknown one."""
+    name = draw(st.sampled_from(sorted(names)))
+    field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "extra"]))
+    value = draw(json_values | st.lists(st.integers(-2, 64), max_size=4))
+    return name, field, value

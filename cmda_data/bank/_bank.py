@@ -6,14 +6,14 @@ the paper's experiments) and its responsibilities ``[N, M]``. The entry points
 (:class:`~cmda_data.CrossModalAugmentedDataset`, :class:`~cmda_data.CMDACollate`,
 :class:`~cmda_data.CMDAugment`) look rows up by dataset index and build plans from them.
 
-A bank is saved as a folder (``bank.safetensors`` + ``bank.json``; never pickle) and loaded
-memory-mapped, so DataLoader workers read one copy from the page cache. A bank built in
-memory can be moved to shared memory with :meth:`EmbeddingBank.share_memory_`.
+A bank is saved as a folder (``bank.safetensors`` + ``bank.json`` with the SHA-256 of the
+tensors; never pickle) and loaded memory-mapped and verified (:meth:`EmbeddingBank.load` with
+``mmap=True, verify=True``), so DataLoader workers read one copy from the page cache. A bank
+built in memory can be moved to shared memory with :meth:`EmbeddingBank.share_memory_`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
@@ -21,20 +21,15 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from ..core._validation import check_finite, check_int, fail
-from ..exceptions import DeviceError, ShapeError
-from ..io._safetensors import load_file, save_file
+from ..exceptions import BankFormatError, CMDAError, DeviceError, ShapeError
 from ..options import MixOptions, PlanOptions, resolve_fit_on, split_options
 from ._build import embed_dataset
 from ._checks import as_tensor, check_bank_indices, check_embeddings, check_roles
 from ._fit import fit_mixture, gmm_from_state, gmm_state, pca_project
+from ._format import FORMAT, FORMAT_VERSION, read_bank, write_bank
 from ._plan import bank_plan
 
 __all__ = ["BankRows", "EmbeddingBank"]
-
-TENSORS_NAME = "bank.safetensors"
-CONFIG_NAME = "bank.json"
-FORMAT = "cmda_data.EmbeddingBank"
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -121,7 +116,10 @@ class EmbeddingBank:
             indices: dataset indices of the rows (a shard); None: row r is index r.
             random_state: seed of the GMM initialisation (deterministic by default).
             **gmm_options: more :class:`~cmda_data.GaussianMixture` settings
-                (``covariance_type``, ``reg_covar``, ``max_iter``, ...).
+                (``covariance_type``, ``reg_covar``, ``max_iter``, ...), and
+                ``max_fit_rows`` (default 20,000; None: all rows): a larger bank fits the
+                choice of M and the GMM on that many random rows, then computes every
+                row's responsibilities; ``progress=True`` shows bars for the slow steps.
 
         Examples:
             >>> g = torch.Generator().manual_seed(0)
@@ -176,6 +174,7 @@ class EmbeddingBank:
         roles = [student] + ([teachers] if isinstance(teachers, str) else list(teachers))
         embeddings, held = embed_dataset(dataset, aligner, roles, fields=fields, batch_size=batch_size,
                                          device=device, progress=progress, indices=indices)
+        options.setdefault("progress", progress)  # bars for the GMM steps too
         return cls.from_embeddings(embeddings, student=student, teachers=teachers, indices=held, **options)
 
     @classmethod
@@ -370,58 +369,71 @@ class EmbeddingBank:
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: Union[str, Path]) -> Path:
-        """Write ``bank.safetensors`` and ``bank.json`` into the folder ``path`` (no pickle)."""
+        """Write ``bank.safetensors`` and ``bank.json`` into the folder ``path`` (no pickle).
+
+        ``bank.json`` records the size and SHA-256 of ``bank.safetensors`` and a checksum of
+        its own content, which :meth:`load` verifies.
+        """
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
             fail("path", "a folder (or a path that does not exist yet)", str(folder), raw=True)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self._tensors().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self._tensors().items()}
         gmm_config, gmm_tensors = gmm_state(self.gmm)
-        tensors.update({f"gmm.{k}": v.detach().cpu().contiguous().clone() for k, v in gmm_tensors.items()})
+        tensors.update({f"gmm.{k}": v.detach().cpu().contiguous() for k, v in gmm_tensors.items()})
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, "student": self.student,
                   "teachers": list(self.teachers), "modalities": list(self.modalities), "rows": len(self),
                   "dim": self.dim, "gmm": gmm_config, "metadata": self.metadata}
-        try:
-            text = json.dumps(config, indent=2, sort_keys=True)
-        except TypeError as error:
-            fail("bank.metadata", "JSON-serialisable values", str(error), raw=True)
-        save_file(tensors, folder / TENSORS_NAME, metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
+        write_bank(folder, config, tensors)
         return folder
 
     @classmethod
-    def load(cls, path: Union[str, Path], *, mmap: bool = True,
+    def load(cls, path: Union[str, Path], *, mmap: Union[bool, str] = True, verify: bool = True,
              device: Optional[Union[str, torch.device]] = None) -> "EmbeddingBank":
-        """Load a folder written by :meth:`save`.
+        """Load a folder written by :meth:`save`, checked and (by default) memory-mapped.
+
+        Memory-mapped loading (``mmap=True``, the default) is the API for DataLoader workers:
+        the embeddings are views of the file's pages, so 8 workers (forked after loading, or
+        each loading the folder) share one copy in the page cache instead of holding 8. Measure
+        it with the unique set size (``psutil.Process().memory_full_info().uss``): RSS counts
+        the shared pages in every process that touched them.
 
         Args:
             path: the folder.
-            mmap: map the tensors from the file (page cache shared by all processes that load
-                or fork from it; nothing is read until used). False reads them into memory
-                (then :meth:`share_memory_` shares them with workers).
+            mmap: ``True`` (or ``"copy"``): map the tensors copy-on-write: nothing is read until
+                used, pages are shared, and a write to a tensor stays in the writing process
+                (it never reaches the file or another worker). ``"readonly"``: map read-only; a
+                write stops the process with SIGSEGV (torch has no read-only tensors).
+                ``False``: read into private memory (then :meth:`share_memory_` shares them).
+            verify: check the SHA-256 of ``bank.safetensors`` and the checksum of
+                ``bank.json`` recorded by :meth:`save` (reads the file once, in 1 MiB chunks:
+                memory stays flat and the mapping stays shared). ``False`` skips the hash for
+                very large banks; the structural checks always run.
             device: move the bank there after loading (default: CPU).
+
+        Raises:
+            BankFormatError: a file is damaged, truncated, tampered with or inconsistent (the
+                message names the file: ``bank.json`` or ``bank.safetensors``).
+
+        Examples:
+            >>> import tempfile
+            >>> bank = EmbeddingBank({"x": torch.eye(3), "y": torch.eye(3)}, student="x", teachers="y")
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     loaded = EmbeddingBank.load(bank.save(folder), mmap=True)
+            ...     torch.equal(loaded.embeddings["x"], bank.embeddings["x"])
+            True
         """
         folder = Path(path)
-        config_file, tensor_file = folder / CONFIG_NAME, folder / TENSORS_NAME
-        if not config_file.is_file() or not tensor_file.is_file():
-            fail("path", f"a folder written by EmbeddingBank.save ({CONFIG_NAME} and {TENSORS_NAME})",
-                 str(folder), raw=True)
+        config, tensors = read_bank(folder, mmap=mmap, verify=verify)
         try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            fail(str(config_file), "valid JSON", str(error), raw=True)
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-            fail(str(config_file), f"format {FORMAT!r} version {FORMAT_VERSION}",
-                 f"{config.get('format')!r} version {config.get('format_version')!r}", raw=True)
-        tensors = load_file(tensor_file, mmap=mmap)
-        missing = [m for m in config["modalities"] if f"embeddings.{m}" not in tensors]
-        if missing:
-            fail(str(tensor_file), "embeddings of modalities " + ", ".join(config["modalities"]),
-                 "missing " + ", ".join(missing), raw=True)
-        gmm = gmm_from_state(config.get("gmm"), {k[4:]: v for k, v in tensors.items() if k.startswith("gmm.")})
-        pca = (tensors["pca.mean"], tensors["pca.components"]) if "pca.mean" in tensors else None
-        bank = cls({m: tensors[f"embeddings.{m}"] for m in config["modalities"]}, student=config["student"],
-                   teachers=config["teachers"], responsibilities=tensors.get("responsibilities"), gmm=gmm,
-                   indices=tensors.get("indices"), pca=pca, metadata=config.get("metadata"))
+            gmm = gmm_from_state(config["gmm"], {k[4:]: v for k, v in tensors.items() if k.startswith("gmm.")})
+            pca = (tensors["pca.mean"], tensors["pca.components"]) if "pca.mean" in tensors else None
+            bank = cls({m: tensors[f"embeddings.{m}"] for m in config["modalities"]}, student=config["student"],
+                       teachers=config["teachers"], responsibilities=tensors.get("responsibilities"), gmm=gmm,
+                       indices=tensors.get("indices"), pca=pca, metadata=config["metadata"])
+        except BankFormatError:
+            raise
+        except CMDAError as error:  # e.g. unsorted indices: the file is at fault, not the caller
+            raise BankFormatError(f"{folder}: {error}") from None
         return bank if device is None else bank.to(device)
 

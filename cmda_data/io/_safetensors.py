@@ -16,10 +16,14 @@ is read until used, and every process that maps the same file shares its page ca
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import struct
+import warnings
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,7 +31,7 @@ import torch
 from ..core._validation import fail
 from ..exceptions import ValidationError
 
-__all__ = ["load_file", "save_file"]
+__all__ = ["MMAP_MODES", "check_mmap", "file_sha256", "load_file", "read_header", "save_file"]
 
 _TO_CODE = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -40,14 +44,19 @@ _NUMPY_VIEW = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+_ITEMSIZE = {code: torch.empty((), dtype=dtype).element_size() for code, dtype in _FROM_CODE.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 PathLike = Union[str, Path]
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: PathLike,
-              metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write ``tensors`` (CPU or any device; copied to CPU) to ``path`` in safetensors format."""
+              metadata: Optional[Mapping[str, str]] = None) -> str:
+    """Write ``tensors`` (CPU or any device; copied to CPU) to ``path`` in safetensors format.
+
+    The file is written beside ``path`` under a temporary name, synced and renamed when
+    complete, so ``path`` never holds half a file. Returns the SHA-256 hex digest of the bytes written.
+    """
     header: Dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -62,73 +71,167 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: PathLike,
             fail(f"tensors[{name!r}]", "a tensor of dtype " + ", ".join(str(d) for d in _TO_CODE), tensor)
         plain = tensor.detach().to("cpu").contiguous()
         flat = plain.reshape(-1)  # 0-d tensors cannot be viewed as bytes
-        raw = flat.view(torch.uint8) if plain.dtype != torch.bool else flat.to(torch.uint8)
-        data = raw.numpy().tobytes()
+        data = (flat.view(torch.uint8) if plain.dtype != torch.bool else flat.to(torch.uint8)).numpy()
         header[name] = {"dtype": _TO_CODE[plain.dtype], "shape": list(plain.shape),
-                        "data_offsets": [offset, offset + len(data)]}
+                        "data_offsets": [offset, offset + data.nbytes]}
         blobs.append(data)
-        offset += len(data)
+        offset += data.nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(text)))
-        handle.write(text)
-        for data in blobs:
-            handle.write(data)
+    digest = hashlib.sha256()
+    target = Path(path)
+    partial = target.with_name(target.name + ".partial")
+    with open(partial, "wb") as handle:
+        for block in [struct.pack("<Q", len(text)), text] + blobs:  # arrays written without a copy
+            handle.write(block)
+            digest.update(block)
+        handle.flush()
+        os.fsync(handle.fileno())  # on disk before the rename: a crash leaves the old file or the new one
+    os.replace(partial, target)
+    return digest.hexdigest()
 
 
 def read_header(path: PathLike) -> Dict[str, object]:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets, metadata)."""
+    """The JSON header of a safetensors file, checked strictly against the file.
+
+    Every tensor entry must hold exactly ``dtype`` (a known code), ``shape`` (a list of
+    non-negative integers: ``24.5``, ``24.0``, ``true`` and ``"24"`` are refused) and
+    ``data_offsets`` (two integers ``0 <= begin <= end``) with ``end - begin`` equal to
+    ``prod(shape) x itemsize``; sorted by offset the tensors must cover the data section
+    exactly (contiguous, no overlap, no hole, nothing after the last one), as the format
+    requires. Names appear once. ``"__header_bytes__"`` is added: where the data section starts.
+
+    Raises:
+        ValidationError: the message names the file, the tensor and what is wrong.
+    """
+    size = Path(path).stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) != 8:
             fail(str(path), "a safetensors file (8-byte header length)", f"{len(head)} bytes",
                  ValidationError, raw=True)
         (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER:
-            fail(str(path), f"a header of at most {_MAX_HEADER} bytes", f"{length} bytes", ValidationError, raw=True)
+        if length < 2 or length > _MAX_HEADER or 8 + length > size:
+            fail(str(path), f"a header length in [2, {min(_MAX_HEADER, size - 8)}] bytes (file of {size} bytes)",
+                 f"{length} bytes", ValidationError, raw=True)
         text = handle.read(length)
     try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as error:
         fail(str(path), "a valid safetensors JSON header", str(error), ValidationError, raw=True)
+    if not isinstance(header, dict):
+        fail(str(path), "a JSON object as safetensors header", type(header).__name__, ValidationError, raw=True)
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        fail(f"{path}: __metadata__", "a JSON object of strings", metadata, ValidationError)
+    spans = sorted((_check_entry(path, name, info), name) for name, info in header.items() if name != "__metadata__")
+    position = 0
+    for (begin, end), name in spans:
+        if begin != position:
+            fail(f"{path}: tensor {name!r}", f"data_offsets starting at {position} (contiguous, no overlap)",
+                 f"[{begin}, {end}]", ValidationError, raw=True)
+        position = end
+    if 8 + length + position != size:
+        fail(str(path), f"tensor data of {size - 8 - length} bytes (the rest of the file)",
+             f"tensors covering {position} bytes", ValidationError, raw=True)
     header["__header_bytes__"] = 8 + length
     return header
 
 
-def load_file(path: PathLike, *, mmap: bool = True) -> Dict[str, torch.Tensor]:
-    """Read every tensor of a safetensors file onto the CPU.
+def _unique_keys(pairs: list) -> Dict[str, object]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate name " + repr(next(k for k in keys if keys.count(k) > 1)))
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_entry(path: PathLike, name: str, info: object) -> Tuple[int, int]:
+    """``(begin, end)`` of one tensor entry, every field checked."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        fail(where, "an object with exactly dtype, shape and data_offsets", info, ValidationError)
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in _FROM_CODE:
+        fail(where, "a dtype in " + ", ".join(_FROM_CODE), code, ValidationError)
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        fail(where, "a shape given as a list of non-negative integers", shape, ValidationError)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        fail(where, "data_offsets [begin, end] with integers 0 <= begin <= end", offsets, ValidationError)
+    nbytes = math.prod(shape) * _ITEMSIZE[code]
+    if offsets[1] - offsets[0] != nbytes:
+        fail(where, f"{nbytes} bytes ({code} of shape {shape})", f"data_offsets {offsets}", ValidationError, raw=True)
+    return offsets[0], offsets[1]
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in chunks of ``chunk`` bytes (memory stays flat).
+
+    Examples:
+        >>> import tempfile, os
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     name = os.path.join(folder, "f")
+        ...     _ = open(name, "wb").write(b"abc")
+        ...     file_sha256(name)[:16]
+        'ba7816bf8f01cfea'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(chunk)
+            if not block:
+                return digest.hexdigest()
+            digest.update(block)
+
+
+#: memory-map modes of :func:`load_file`: numpy memmap mode of each accepted ``mmap`` value
+MMAP_MODES = {True: "c", "copy": "c", "readonly": "r"}
+
+
+def check_mmap(mmap: object) -> None:
+    """Check the ``mmap`` argument of :func:`load_file` (and of the loaders that pass it on)."""
+    if not (mmap is False or (isinstance(mmap, (bool, str)) and mmap in MMAP_MODES)):
+        fail("mmap", "True, False, 'copy' or 'readonly'", mmap)
+
+
+def load_file(path: PathLike, *, mmap: Union[bool, str] = True) -> Dict[str, torch.Tensor]:
+    """Read every tensor of a safetensors file onto the CPU (header checked by :func:`read_header`).
 
     Args:
         path: the file.
-        mmap: map the file (copy-on-write, lazily read, page cache shared between
-            processes); False reads everything into private memory.
+        mmap: ``True`` or ``"copy"``: map the file copy-on-write (lazily read; the page cache
+            is shared by every process that maps the file; a write to a tensor stays in the
+            writing process and never reaches the file). ``"readonly"``: map it read-only
+            (a write is stopped by the operating system: the process gets SIGSEGV, since
+            torch tensors cannot be flagged read-only). ``False``: read it into private memory.
     """
+    check_mmap(mmap)
     header = read_header(path)
     start = int(header.pop("__header_bytes__"))
     header.pop("__metadata__", None)
-    size = Path(path).stat().st_size
-    raw = np.memmap(path, dtype=np.uint8, mode="c") if mmap else np.fromfile(path, dtype=np.uint8)
+    if mmap is False:
+        raw = np.fromfile(path, dtype=np.uint8)
+    else:
+        raw = np.memmap(path, dtype=np.uint8, mode=MMAP_MODES[mmap])
     out: Dict[str, torch.Tensor] = {}
     for name, info in header.items():
-        try:
-            code, shape = info["dtype"], [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            fail(f"{path}: tensor {name!r}", "dtype, shape and data_offsets", info, ValidationError)
-        if code not in _FROM_CODE:
-            fail(f"{path}: tensor {name!r}", "a dtype in " + ", ".join(_FROM_CODE), code, ValidationError)
-        dtype = _FROM_CODE[code]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        count = int(np.prod(shape)) if shape else 1
-        if end - begin != count * itemsize or start + end > size or begin < 0:
-            fail(f"{path}: tensor {name!r}", f"{count * itemsize} bytes inside the file",
-                 f"offsets [{begin}, {end}] in a file of {size} bytes", ValidationError, raw=True)
+        code, shape = info["dtype"], info["shape"]
+        begin, end = info["data_offsets"]
         chunk = raw[start + begin:start + end]
-        if (start + begin) % itemsize:  # unaligned (a file written elsewhere): copy
+        if (start + begin) % _ITEMSIZE[code]:  # unaligned (a file written elsewhere): copy
             chunk = np.array(chunk)
         array = chunk.view(_NUMPY_VIEW[code])
-        tensor = torch.from_numpy(array)
+        with warnings.catch_warnings():  # a read-only map: torch warns that it is not writable
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(array)
         if code == "BF16":
             tensor = tensor.view(torch.bfloat16)
         out[name] = tensor.reshape(shape)
