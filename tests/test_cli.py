@@ -8,13 +8,14 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from cmda_data.demo import _grid
 from cmda_data.cli import build_parser, main
+from cmda_data.demo import _grid
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -241,3 +242,133 @@ def test_table_figure_and_rgb_conversion(tmp_path):
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     assert _grid.to_rgb(torch.full((3, 4, 5), 2.0)).max() == 1.0  # clipped, channels last
     assert _grid.to_rgb(np.zeros((4, 5))).shape == (4, 5, 3)
+
+
+# ------------------------------------------------------------------------------------ issue 15
+def test_help_shows_the_real_defaults_written_in():
+    """Every option's help ends with the value argparse will use (no %(default)s left), from the code it calls."""
+    import inspect
+
+    from cmda_data.bank import EmbeddingBank
+    from cmda_data.cli import _defaults
+    from cmda_data.core.mixture import GaussianMixture
+    from cmda_data.demo._job import DemoConfig
+    from cmda_data.probe import probe
+
+    for path, parser in all_parsers(build_parser()):
+        text = parser.format_help()
+        assert "%(" not in text and "%%" not in text, path
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            shown = " ".join(formatter._expand_help(action).split())
+            assert action.required or "(default: " in shown, (path, action.option_strings, shown)
+            if action.default not in (None, False) and "(default: " not in (action.help or ""):
+                assert shown.endswith(f"(default: {action.default})"), (path, action.option_strings, shown)
+    parsers = dict(all_parsers(build_parser()))
+    probe_help = " ".join(parsers[("cmda", "probe")].format_help().split())
+    assert "torch's default); the models are small, one is usually fastest (default: 1)" in probe_help
+    # the defaults are the ones of the code each command calls
+    demo = parsers[("cmda", "demo")].parse_args([])
+    config = DemoConfig()
+    for name in ("data", "seed", "epochs", "n", "device", "rows", "top_k", "pool_size", "temperature"):
+        assert getattr(demo, name) == getattr(config, name), name
+    assert demo.out == str(config.out)
+    build = parsers[("cmda", "bank", "build")].parse_args(["--student", "s", "--teacher", "t", "--out", "o"])
+    bank_defaults = _defaults(EmbeddingBank.from_embeddings)
+    assert build.fit_on == bank_defaults["fit_on"] and build.seed == bank_defaults["random_state"]
+    assert build.n_components is bank_defaults["n_components"] is None
+    from cmda_data.cli import _parse_candidates
+
+    assert _parse_candidates(build.candidates) == list(bank_defaults["candidates"])
+    assert build.covariance_type == inspect.signature(GaussianMixture).parameters["covariance_type"].default
+    probed = parsers[("cmda", "probe")].parse_args(["d.npz", "--student", "a", "--teacher", "b", "--label", "c"])
+    signature = inspect.signature(probe).parameters
+    for name in ("batch_size", "threads", "loss_form"):
+        assert getattr(probed, name) == signature[name].default, name
+
+
+def test_a_percent_in_a_default_is_shown_as_it_is():
+    from cmda_data.cli import _Formatter
+
+    parser = argparse.ArgumentParser(prog="x", formatter_class=_Formatter)
+    parser.add_argument("--pattern", default="train-%06d.tar", help="shard names")
+    assert "shard names (default: train-%06d.tar)" in parser.format_help()
+
+
+def test_version_flag_prints_the_versions():
+    from cmda_data import __version__
+
+    done = cmda("--version")
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith(f"cmda-data {__version__} (torch {torch.__version__}, Python ")
+    status, out, _ = run("--version")  # in-process: printed to the given stdout, status 0 (no SystemExit)
+    assert status == 0 and out == done.stdout == run("version")[1]
+    status, out, _ = run("bank", "build", "--help")
+    assert status == 0 and out.startswith("usage: cmda bank build") and "--force" in out
+
+
+def _two_clusters(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0, 0.0], [-4.0, 0.0, 0.0]])
+    z = (centres[torch.arange(40) % 2] + 0.3 * torch.randn(40, 3, generator=g)).numpy()
+    np.save(tmp_path / "z.npy", z)
+    return ["--student", str(tmp_path / "z.npy"), "--teacher", str(tmp_path / "z.npy")]
+
+
+def test_out_refuses_an_existing_bank_unless_force(tmp_path):
+    from cmda_data.cli import CLIError
+    from cmda_data.exceptions import CMDAError
+
+    files = _two_clusters(tmp_path)
+    bank = tmp_path / "bank"
+    status, _, err = run("bank", "build", *files, "--out", str(bank), "--n-components", "2")
+    assert status == 0, err
+    before = {p.name: p.read_bytes() for p in bank.iterdir()}
+    # a second build does not overwrite it: one line, exit 2, says why and what to do
+    done = cmda("bank", "build", *files, "--out", str(bank), "--n-components", "3")
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cmda: error: --out: expected a folder without a saved bank, "
+                                                   f"got {str(bank)!r} (it holds bank.json, bank.safetensors)")
+    assert lines[0].endswith("(hint: pass --force to replace that bank, or choose another --out)")
+    assert {p.name: p.read_bytes() for p in bank.iterdir()} == before  # untouched
+    assert issubclass(CLIError, CMDAError) and issubclass(CLIError, ValueError)
+    # --force replaces it
+    status, _, err = run("bank", "build", *files, "--out", str(bank), "--n-components", "3", "--force")
+    assert status == 0, err
+    status, out, _ = run("bank", "info", str(bank), "--json")
+    assert status == 0 and json.loads(out)["n_components"] == 3
+    # a folder without a bank is fine (the bank is added to it); a file is not a folder
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    status, _, err = run("bank", "build", *files, "--out", str(tmp_path / "other"), "--n-components", "2")
+    assert status == 0 and (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    status, _, err = run("bank", "build", *files, "--out", str(tmp_path / "z.npy"), "--force")
+    assert status == 2 and "an existing file" in err
+
+
+def test_bank_build_and_info_say_when_dca_is_inert(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    blob = (torch.randn(240, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5])).numpy()
+    np.save(tmp_path / "blob.npy", blob)
+    files = ["--student", str(tmp_path / "blob.npy"), "--teacher", str(tmp_path / "blob.npy")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, out, err = run("bank", "build", *files, "--out", str(tmp_path / "b"), "--candidates", "1-4")
+    assert status == 0, err
+    assert not [w for w in caught if "M = 1" in str(w.message)]  # said once: the note, not also a warning
+    assert "M = 1 (by BIC" in out and "note: M = 1 was chosen" in out and "DCA" in out
+    status, out, _ = run("bank", "info", str(tmp_path / "b"))
+    assert status == 0 and "  note        M = 1 was chosen" in out
+    status, out, _ = run("bank", "info", str(tmp_path / "b"), "--json")
+    facts = json.loads(out)
+    assert facts["dca_inert"].startswith("BIC chose M = 1 for the Gaussian mixture on the 'text' embeddings")
+    assert all(f"M={m}: " in facts["dca_inert"] for m in (1, 2, 3, 4))
+    # a bank with two clusters has no note
+    status, out, err = run("bank", "build", *_two_clusters(tmp_path), "--out", str(tmp_path / "two"),
+                           "--candidates", "1-3")
+    assert status == 0 and "note:" not in out
+    status, out, _ = run("bank", "info", str(tmp_path / "two"), "--json")
+    assert json.loads(out)["dca_inert"] is None
