@@ -17,11 +17,14 @@ status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import platform
 import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, List, NoReturn, Optional, Sequence, TextIO
 
@@ -30,19 +33,39 @@ import torch
 
 from . import __version__
 from .bank._bank import EmbeddingBank
+from .bank._format import CONFIG_NAME as BANK_CONFIG
+from .bank._format import TENSORS_NAME as BANK_TENSORS
+from .core.mixture import GaussianMixture
 from .demo._job import DemoConfig, run_demo
-from .exceptions import CMDAError, DeviceError, MissingDependencyError
-from .probe import probe
+from .exceptions import CMDAError, CMDAWarning, DeviceError, MissingDependencyError, ValidationError
+from .probe import DEFAULT_METHODS, probe
+from .probe._probe import PRESETS
 
 __all__ = ["build_parser", "main"]
 
 PROG = "cmda"
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+#: printed by 'bank build' and 'bank info' when the criterion chose M = 1 (bank.metadata["dca_inert"])
+DCA_INERT_NOTE = ("M = 1 was chosen: one cluster, so the intra-modal (DCA, Eq. 11) weights are all equal and "
+                  "do nothing; only the teacher weights (Eq. 10) act. Rebuild with --n-components 2 to force "
+                  "two clusters (the paper's choice)")
 
 
-class CLIError(Exception):
-    """A usage error found by the CLI itself (bad option value); carries its own hint."""
+def _defaults(func: Callable[..., Any]) -> dict:
+    """The keyword defaults of ``func``: the options below take theirs from the code they call."""
+    return {name: p.default for name, p in inspect.signature(func).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+_DEMO = DemoConfig()
+_BANK = _defaults(EmbeddingBank.from_embeddings)
+_GMM = _defaults(GaussianMixture)
+_PROBE = _defaults(probe)
+
+
+class CLIError(ValidationError):
+    """A usage error found by the CLI itself (bad option value); a CMDAError that carries its own hint."""
 
     def __init__(self, message: str, hint: str) -> None:
         super().__init__(message)
@@ -56,27 +79,26 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(message, f"run '{self.prog} --help' to see the options")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keep the descriptions' line breaks; end every option's help with its default.
+def _default_text(action: argparse.Action) -> Optional[str]:
+    """``(default: VALUE)`` with the value written in (no ``%(default)s`` left to expand); None: nothing to add."""
+    if (not action.option_strings or action.required or "(default: " in (action.help or "")
+            or action.default in (None, argparse.SUPPRESS) or isinstance(action, argparse._VersionAction)):
+        return None
+    if action.const is True and action.default is False:  # store_true flags
+        return "(default: off)"
+    value = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else str(action.default)
+    return f"(default: {value})"
 
-    Help texts that already say their default (or that the option is required) are kept
-    as they are; flags say ``(default: off)``.
-    """
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the descriptions' line breaks; end every option's help with its real default."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32, width=100)
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or "required" in text or action.default is argparse.SUPPRESS:
-            return text
-        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
-            return text
-        if action.const is True and action.default is False:  # store_true flags
-            return f"{text} (default: off)"
-        if action.option_strings and action.default is not None:
-            return f"{text} (default: %(default)s)"
-        return text
+    def _get_help_string(self, action: argparse.Action) -> str:  # argparse expands %: escape the value's
+        extra = _default_text(action)
+        return (action.help or "") if extra is None else f"{action.help or ''} {extra.replace('%', '%%')}"
 
 
 # -------------------------------------------------------------------------------- commands
@@ -112,6 +134,26 @@ def _load_npy(path: str, option: str) -> Any:
     return torch.from_numpy(values)
 
 
+def _candidates_text(values: Sequence[int]) -> str:
+    """``1-6`` for a run of consecutive values, ``2,4,8`` otherwise (what --candidates parses)."""
+    values = list(values)
+    if len(values) > 1 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}-{values[-1]}"
+    return ",".join(map(str, values))
+
+
+def _check_out(out: str, force: bool) -> None:
+    """Refuse to write over a saved bank unless ``--force``."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"--out: expected a folder for the bank, got {out!r} (an existing file)",
+                       "choose another --out")
+    held = [name for name in (BANK_CONFIG, BANK_TENSORS) if (folder / name).exists()]
+    if held and not force:
+        raise CLIError(f"--out: expected a folder without a saved bank, got {out!r} (it holds {', '.join(held)})",
+                       "pass --force to replace that bank, or choose another --out")
+
+
 def _parse_candidates(text: str) -> List[int]:
     try:
         if "-" in text and "," not in text:
@@ -131,19 +173,24 @@ def _cmd_bank_build(args: argparse.Namespace, out: TextIO) -> int:
     if args.student_name == args.teacher_name:
         raise CLIError(f"--student-name and --teacher-name: expected two different names, got {args.student_name!r} "
                        "twice", "name the modalities differently, e.g. --student-name image --teacher-name text")
+    _check_out(args.out, args.force)
     student = _load_npy(args.student, "--student")
     teacher = _load_npy(args.teacher, "--teacher")
     candidates = _parse_candidates(args.candidates)
-    bank = EmbeddingBank.from_embeddings(
-        {args.student_name: student, args.teacher_name: teacher}, student=args.student_name,
-        teachers=[args.teacher_name], fit_on=args.fit_on, n_components=args.n_components, candidates=candidates,
-        reduce_dim=args.reduce_dim, random_state=args.seed, covariance_type=args.covariance_type)
+    with warnings.catch_warnings():  # said once, in the report below (the note), not twice
+        warnings.simplefilter("ignore", CMDAWarning)
+        bank = EmbeddingBank.from_embeddings(
+            {args.student_name: student, args.teacher_name: teacher}, student=args.student_name,
+            teachers=[args.teacher_name], fit_on=args.fit_on, n_components=args.n_components, candidates=candidates,
+            reduce_dim=args.reduce_dim, random_state=args.seed, covariance_type=args.covariance_type)
     folder = bank.save(args.out)
     print(f"built EmbeddingBank: {len(bank)} rows, dim {bank.dim}, student {bank.student!r}, "
           f"teacher {bank.teachers[0]!r}", file=out)
     scores = bank.metadata.get("n_components_scores")
     how = "given" if not scores else "by BIC: " + ", ".join(f"M={m}: {s:.1f}" for m, s in scores.items())
     print(f"GMM on {bank.fit_on!r} embeddings: M = {bank.n_components} ({how})", file=out)
+    if bank.metadata.get("dca_inert"):
+        print(f"note: {DCA_INERT_NOTE}", file=out)
     print(f"saved to {folder}", file=out)
     return 0
 
@@ -159,7 +206,7 @@ def _cmd_bank_info(args: argparse.Namespace, out: TextIO) -> int:
         "student": bank.student, "teachers": list(bank.teachers), "n_components": bank.n_components,
         "fit_on": bank.fit_on, "criterion": meta.get("criterion"), "scores": meta.get("n_components_scores"),
         "reduce_dim": meta.get("reduce_dim"), "gmm_converged": meta.get("gmm_converged"),
-        "subset_of_indices": bank.indices is not None,
+        "subset_of_indices": bank.indices is not None, "dca_inert": meta.get("dca_inert"),
         "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
     }
     if args.json:
@@ -180,6 +227,8 @@ def _cmd_bank_info(args: argparse.Namespace, out: TextIO) -> int:
         best = min(facts["scores"].items(), key=lambda kv: kv[1])[0]
         table = ", ".join(f"M={m}: {s:.1f}{' *' if m == best else ''}" for m, s in facts["scores"].items())
         print(f"  {facts['criterion'] or 'score'} table   {table}", file=out)
+    if facts["dca_inert"]:
+        print(f"  note        {DCA_INERT_NOTE}", file=out)
     print(f"  size        {facts['bytes'] / 1024:.1f} KiB", file=out)
     return 0
 
@@ -197,7 +246,7 @@ def _cmd_probe(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_version(args: argparse.Namespace, out: TextIO) -> int:
-    print(f"cmda-data {__version__} (torch {torch.__version__}, Python {platform.python_version()})", file=out)
+    print(_version_line(), file=out)
     return 0
 
 
@@ -223,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                "run 'cmda COMMAND --help' for the options of a command.")
     _add_debug(parser, top=True)
     parser.add_argument("--version", action="version", version=_version_line(),
-                        help="print the version and exit")
+                        help="print the versions of cmda-data, torch and Python and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     demo = commands.add_parser(
@@ -235,21 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "  4. write a PNG grid (generated sample, guiding caption, top partners with weights)\n"
                     "     and a JSON summary of the numbers.\n"
                     "--data shapes needs no download; wikipedia/webnews read ../shared/data or $CMDA_DATA_DIR.")
-    demo.add_argument("--out", default="cmda_demo_out", metavar="DIR",
+    demo.add_argument("--out", default=str(_DEMO.out), metavar="DIR",
                       help="folder for the PNG, the JSON summary and the saved bank")
-    demo.add_argument("--data", default="shapes", choices=("shapes", "wikipedia", "webnews"),
+    demo.add_argument("--data", default=_DEMO.data, choices=("shapes", "wikipedia", "webnews"),
                       help="built-in shapes (no download), or a real data set")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the mixing draws")
+    demo.add_argument("--seed", type=int, default=_DEMO.seed,
+                      help="seed of the data, the training and the mixing draws")
     demo.add_argument("--epochs", type=int, default=None,
                       help="aligner training epochs (default: 10 for shapes, 30 for wikipedia and webnews)")
     demo.add_argument("--n", type=int, default=None,
                       help="number of samples (default: 2000 for shapes, the whole train split for real data)")
-    demo.add_argument("--device", default="cpu", help="torch device for training and embedding, e.g. cuda:0")
-    demo.add_argument("--rows", type=int, default=8, help="generated samples drawn in the figure (<= 16)")
-    demo.add_argument("--top-k", type=int, default=4, dest="top_k", help="partners kept per generated sample (<= 8)")
-    demo.add_argument("--pool-size", type=int, default=256, dest="pool_size",
+    demo.add_argument("--device", default=_DEMO.device, help="torch device for training and embedding, e.g. cuda:0")
+    demo.add_argument("--rows", type=int, default=_DEMO.rows, help="generated samples drawn in the figure (<= 16)")
+    demo.add_argument("--top-k", type=int, default=_DEMO.top_k, dest="top_k",
+                      help="partners kept per generated sample (<= 8)")
+    demo.add_argument("--pool-size", type=int, default=_DEMO.pool_size, dest="pool_size",
                       help="candidate partners drawn per generated sample (m')")
-    demo.add_argument("--temperature", type=float, default=None,
+    demo.add_argument("--temperature", type=float, default=_DEMO.temperature,
                       help="softmax temperature of the weights (default: none, the paper's Eq. 10 ratio of |cos|, "
                            "nearly uniform among close partners; e.g. 0.05 sharpens them)")
     demo.add_argument("--no-progress", action="store_true", dest="no_progress", help="hide the progress bars")
@@ -271,19 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="[N, d] .npy embeddings of the student modality (the one that is mixed); required")
     build.add_argument("--teacher", required=True, metavar="FILE",
                        help="[N, d] .npy embeddings of the teacher modality (the one that guides); required")
-    build.add_argument("--out", required=True, metavar="DIR", help="folder to write the bank to; required")
+    build.add_argument("--out", required=True, metavar="DIR",
+                       help="folder to write the bank to (an existing bank there is refused without --force); "
+                            "required")
+    build.add_argument("--force", action="store_true", help="replace a bank already saved in --out")
     build.add_argument("--student-name", default="image", dest="student_name", help="name of the student modality")
     build.add_argument("--teacher-name", default="text", dest="teacher_name", help="name of the teacher modality")
-    build.add_argument("--fit-on", default="teacher", choices=("teacher", "student"), dest="fit_on",
+    build.add_argument("--fit-on", default=_BANK["fit_on"], choices=("teacher", "student"), dest="fit_on",
                        help="whose embeddings the GMM is fitted on")
     build.add_argument("--n-components", type=int, default=None, dest="n_components",
                        help="number M of GMM components (default: chosen by BIC over --candidates)")
-    build.add_argument("--candidates", default="1-6", help="values of M tried by BIC: LOW-HIGH or A,B,C")
-    build.add_argument("--covariance-type", default="full", dest="covariance_type",
+    build.add_argument("--candidates", default=_candidates_text(_BANK["candidates"]),
+                       help="values of M tried by BIC: LOW-HIGH or A,B,C")
+    build.add_argument("--covariance-type", default=_GMM["covariance_type"], dest="covariance_type",
                        choices=("full", "diag", "tied", "spherical"), help="GMM covariance type")
     build.add_argument("--reduce-dim", type=int, default=None, dest="reduce_dim",
                        help="fit the GMM on the first R principal components (default: no reduction)")
-    build.add_argument("--seed", type=int, default=0, help="seed of the GMM initialisation")
+    build.add_argument("--seed", type=int, default=_BANK["random_state"], help="seed of the GMM initialisation")
     _add_debug(build, top=False)
     build.set_defaults(func=_cmd_bank_build)
 
@@ -317,20 +372,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train rows; the rest is held out (default: --train-frac)")
     probe.add_argument("--train-frac", type=float, default=None, dest="train_frac", metavar="F",
                        help="share of train rows (default: 0.8)")
-    probe.add_argument("--seeds", type=int, default=None, metavar="N", help="training seeds (default: 5; --quick 3)")
+    full, quick = PRESETS[False], PRESETS[True]
+    probe.add_argument("--seeds", type=int, default=None, metavar="N",
+                       help=f"training seeds (default: {full['seeds']}; --quick {quick['seeds']})")
     probe.add_argument("--epochs", type=int, default=None, metavar="E",
-                       help="classifier epochs (default: 50; --quick 15)")
+                       help=f"classifier epochs (default: {full['epochs']}; --quick {quick['epochs']})")
     probe.add_argument("--aligner-epochs", type=int, default=None, dest="aligner_epochs", metavar="E",
-                       help="contrastive aligner epochs (default: 30; --quick 10)")
-    probe.add_argument("--quick", action="store_true", help="3 seeds, 15 epochs, aligner 10 epochs")
+                       help=f"contrastive aligner epochs (default: {full['aligner_epochs']}; "
+                            f"--quick {quick['aligner_epochs']})")
+    probe.add_argument("--quick", action="store_true", help=f"{quick['seeds']} seeds, {quick['epochs']} epochs, "
+                                                            f"aligner {quick['aligner_epochs']} epochs")
     probe.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                       help="methods to run, base included (default: all of base base_matched mixup cmda "
-                            "random_teacher shuffled_teacher)")
-    probe.add_argument("--loss-form", default="sum", dest="loss_form", metavar="{sum,mean}",
+                       help=f"methods to run, base included (default: all of {' '.join(DEFAULT_METHODS)})")
+    probe.add_argument("--loss-form", default=_PROBE["loss_form"], dest="loss_form", metavar="{sum,mean}",
                        help="sum: CE(real) + CE(generated), the real rows weigh 1 in every method; "
                             "mean: one mean over all rows (base_matched then weighs Base's loss by 1/2)")
-    probe.add_argument("--batch-size", type=int, default=128, dest="batch_size", metavar="B", help="real rows per step")
-    probe.add_argument("--threads", type=int, default=1, metavar="T",
+    probe.add_argument("--batch-size", type=int, default=_PROBE["batch_size"], dest="batch_size", metavar="B",
+                       help="real rows per step")
+    probe.add_argument("--threads", type=int, default=_PROBE["threads"], metavar="T",
                        help="torch CPU threads (0: torch's default); the models are small, one is usually fastest")
     probe.add_argument("--out", default="cmda_probe_out", metavar="DIR", help="folder for probe.json and probe.png")
     probe.add_argument("--no-progress", action="store_true", dest="no_progress", help="hide the progress bar")
@@ -345,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version_line() -> str:
-    return f"cmda-data {__version__}"
+    """What ``cmda --version`` and ``cmda version`` print."""
+    return f"cmda-data {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
 # -------------------------------------------------------------------------------- errors
@@ -407,7 +467,11 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
     args: Optional[argparse.Namespace] = None
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:  # --help and --version print (to stdout) and exit 0
+            with contextlib.redirect_stdout(out):
+                args = parser.parse_args(argv)
+        except SystemExit as done:
+            return done.code if isinstance(done.code, int) else 0
         debug = debug or bool(getattr(args, "debug", False))
         func: Optional[Callable[[argparse.Namespace, TextIO], int]] = getattr(args, "func", None)
         if func is None:  # 'cmda' or 'cmda bank' alone: show what can be run
