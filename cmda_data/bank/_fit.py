@@ -15,8 +15,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from ..core._validation import check_int, fail
-from ..core.mixture import GaussianMixture, select_n_components
+from ..core._validation import check_int, check_option, fail
+from ..core.mixture import GaussianMixture, fit_candidates
 from ..exceptions import CMDAWarning
 
 __all__ = ["FittedMixture", "fit_mixture", "gmm_from_state", "gmm_state", "pca_fit", "pca_project",
@@ -25,6 +25,10 @@ __all__ = ["FittedMixture", "fit_mixture", "gmm_from_state", "gmm_state", "pca_f
 _CONFIG_KEYS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params")
 _TENSOR_KEYS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
 _FACT_KEYS = ("converged_", "n_iter_", "lower_bound_", "n_features_in_")
+#: rows the PCA, the choice of M and the EM fit see at most (a random subsample beyond it)
+MAX_FIT_ROWS = 20_000
+#: rows per chunk of the responsibilities pass (float64 copies of one chunk at a time)
+_RESP_CHUNK_ROWS = 1 << 15
 
 
 @dataclass
@@ -61,6 +65,54 @@ def pca_project(x: torch.Tensor, pca: Tuple[torch.Tensor, torch.Tensor]) -> torc
     return (x - mean.to(x.device, x.dtype)) @ components.to(x.device, x.dtype).T
 
 
+def fit_subsample(n: int, max_fit_rows: Optional[int], random_state: Any) -> Optional[torch.Tensor]:
+    """Sorted indices of ``max_fit_rows`` of ``n`` rows drawn uniformly (None: fit on all rows).
+
+    Drawn from ``random_state``: an int seeds a fresh generator (the same rows each time), a
+    ``torch.Generator`` is advanced, None draws an OS-random seed.
+
+    Examples:
+        >>> fit_subsample(10, 20, 0) is None, fit_subsample(10, 4, 0).tolist() == fit_subsample(10, 4, 0).tolist()
+        (True, True)
+    """
+    if max_fit_rows is None or n <= max_fit_rows:
+        return None
+    if isinstance(random_state, torch.Generator):
+        generator = random_state
+    else:
+        generator = torch.Generator()
+        if random_state is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(random_state))
+    order = torch.randperm(n, generator=generator, device=generator.device)[:max_fit_rows]
+    return order.cpu().sort().values
+
+
+def responsibilities(gmm: Any, x: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+    """``gmm.predict_proba(x)`` as float32 ``[N, M]``, computed ``_RESP_CHUNK_ROWS`` rows at a time.
+
+    Each chunk is converted to float64 on its own, so the peak memory does not grow with N.
+    """
+    n = x.shape[0]
+    out = torch.empty((n, int(gmm.n_components)), dtype=torch.float32, device=x.device)
+    starts = range(0, n, _RESP_CHUNK_ROWS)
+    for start in _bar(starts, progress, "responsibilities", len(starts), "chunk"):
+        out[start:start + _RESP_CHUNK_ROWS] = gmm.predict_proba(x[start:start + _RESP_CHUNK_ROWS]).float()
+    return out
+
+
+def _bar(iterable: Any, enabled: bool, desc: str, total: int, unit: str) -> Any:
+    """A tqdm bar over ``iterable`` that shows only when the step takes over two seconds (tqdm optional)."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, unit=unit, delay=2.0)
+
+
 def warn_dca_inert(field: Optional[str], criterion: str, scores: Dict[int, float]) -> str:
     """Warn (:class:`~cmda_data.CMDAWarning`) that the choice of M gave 1; return the message.
 
@@ -80,37 +132,59 @@ def warn_dca_inert(field: Optional[str], criterion: str, scores: Dict[int, float
 
 def fit_mixture(x: torch.Tensor, *, n_components: Optional[int], candidates: Iterable[int],
                 reduce_dim: Optional[int], random_state: Any = 0, criterion: str = "bic",
-                field: Optional[str] = None, **gmm_options: Any) -> FittedMixture:
+                field: Optional[str] = None, max_fit_rows: Optional[int] = MAX_FIT_ROWS,
+                progress: bool = False, **gmm_options: Any) -> FittedMixture:
     """Fit the GMM on ``x`` [N, d]; M by ``criterion`` over ``candidates`` when None.
 
     When the criterion picks M = 1 out of several candidates, a :class:`~cmda_data.CMDAWarning`
     names ``field`` and the scores, and ``metadata["dca_inert"]`` keeps its message.
+
+    With more than ``max_fit_rows`` rows (None: no limit), the PCA, the choice of M and the EM
+    fit see a uniform random subsample of ``max_fit_rows`` rows (drawn from ``random_state``);
+    the responsibilities are computed for every row, in chunks. The model fitted while
+    choosing M is the one kept (no second fit). ``progress`` shows tqdm bars for the steps
+    that take more than a couple of seconds.
     """
     n, d = x.shape
+    max_fit_rows = check_int("max_fit_rows", max_fit_rows, minimum=1, allow_none=True)
+    rows = fit_subsample(n, max_fit_rows, random_state)
+    sample = x if rows is None else x[rows]
     pca = None
     metadata: Dict[str, Any] = {"reduce_dim": None, "criterion": None, "n_components_scores": None}
     if reduce_dim is not None:
         reduce_dim = check_int("reduce_dim", reduce_dim, minimum=1)
         if reduce_dim > d:
             fail("reduce_dim", f"an integer <= the embedding dimension {d}", reduce_dim)
-        pca = pca_fit(x, reduce_dim)
-        x = pca_project(x, pca)
+        pca = pca_fit(sample, reduce_dim)
+        x, sample = pca_project(x, pca), pca_project(sample, pca)
         metadata["reduce_dim"] = reduce_dim
     options = dict(gmm_options, random_state=random_state)
+    metadata["fit_rows"] = int(sample.shape[0])
+    gmm = None
     if n_components is None:
+        check_option("criterion", criterion, ("bic", "aic"))
         values = [check_int("candidates", m, minimum=1) for m in candidates]
-        values = [m for m in values if m <= n] or [1]
-        best, scores = select_n_components(x, values, criterion=criterion, **options)
+        values = list(dict.fromkeys(m for m in values if m <= len(sample))) or [1]
+        scores: Dict[int, float] = {}
+        models = _bar(fit_candidates(sample.detach().double(), values, criterion, options), progress,
+                      f"{criterion.upper()} choice of M", len(values), "fit")
+        for m, model, score in models:
+            scores[m] = score
+            if m == min(scores, key=lambda k: (scores[k], k)):
+                gmm = model  # keep only the best fit so far
+        best = min(scores, key=lambda m: (scores[m], m))
         metadata["criterion"] = criterion
         metadata["n_components_scores"] = {str(m): float(s) for m, s in scores.items()}
         n_components = best
         if best == 1 and len(scores) > 1:
             metadata["dca_inert"] = warn_dca_inert(field, criterion, scores)
     n_components = check_int("n_components", n_components, minimum=1)
-    if n_components > n:
-        fail("n_components", f"at most the number of rows ({n})", n_components)
-    gmm = GaussianMixture(n_components, **options).fit(x)
-    resp = gmm.predict_proba(x).float().contiguous()
+    if n_components > len(sample):
+        fail("n_components", f"at most the number of rows ({len(sample)})", n_components)
+    if gmm is None:
+        for _ in _bar(range(1), progress, f"EM fit (M={n_components})", 1, "fit"):
+            gmm = GaussianMixture(n_components, **options).fit(sample)
+    resp = responsibilities(gmm, x, progress=progress)
     metadata["n_components"] = n_components
     metadata["gmm_converged"] = bool(gmm.converged_)
     return FittedMixture(gmm, resp, pca, metadata)

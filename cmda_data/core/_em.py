@@ -49,13 +49,16 @@ INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
 #: (3-4x faster than one big temporary), large on GPUs where kernel launches dominate
 _CPU_CHUNK_ELEMENTS = 1 << 18
 _GPU_CHUNK_ELEMENTS = 1 << 24
+#: but never fewer rows than this: the matrix products of wide data (M * d >= 1024) need tall
+#: blocks (d = 512, M = 4 on 2 cores: 2x faster E- and M-steps at 2048 rows than at 256)
+_MIN_CHUNK_ROWS = 2048
 
 
 def _row_chunks(X: torch.Tensor, width: int):
     """Row slices of ``X`` so that ``rows * width`` stays near the chunk budget of its device."""
     n = X.shape[0]
     budget = _CPU_CHUNK_ELEMENTS if X.device.type == "cpu" else _GPU_CHUNK_ELEMENTS
-    step = max(256, budget // max(1, width))
+    step = max(_MIN_CHUNK_ROWS, budget // max(1, width))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -316,7 +316,8 @@ class GaussianMixture:
         self.n_iter_, self.lower_bound_, self.lower_bounds_ = best_iter, max_lower_bound, best_bounds
         self.converged_ = best_converged
         self.n_features_in_ = d
-        _, log_resp = _em.e_step(data, weights, means, chol, kind)
+        fit_score, log_resp = _em.e_step(data, weights, means, chol, kind)
+        self._fit_score = float(fit_score)  # score(X) of the training data: bic/aic with no 2nd E-step
         return log_resp.argmax(1)
 
     def _initial_params(self, data, inits, shift, generator):
@@ -482,9 +483,16 @@ def select_n_components(
     data, _ = _as_matrix(X)
     if max(values) > data.shape[0]:
         fail("candidates", f"component counts <= n_samples = {data.shape[0]}", f"{max(values)}", raw=True)
-    scores: Dict[int, float] = {}
-    for m in values:
-        model = GaussianMixture(m, **gmm_kwargs).fit(data)
-        scores[m] = model.bic(data) if criterion == "bic" else model.aic(data)
+    scores = {m: score for m, _, score in fit_candidates(data, values, criterion, gmm_kwargs)}
     best = min(scores, key=lambda m: (scores[m], m))
     return best, scores
+
+
+def fit_candidates(data: torch.Tensor, values: Iterable[int], criterion: str,
+                   gmm_kwargs: Dict[str, Any]) -> Iterator[Tuple[int, "GaussianMixture", float]]:
+    """``(m, fitted model, bic/aic)`` per candidate (private); the score reuses the fit's last E-step."""
+    n = data.shape[0]
+    for m in values:
+        model = GaussianMixture(m, **gmm_kwargs).fit(data)
+        penalty = model._n_parameters() * (math.log(n) if criterion == "bic" else 2.0)
+        yield m, model, -2.0 * model._fit_score * n + penalty

@@ -1,0 +1,404 @@
+"""Benchmark: an EmbeddingBank of N = 1,000,000 rows x d = 512 built with the default options.
+
+Issue 15, item 5. The embeddings (two modalities, ``image`` and ``text``, of random
+low-rank clusters: each row is ``center_k + z @ B_k + noise`` with ``z`` of rank ``--rank``,
+the two modalities sharing the cluster of a row) are generated first, chunk by chunk, into two
+raw float32 files. Each measured step then runs in a fresh process of its own, so its peak
+RSS (``ru_maxrss``) counts only what that step holds:
+
+1. **build** -- ``EmbeddingBank.build(range(N), aligner, student="image", teachers="text")``
+   with the default options (``n_components=None``: BIC choice of M over 1..6, full
+   covariances; banks over ``max_fit_rows`` rows fit on a random subsample). The aligner
+   reads the rows of a batch from the files with ``os.preadv`` (like an encoder, it holds
+   nothing between calls; page-cache reads do not count in the RSS). Reported: wall time, the
+   time of the embedding, of the GMM choice + fit and of the responsibilities pass, peak RSS
+   and its ratio to the size of the bank's embeddings; then ``bank.save`` (time, peak RSS).
+2. **workers** -- ``EmbeddingBank.load(folder, mmap=True)`` and a ``DataLoader`` with
+   ``--workers`` processes, each reading ``--reads`` batches of 256 random rows
+   (``bank.rows``: every modality and the responsibilities). Each worker reports its RSS, USS
+   and PSS (psutil ``memory_full_info``; PSS divides shared pages between the processes that
+   map them, so it is the honest share of each).
+3. **sklearn** -- ``sklearn.mixture.GaussianMixture`` with the same settings (M = 1..6, full,
+   ``random_state=0``) on the same subsample the bank was fitted on: mean log-likelihood per
+   M against ours (backed out of the bank's BIC table, which is ``-2 n ll + p log n``) and
+   the M each criterion picks, and the chosen model's log-likelihood (``bank.gmm.score``).
+
+Run ``python benchmarks/bench_bank.py`` (about 10 minutes on 2 cores; writes
+``benchmarks/results/bench_bank.json`` and ``bench_bank.png``) or ``--quick`` (N = 30,000,
+d = 32, 2 workers: under a minute; what the tests run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_bank.json"
+MODALITIES = ("image", "text")
+ROW_BATCH = 256
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def generate(folder: Path, n: int, d: int, clusters: int, rank: int, noise: float, separation: float,
+             seed: int) -> Dict[str, Any]:
+    """Write ``image.f32`` and ``text.f32`` (``[n, d]`` float32, row-major) of random low-rank clusters.
+
+    Centers are ``N(0, separation^2)`` per coordinate; each cluster spreads over its own random
+    ``rank``-dimensional subspace with a total variance of about ``d`` (``z @ B``, B of rows with
+    squared norm ``d / rank``) plus isotropic ``noise``.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, clusters, n)
+    params = {}
+    for m in MODALITIES:
+        centers = rng.normal(0.0, separation, (clusters, d)).astype(np.float32)
+        bases = (rng.normal(0.0, 1.0, (clusters, rank, d)) / np.sqrt(rank)).astype(np.float32)
+        params[m] = (centers, bases)
+    step = 50_000
+    for m in MODALITIES:
+        centers, bases = params[m]
+        with open(folder / f"{m}.f32", "wb") as handle:
+            for start in range(0, n, step):
+                lab = labels[start:start + step]
+                z = rng.normal(0.0, 1.0, (len(lab), rank)).astype(np.float32)
+                x = centers[lab] + np.einsum("nr,nrd->nd", z, bases[lab])
+                x += noise * rng.normal(0.0, 1.0, x.shape).astype(np.float32)
+                handle.write(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    return {"clusters": clusters, "rank": rank, "noise": noise, "separation": separation, "seed": seed,
+            "cluster_sizes": np.bincount(labels, minlength=clusters).tolist()}
+
+
+class FileAligner:
+    """Embeds by dataset index: reads rows ``[min(idx), max(idx)]`` of ``<modality>.f32`` with ``os.preadv``."""
+
+    modalities = MODALITIES
+    embeds_by_index = True
+
+    def __init__(self, folder: Path, d: int) -> None:
+        self.d = d
+        self.fds = {m: os.open(folder / f"{m}.f32", os.O_RDONLY) for m in MODALITIES}
+        self.last_call = time.perf_counter()
+
+    def embed(self, modality: str, indices: torch.Tensor) -> torch.Tensor:
+        lo, hi = int(indices.min()), int(indices.max()) + 1
+        out = np.empty((hi - lo, self.d), dtype=np.float32)
+        os.preadv(self.fds[modality], [memoryview(out).cast("B")], lo * self.d * 4)
+        rows = torch.from_numpy(out)
+        self.last_call = time.perf_counter()
+        return rows if hi - lo == len(indices) else rows[indices - lo]
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------- step 1: build + save
+
+
+def phase_build(args: argparse.Namespace) -> Dict[str, Any]:
+    from cmda_data import EmbeddingBank
+    from cmda_data.bank import _fit
+
+    work = Path(args.work)
+    aligner = FileAligner(work, args.d)
+    timed: Dict[str, float] = {}
+    inner = _fit.responsibilities
+
+    def responsibilities(*a: Any, **k: Any) -> torch.Tensor:  # time the responsibilities pass on its own
+        start = time.perf_counter()
+        out = inner(*a, **k)
+        timed["responsibilities_s"] = time.perf_counter() - start
+        return out
+
+    _fit.responsibilities = responsibilities
+    rss_start = peak_rss_bytes()
+    start = time.perf_counter()
+    bank = EmbeddingBank.build(range(args.n), aligner, student="image", teachers="text",
+                               progress=not args.no_progress)
+    build_s = time.perf_counter() - start
+    embed_s = aligner.last_call - start
+    rss_build = peak_rss_bytes()
+    start = time.perf_counter()
+    bank.save(work / "bank")
+    save_s = time.perf_counter() - start
+    meta = bank.metadata
+    embeddings_bytes = sum(t.numel() * t.element_size() for t in bank.embeddings.values())
+    return {
+        "build_s": build_s, "embed_s": embed_s, "gmm_s": build_s - embed_s,
+        "responsibilities_s": timed.get("responsibilities_s"),
+        "choice_and_fit_s": build_s - embed_s - timed.get("responsibilities_s", 0.0),
+        "save_s": save_s, "peak_rss_start_bytes": rss_start, "peak_rss_build_bytes": rss_build,
+        "peak_rss_save_bytes": peak_rss_bytes(), "embeddings_bytes": embeddings_bytes,
+        "one_modality_bytes": embeddings_bytes // len(bank.embeddings),
+        "n_components": bank.n_components, "fit_rows": meta.get("fit_rows"),
+        "n_components_scores": meta.get("n_components_scores"), "gmm_converged": meta.get("gmm_converged"),
+        "gmm_n_iter": getattr(bank.gmm, "n_iter_", None), "dca_inert": meta.get("dca_inert"),
+        "bank_file_bytes": (work / "bank" / "bank.safetensors").stat().st_size,
+    }
+
+
+# ----------------------------------------------------------------------------- step 2: workers
+
+
+class RandomRows(torch.utils.data.Dataset):
+    """Item ``i``: ``ROW_BATCH`` random bank rows (all modalities + responsibilities) and this process's memory."""
+
+    def __init__(self, bank: Any, reads: int, seed: int) -> None:
+        self.bank, self.reads, self.seed = bank, reads, seed
+
+    def __len__(self) -> int:
+        return self.reads
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        import psutil
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        rows = torch.randint(0, len(self.bank), (ROW_BATCH,), generator=g)
+        got = self.bank.rows(rows)
+        total = sum(float(t.sum()) for t in got.embeddings.values()) + float(got.responsibilities.sum())
+        info = psutil.Process().memory_full_info()
+        worker = torch.utils.data.get_worker_info()
+        return {"worker": -1 if worker is None else worker.id, "pid": os.getpid(), "checksum": total,
+                "rss": info.rss, "uss": info.uss, "pss": getattr(info, "pss", None)}
+
+
+def phase_workers(args: argparse.Namespace) -> Dict[str, Any]:
+    import psutil
+
+    from cmda_data import EmbeddingBank
+
+    start = time.perf_counter()
+    bank = EmbeddingBank.load(Path(args.work) / "bank", mmap=True)
+    load_s = time.perf_counter() - start
+    main_after_load = psutil.Process().memory_full_info()
+    loader = torch.utils.data.DataLoader(RandomRows(bank, args.reads * args.workers, seed=1), batch_size=None,
+                                         num_workers=args.workers, shuffle=False)
+    per_worker: Dict[int, Dict[str, Any]] = {}
+    start = time.perf_counter()
+    for item in loader:
+        per_worker[item["worker"]] = {k: item[k] for k in ("pid", "rss", "uss", "pss")}  # the last read counts
+    read_s = time.perf_counter() - start
+    main = psutil.Process().memory_full_info()
+    workers = [per_worker[k] for k in sorted(per_worker)]
+    mean = {k: float(np.mean([w[k] for w in workers])) if workers[0][k] is not None else None
+            for k in ("rss", "uss", "pss")}
+    return {"load_s": load_s, "read_s": read_s, "workers": args.workers, "reads_per_worker": args.reads,
+            "rows_per_read": ROW_BATCH, "per_worker": workers, "worker_mean": mean,
+            "main_after_load": {"rss": main_after_load.rss, "uss": main_after_load.uss,
+                                "pss": getattr(main_after_load, "pss", None)},
+            "main": {"rss": main.rss, "uss": main.uss, "pss": getattr(main, "pss", None)},
+            "peak_rss_main_bytes": peak_rss_bytes()}
+
+
+# ----------------------------------------------------------------------------- step 3: sklearn
+
+
+def n_parameters(m: int, d: int) -> int:
+    return int(m * d * (d + 1) / 2 + m * d + m - 1)
+
+
+def phase_sklearn(args: argparse.Namespace) -> Dict[str, Any]:
+    import warnings
+
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    from cmda_data import EmbeddingBank, GaussianMixture
+    from cmda_data.bank._fit import MAX_FIT_ROWS, fit_subsample
+
+    bank = EmbeddingBank.load(Path(args.work) / "bank", mmap=True)
+    teacher = bank.embeddings[bank.metadata["fit_on"]]
+    rows = fit_subsample(len(bank), MAX_FIT_ROWS, 0)
+    sample = (teacher if rows is None else teacher[rows]).double().numpy()
+    n, d = sample.shape
+    ours_scores = {int(m): s for m, s in bank.metadata["n_components_scores"].items()}
+    table = []
+    for m, bic in sorted(ours_scores.items()):
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sk = SkGaussianMixture(m, random_state=0).fit(sample)
+        ll_sk, ll_ours = float(sk.score(sample)), (n_parameters(m, d) * np.log(n) - bic) / (2 * n)
+        row = {"m": m, "ll_ours": ll_ours, "ll_sklearn": ll_sk, "rel_diff": abs(ll_ours - ll_sk) / abs(ll_sk),
+               "bic_ours": bic, "bic_sklearn": float(sk.bic(sample)), "sklearn_s": time.perf_counter() - start,
+               "sklearn_converged": bool(sk.converged_)}
+        if row["rel_diff"] > 1e-3:  # another local optimum? start scikit-learn where ours started
+            start = GaussianMixture(m, random_state=0, max_iter=0).fit(torch.from_numpy(sample))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                same = SkGaussianMixture(m, random_state=0, weights_init=start.weights_.numpy(),
+                                         means_init=start.means_.numpy(),
+                                         precisions_init=start.precisions_.numpy()).fit(sample)
+            row["ll_sklearn_same_start"] = float(same.score(sample))
+            row["rel_diff_same_start"] = abs(ll_ours - row["ll_sklearn_same_start"]) / abs(ll_sk)
+        table.append(row)
+    chosen = bank.n_components
+    sk_chosen = min(table, key=lambda r: (r["bic_sklearn"], r["m"]))["m"]
+    fit_row = next(r for r in table if r["m"] == chosen)
+    ll_fit = float(bank.gmm.score(sample))
+    return {"fit_rows": n, "per_m": table, "m_ours": chosen, "m_sklearn": sk_chosen,
+            "fit_ll_ours": ll_fit, "fit_ll_sklearn": fit_row["ll_sklearn"],
+            "fit_rel_diff": abs(ll_fit - fit_row["ll_sklearn"]) / abs(fit_row["ll_sklearn"]),
+            "max_rel_diff": max(r["rel_diff"] for r in table),
+            "max_rel_diff_same_start": max(r.get("rel_diff_same_start", r["rel_diff"]) for r in table)}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_phase(phase: str, args: argparse.Namespace, work: Path) -> Dict[str, Any]:
+    """Run one step in a fresh interpreter (its own peak RSS) and read its JSON."""
+    out = work / f"{phase}.json"
+    cmd = [sys.executable, __file__, "--phase", phase, "--work", str(work), "--n", str(args.n), "--d", str(args.d),
+           "--workers", str(args.workers), "--reads", str(args.reads)] + (["--no-progress"] if args.no_progress else [])
+    subprocess.run(cmd, check=True, env=dict(os.environ, BENCH_BANK_OUT=str(out)))
+    return json.loads(out.read_text())
+
+
+def gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def report(result: Dict[str, Any]) -> None:
+    b, w, s = result["build"], result["workers"], result.get("sklearn")
+    print(f"N = {result['config']['n']:,} x d = {result['config']['d']} (2 modalities, embeddings "
+          f"{gib(b['embeddings_bytes'])}; one modality {gib(b['one_modality_bytes'])})")
+    print(f"build: {b['build_s']:.1f} s (embedding {b['embed_s']:.1f} s, BIC choice + EM fit on {b['fit_rows']:,} "
+          f"rows {b['choice_and_fit_s']:.1f} s, responsibilities of all rows {b['responsibilities_s']:.1f} s); "
+          f"M = {b['n_components']}")
+    print(f"peak RSS build: {gib(b['peak_rss_build_bytes'])} = {result['ratios']['build_peak_to_embeddings']:.2f}x "
+          f"the embeddings ({result['ratios']['build_peak_to_one_modality']:.2f}x one modality); with save "
+          f"({b['save_s']:.1f} s): {gib(b['peak_rss_save_bytes'])}")
+    print(f"{w['workers']} workers, mmap load ({w['load_s']:.1f} s), {w['reads_per_worker']} reads of "
+          f"{w['rows_per_read']} random rows each: per worker RSS {gib(w['worker_mean']['rss'])}, USS "
+          f"{gib(w['worker_mean']['uss'])}, PSS {gib(w['worker_mean']['pss'] or 0)}; main PSS "
+          f"{gib(w['main']['pss'] or 0)}")
+    if s:
+        for r in s["per_m"]:
+            same = (f" (sklearn from our start {r['ll_sklearn_same_start']:.6f}, rel {r['rel_diff_same_start']:.2e})"
+                    if "rel_diff_same_start" in r else "")
+            print(f"  M={r['m']}: ll ours {r['ll_ours']:.6f} sklearn {r['ll_sklearn']:.6f} rel {r['rel_diff']:.2e}"
+                  + same)
+        print(f"sklearn on the same {s['fit_rows']:,} rows: M ours {s['m_ours']}, sklearn {s['m_sklearn']}; "
+              f"fit ll rel diff {s['fit_rel_diff']:.2e}; max over M {s['max_rel_diff']:.2e} "
+              f"({s['max_rel_diff_same_start']:.2e} from the same start)")
+
+
+def plot(result: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b, w, s = result["build"], result["workers"], result.get("sklearn")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    parts = [("embedding", b["embed_s"]), ("BIC choice + fit", b["choice_and_fit_s"]),
+             ("responsibilities", b["responsibilities_s"] or 0.0), ("save", b["save_s"])]
+    axes[0].barh([p[0] for p in parts][::-1], [p[1] for p in parts][::-1], color="tab:blue")
+    axes[0].axvline(300, color="tab:red", ls="--", label="5 min target (build)")
+    axes[0].set_xlabel("seconds")
+    axes[0].set_title(f"N={result['config']['n']:,}, d={result['config']['d']}: build {b['build_s']:.0f} s")
+    axes[0].legend(loc="lower right")
+    labels = ["build peak", "save peak", "main (8w)"] + [f"w{i}" for i in range(len(w["per_worker"]))]
+    rss = [b["peak_rss_build_bytes"], b["peak_rss_save_bytes"], w["main"]["rss"]] + [x["rss"] for x in w["per_worker"]]
+    pss = [np.nan, np.nan, w["main"]["pss"] or np.nan] + [x["pss"] or np.nan for x in w["per_worker"]]
+    xs = np.arange(len(labels))
+    axes[1].bar(xs - 0.2, np.array(rss) / 2**30, 0.4, label="RSS (peak for build/save)")
+    axes[1].bar(xs + 0.2, np.array(pss, dtype=float) / 2**30, 0.4, label="PSS")
+    axes[1].axhline(2 * b["embeddings_bytes"] / 2**30, color="tab:red", ls="--", label="2x embeddings")
+    axes[1].set_xticks(xs, labels, rotation=45)
+    axes[1].set_ylabel("GiB")
+    axes[1].set_title("memory")
+    axes[1].legend(fontsize=8)
+    if s:
+        ms = [r["m"] for r in s["per_m"]]
+        axes[2].plot(ms, [r["bic_ours"] for r in s["per_m"]], "o-", label="cmda_data")
+        axes[2].plot(ms, [r["bic_sklearn"] for r in s["per_m"]], "x--", label="sklearn")
+        axes[2].set_xlabel("M")
+        axes[2].set_ylabel("BIC")
+        axes[2].set_title(f"BIC on the {s['fit_rows']:,}-row subsample (max rel ll diff {s['max_rel_diff']:.1e})")
+        axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: List[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--clusters", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=48)
+    parser.add_argument("--noise", type=float, default=0.05)
+    parser.add_argument("--separation", type=float, default=3.0, help="scale of the cluster centers")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--reads", type=int, default=200, help="batches of 256 random rows per worker")
+    parser.add_argument("--quick", action="store_true", help="N = 30,000, d = 32, rank 8, 2 workers, 20 reads")
+    parser.add_argument("--skip-sklearn", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--phase", choices=("build", "workers", "sklearn"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.phase:
+        result = {"build": phase_build, "workers": phase_workers, "sklearn": phase_sklearn}[args.phase](args)
+        Path(os.environ["BENCH_BANK_OUT"]).write_text(json.dumps(result))
+        return
+    if args.quick:
+        args.n, args.d, args.rank, args.workers, args.reads = 30_000, 32, 8, 2, 20
+    temporary = args.work is None
+    scratch = Path(args.work or tempfile.mkdtemp(prefix="bench_bank-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    args.work = str(scratch)
+    try:
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        data = generate(scratch, args.n, args.d, args.clusters, args.rank, args.noise, args.separation, seed=0)
+        generate_s = time.perf_counter() - start
+        result: Dict[str, Any] = {"issue": 15, "quick": args.quick}
+        result["build"] = run_phase("build", args, scratch)
+        result["workers"] = run_phase("workers", args, scratch)
+        result["sklearn"] = None if args.skip_sklearn else run_phase("sklearn", args, scratch)
+    finally:
+        if temporary:
+            shutil.rmtree(scratch, ignore_errors=True)
+    from cmda_data.bank._fit import MAX_FIT_ROWS
+
+    b = result["build"]
+    result["config"] = {"n": args.n, "d": args.d, "modalities": list(MODALITIES), "data": data,
+                        "generate_s": generate_s, "bank_options": "EmbeddingBank.build defaults",
+                        "max_fit_rows": MAX_FIT_ROWS, "workers": args.workers, "reads": args.reads,
+                        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                        "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+                        "python": platform.python_version(), "loadavg_before": load_before,
+                        "loadavg_after": os.getloadavg()}
+    result["ratios"] = {"build_peak_to_embeddings": b["peak_rss_build_bytes"] / b["embeddings_bytes"],
+                        "build_peak_to_one_modality": b["peak_rss_build_bytes"] / b["one_modality_bytes"],
+                        "save_peak_to_embeddings": b["peak_rss_save_bytes"] / b["embeddings_bytes"]}
+    result["targets"] = {"build_s<=300": b["build_s"] <= 300,
+                         "build_peak<=2x_embeddings": result["ratios"]["build_peak_to_embeddings"] <= 2.0,
+                         "ll_rel_diff<=1e-3": None if not result["sklearn"] else
+                         result["sklearn"]["max_rel_diff"] <= 1e-3}
+    report(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
