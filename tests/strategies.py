@@ -10,6 +10,7 @@ Sections:
     2. latents and responsibilities (owner: functional helper)
     3. weights and samples          (owner: functional helper)
     4. extreme values, bad arguments and devices (owner: reliability helper, tests/fuzz/)
+    5. webdataset shards: samples, cuts and member edits (owner: shards helper)
     6. saved bank files: bit flips, truncations, header edits (owner: bank-file helper)
 """
 
@@ -25,9 +26,11 @@ __all__ = [
     "BATCH_SIZES",
     "EXTREME_MAGNITUDES",
     "FLOAT_DTYPES",
+    "SHARD_FIELDS",
     "bad_scalars",
     "bit_flips",
     "batch_sizes",
+    "cut_points",
     "dense_weights",
     "devices_with_meta",
     "extreme_floats",
@@ -37,8 +40,10 @@ __all__ = [
     "json_values",
     "latent_pairs",
     "latents",
+    "member_edits",
     "responsibilities",
     "sample_tensors",
+    "shard_samples",
     "sparse_weights",
     "stochastic_rows",
     "trailing_shapes",
@@ -237,6 +242,69 @@ def bad_scalars() -> st.SearchStrategy:
 def devices_with_meta() -> st.SearchStrategy[str]:
     """``"cpu"`` or ``"meta"`` (a tensor without data); tests add ``"cuda"`` by mark."""
     return st.sampled_from(["cpu", "meta"])
+
+
+# =====================================================================================
+# 5. webdataset shards: samples, cuts and member edits (owner: shards helper,
+#    tests/fuzz/test_fuzz_shards.py)
+# =====================================================================================
+
+#: the fields a fuzzed shard sample may declare (write_shards adds "index")
+SHARD_FIELDS = ("image", "label", "caption", "meta")
+
+
+@st.composite
+def shard_samples(draw, max_samples: int = 9):
+    """``(samples, fields)``: 1..``max_samples`` dict samples that all have the declared ``fields``.
+
+    ``image`` a float32 tensor of 0 to 3 dimensions (sizes 0..3), ``label`` an int, ``caption``
+    any text (also empty), ``meta`` a small JSON dict.
+    """
+    fields = draw(st.lists(st.sampled_from(SHARD_FIELDS), min_size=1, unique=True))
+    samples = []
+    for _ in range(draw(st.integers(1, max_samples))):
+        sample = {}
+        if "image" in fields:
+            shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
+            array = draw(hnp.arrays(np.float32, shape, elements=st.floats(width=32, allow_nan=False, allow_infinity=False)))
+            sample["image"] = torch.from_numpy(array)
+        if "label" in fields:
+            sample["label"] = draw(st.integers(-(2 ** 62), 2 ** 62))
+        if "caption" in fields:
+            sample["caption"] = draw(st.text(max_size=30))
+        if "meta" in fields:
+            sample["meta"] = draw(st.dictionaries(st.text(max_size=4), st.integers(-9, 9) | st.booleans() | st.none(),
+                                                  max_size=3))
+        samples.append(sample)
+    return samples, fields
+
+
+def cut_points(size: int, members) -> st.SearchStrategy[int]:
+    """Byte offsets ``< size`` to cut a tar at: member boundaries, inside headers, inside data, anywhere.
+
+    ``members``: ``(header offset, data offset, data end)`` of every member.
+    """
+    boundaries = sorted({x for header, start, end in members for x in (header, start, end + (-end % 512))}
+                        | {0})
+    inside = sorted({x for header, start, end in members
+                     for x in (header + 1, header + 257, (start + end) // 2, max(start, end - 1))})
+    return st.one_of(st.sampled_from([x for x in boundaries if x < size]),
+                     st.sampled_from([x for x in inside if x < size]),
+                     st.integers(0, size - 1))
+
+
+@st.composite
+def member_edits(draw, n: int, fields):
+    """``(extra, missing)``: samples that get an extra member, and sample -> fields whose members go.
+
+    At most ``len(fields) - 1`` members of a sample go, so every sample keeps a member.
+    """
+    extra = draw(st.sets(st.integers(0, n - 1), max_size=n))
+    missing = draw(st.dictionaries(st.integers(0, n - 1),
+                                   st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=len(fields) - 1,
+                                            unique=True), max_size=n))
+    return extra, missing
+
 
 # =====================================================================================
 # 6. saved bank files: bit flips, truncations, header edits (owner: bank-file helper,
