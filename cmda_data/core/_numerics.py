@@ -59,7 +59,7 @@ def product_without_overflow(w: torch.Tensor, inter: torch.Tensor, intra: torch.
                  f"a product that overflows in row(s) {rows[:8]} (max inter {float(inter.amax()):.4g}, max intra "
                  f"{float(intra.amax()):.4g}; pass renormalize=True or scale the weights)", raw=True)
         return w
-    redo = overflow | (w.sum(1, keepdim=True) <= 0)
+    redo = overflow | (w.amax(1, keepdim=True) < torch.finfo(w.dtype).tiny)  # overflow, zero or subnormal rows
     return torch.where(redo, scaled_product(inter, intra), w)
 
 

@@ -313,7 +313,7 @@ def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Opti
     w = inter.to(dtype)
     w = w * intra.to(dtype) if intra is not None else w.clone()
     cpu = w.device.type == "cpu"
-    if intra is not None and (not cpu or not math.isfinite(float(w.sum())) or bool((w.sum(1) <= 0).any())):
+    if intra is not None and (not cpu or not math.isfinite(float(w.sum())) or bool((w.amax(1) < torch.finfo(dtype).tiny).any())):
         w = _numerics.product_without_overflow(w, inter.to(dtype), intra.to(dtype), renormalize)  # over/underflow
     alone = None
     if exclude_self:

@@ -310,6 +310,10 @@ class GaussianMixture:
                           "or increase max_iter, tol, or check for degenerate data.", ConvergenceWarning,
                           stacklevel=2)
         weights, means, covariances, chol = best
+        if not all(bool(torch.isfinite(t).all()) for t in best):  # e.g. a variance beyond float64 (|x| ~ 1e200)
+            fail("X", "data whose mixture parameters are finite in float64 (spread below about 1e150: scale it)",
+                 f"values from {float(data.min() + shift.min()):.4g} to {float(data.max() + shift.max()):.4g}",
+                 raw=True)
         self.weights_, self.means_, self.covariances_ = weights, means + shift, covariances
         self.precisions_cholesky_ = chol
         self.precisions_ = _em.precisions_from_cholesky(chol, kind)
