@@ -313,8 +313,9 @@ def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Opti
     w = inter.to(dtype)
     w = w * intra.to(dtype) if intra is not None else w.clone()
     cpu = w.device.type == "cpu"
-    if intra is not None and (not cpu or not math.isfinite(float(w.sum())) or bool((w.amax(1) < torch.finfo(dtype).tiny).any())):
-        w = _numerics.product_without_overflow(w, inter.to(dtype), intra.to(dtype), renormalize)  # over/underflow
+    # over/underflow of the product: always handled on accelerators (no read-back); on the CPU one read decides
+    if intra is not None and (not cpu or bool(~torch.isfinite(w.sum()) | (w.amax(1) < torch.finfo(dtype).tiny).any())):
+        w = _numerics.product_without_overflow(w, inter.to(dtype), intra.to(dtype), renormalize)
     alone = None
     if exclude_self:
         _set_own_entries(w, own, 0.0)
