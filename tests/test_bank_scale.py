@@ -220,3 +220,31 @@ def test_bench_bank_quick_preset(tmp_path):
     for w in workers["per_worker"]:
         assert 0 < w["uss"] <= w["rss"] and (w["pss"] is None or w["uss"] <= w["pss"] <= w["rss"])
     assert out.with_suffix(".png").is_file()
+
+
+# -- torchrun: the script of docs/howto/distributed.md ------------------------------------------------
+def torchrun_script() -> str:
+    text = (ROOT / "docs" / "howto" / "distributed.md").read_text(encoding="utf-8")
+    (block,) = [b for b in text.split("```py\n")[1:] if b.startswith("# build_bank.py")]
+    return block.split("```")[0]
+
+
+@pytest.mark.slow
+def test_torchrun_bank_build_of_the_docs_equals_one_process(tmp_path):
+    """The docs' build_bank.py under torchrun: 2 gloo ranks (shards + all-gather) == 1 rank (plain build)."""
+    script = tmp_path / "build_bank.py"
+    script.write_text(torchrun_script())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    banks = {}
+    for procs in (2, 1):
+        out = tmp_path / f"bank{procs}"
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={procs}", str(script), str(out)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        banks[procs] = EmbeddingBank.load(out)
+    two, one = banks[2], banks[1]
+    assert len(two) == 3000 and two.n_components == one.n_components == 3  # three clusters, chosen by BIC
+    for modality in ("image", "text"):
+        assert torch.equal(two.embeddings[modality], one.embeddings[modality])
+    torch.testing.assert_close(two.responsibilities, one.responsibilities, rtol=0, atol=1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..aligners.precomputed import PrecomputedAligner
@@ -108,10 +109,12 @@ def embed_dataset(dataset: Any, aligner: Any, modalities: Sequence[str], *,
             fail("dataset", "at least one sample", "an empty dataset", raw=True)
         chunks, total = _index_chunks(dataset, order, field_of, batch_size, by_index), len(order)
     target = torch.device(device) if device is not None else aligner_device(aligner)
-    # known length: one [total, d] float32 table per modality, filled in place (no list + concatenation,
-    # which would hold every embedding twice); a stream of unknown length collects its batches
+    # known length: one [total, d] float32 table per modality, filled batch by batch (a list + one
+    # concatenation would hold every embedding twice). The copy goes through numpy: one memcpy, where
+    # torch's parallel copy costs milliseconds per batch when the cores are busy. A stream of unknown
+    # length keeps its batches.
     parts: Dict[str, List[torch.Tensor]] = {m: [] for m in modalities}
-    tables: Dict[str, torch.Tensor] = {}
+    tables: Dict[str, np.ndarray] = {}
     done = 0
     for chunk, columns in _progress(chunks, progress, total, batch_size):
         for modality in modalities:
@@ -123,15 +126,17 @@ def embed_dataset(dataset: Any, aligner: Any, modalities: Sequence[str], *,
                     width is not None and z.shape[1] != width):
                 fail(f"aligner.embed({modality!r}, batch of {len(chunk)})",
                      f"a [{len(chunk)}, {'d' if width is None else width}] tensor", z, ShapeError)
+            z = z.detach().to("cpu", torch.float32)
             if total is None:
-                parts[modality].append(z.detach().float().cpu())
+                parts[modality].append(z)
                 continue
             if modality not in tables:
-                tables[modality] = torch.empty((total, z.shape[1]), dtype=torch.float32)
-            tables[modality][done:done + len(chunk)].copy_(z.detach())
+                tables[modality] = np.empty((total, z.shape[1]), dtype=np.float32)
+            tables[modality][done:done + len(chunk)] = z.numpy()
         done += len(chunk)
     if total is not None:
-        return tables, None if chosen is None else torch.tensor(chosen, dtype=torch.long)
+        return {m: torch.from_numpy(t) for m, t in tables.items()}, (
+            None if chosen is None else torch.tensor(chosen, dtype=torch.long))
     if not parts[modalities[0]]:
         fail("dataset", "at least one sample", "an empty stream", raw=True)
     embeddings = {m: torch.cat(p) for m, p in parts.items()}

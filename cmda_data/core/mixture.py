@@ -495,8 +495,6 @@ def select_n_components(
 def fit_candidates(data: torch.Tensor, values: Iterable[int], criterion: str,
                    gmm_kwargs: Dict[str, Any]) -> Iterator[Tuple[int, "GaussianMixture", float]]:
     """``(m, fitted model, bic/aic)`` per candidate (private); the score reuses the fit's last E-step."""
-    n = data.shape[0]
-    for m in values:
+    for m, n in ((m, data.shape[0]) for m in values):
         model = GaussianMixture(m, **gmm_kwargs).fit(data)
-        penalty = model._n_parameters() * (math.log(n) if criterion == "bic" else 2.0)
-        yield m, model, -2.0 * model._fit_score * n + penalty
+        yield m, model, -2.0 * model._fit_score * n + model._n_parameters() * (math.log(n) if criterion == "bic" else 2)
