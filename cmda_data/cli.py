@@ -178,7 +178,7 @@ def _cmd_bank_build(args: argparse.Namespace, out: TextIO) -> int:
     teacher = _load_npy(args.teacher, "--teacher")
     candidates = _parse_candidates(args.candidates)
     with warnings.catch_warnings():  # said once, in the report below (the note), not twice
-        warnings.simplefilter("ignore", CMDAWarning)
+        warnings.filterwarnings("ignore", r"(BIC|AIC) chose M = 1", CMDAWarning)  # only that one
         bank = EmbeddingBank.from_embeddings(
             {args.student_name: student, args.teacher_name: teacher}, student=args.student_name,
             teachers=[args.teacher_name], fit_on=args.fit_on, n_components=args.n_components, candidates=candidates,

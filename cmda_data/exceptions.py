@@ -68,9 +68,10 @@ class CMDAWarning(UserWarning):
     """Something works but probably not as meant (e.g. the GMM chose M = 1: DCA weights inert)."""
 
 
-class ConvergenceWarning(UserWarning):
-    """EM stopped at ``max_iter`` before the lower bound changed by less than ``tol``."""
+class ConvergenceWarning(CMDAWarning):
+    """EM stopped at ``max_iter`` before the lower bound changed by less than ``tol``, or found fewer
+    distinct clusters than ``n_components`` (scikit-learn's message)."""
 
 
-class SkippedSamplesWarning(UserWarning):
+class SkippedSamplesWarning(CMDAWarning):
     """A stream skipped corrupt or unsafe members (the message says how many and why)."""
