@@ -37,6 +37,7 @@ _EXPORTS = {
     "Aligner": ".aligners",
     "CLIPAligner": ".aligners",
     "ContrastiveAligner": ".aligners",
+    "OpenCLIPAligner": ".aligners",
     "PrecomputedAligner": ".aligners",
     "create_aligner": ".aligners",
     "list_aligners": ".aligners",
