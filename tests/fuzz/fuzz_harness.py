@@ -19,6 +19,7 @@ every hypothesis test under ``tests/fuzz/``) and written by ``make fuzz`` to
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import subprocess
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -45,12 +46,23 @@ def examples(share: float = 1.0, minimum: int = 3) -> int:
     return max(minimum, int(settings.default.max_examples * share))
 
 
+def _imported_popens() -> Tuple[Tuple[Any, str], ...]:
+    """Copies of ``Popen`` bound by ``from subprocess import Popen`` (webdataset's URL opener)."""
+    try:
+        gopen = importlib.import_module("webdataset.gopen")  # the module (``webdataset.gopen`` is also a function)
+    except ImportError:  # the webdataset extra is optional
+        return ()
+    return ((gopen, "Popen"),) if hasattr(gopen, "Popen") else ()
+
+
+_IMPORTED_POPENS = _imported_popens()
+
 #: (module, attribute) of every way to start another program
 SPAWNERS: Tuple[Tuple[Any, str], ...] = tuple(
     (module, name) for module, name in (
         (subprocess, "Popen"), (os, "system"), (os, "popen"), (os, "posix_spawn"), (os, "posix_spawnp"),
         (os, "execv"), (os, "execve"), (os, "execvp"), (os, "execvpe"), (os, "spawnv"), (os, "spawnve"),
-    ) if hasattr(module, name))
+    ) if hasattr(module, name)) + _IMPORTED_POPENS
 
 
 class SubprocessStarted(AssertionError):
