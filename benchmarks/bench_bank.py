@@ -207,10 +207,11 @@ def phase_workers(args: argparse.Namespace) -> Dict[str, Any]:
                                          num_workers=args.workers, shuffle=False)
     per_worker: Dict[int, Dict[str, Any]] = {}
     start = time.perf_counter()
-    for item in loader:
+    for count, item in enumerate(loader, start=1):
         per_worker[item["worker"]] = {k: item[k] for k in ("pid", "rss", "uss", "pss")}  # the last read counts
+        if count == max(1, len(loader.dataset) - 2 * args.workers):  # the workers are alive and have read
+            main = psutil.Process().memory_full_info()
     read_s = time.perf_counter() - start
-    main = psutil.Process().memory_full_info()
     workers = [per_worker[k] for k in sorted(per_worker)]
     mean = {k: float(np.mean([w[k] for w in workers])) if workers[0][k] is not None else None
             for k in ("rss", "uss", "pss")}
@@ -219,6 +220,8 @@ def phase_workers(args: argparse.Namespace) -> Dict[str, Any]:
             "main_after_load": {"rss": main_after_load.rss, "uss": main_after_load.uss,
                                 "pss": getattr(main_after_load, "pss", None)},
             "main": {"rss": main.rss, "uss": main.uss, "pss": getattr(main, "pss", None)},
+            "pss_total": None if mean["pss"] is None else main.pss + sum(w["pss"] for w in workers),
+            "bank_file_bytes": (Path(args.work) / "bank" / "bank.safetensors").stat().st_size,
             "peak_rss_main_bytes": peak_rss_bytes()}
 
 
@@ -301,7 +304,8 @@ def report(result: Dict[str, Any]) -> None:
     print(f"{w['workers']} workers, mmap load ({w['load_s']:.1f} s), {w['reads_per_worker']} reads of "
           f"{w['rows_per_read']} random rows each: per worker RSS {gib(w['worker_mean']['rss'])}, USS "
           f"{gib(w['worker_mean']['uss'])}, PSS {gib(w['worker_mean']['pss'] or 0)}; main PSS "
-          f"{gib(w['main']['pss'] or 0)}")
+          f"{gib(w['main']['pss'] or 0)}; PSS of all {w['workers'] + 1} processes {gib(w['pss_total'] or 0)} "
+          f"(bank file {gib(w['bank_file_bytes'])})")
     if s:
         for r in s["per_m"]:
             same = (f" (sklearn from our start {r['ll_sklearn_same_start']:.6f}, rel {r['rel_diff_same_start']:.2e})"

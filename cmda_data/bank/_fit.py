@@ -27,8 +27,8 @@ _TENSOR_KEYS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "p
 _FACT_KEYS = ("converged_", "n_iter_", "lower_bound_", "n_features_in_")
 #: rows the PCA, the choice of M and the EM fit see at most (a random subsample beyond it)
 MAX_FIT_ROWS = 20_000
-#: rows per chunk of the responsibilities pass (float64 copies of one chunk at a time)
-_RESP_CHUNK_ROWS = 1 << 15
+#: rows per chunk of the responsibilities pass (float64 copies of one chunk at a time: 32 MB at d = 512)
+_RESP_CHUNK_ROWS = 1 << 13
 
 
 @dataclass
