@@ -149,7 +149,7 @@ def phase_build(args: argparse.Namespace) -> Dict[str, Any]:
     embed_s = aligner.last_call - start
     rss_build = peak_rss_bytes()
     start = time.perf_counter()
-    bank.save(work / "bank")
+    bank.save(work / "bank", progress=not args.no_progress)
     save_s = time.perf_counter() - start
     meta = bank.metadata
     embeddings_bytes = sum(t.numel() * t.element_size() for t in bank.embeddings.values())

@@ -248,3 +248,19 @@ def test_torchrun_bank_build_of_the_docs_equals_one_process(tmp_path):
     for modality in ("image", "text"):
         assert torch.equal(two.embeddings[modality], one.embeddings[modality])
     torch.testing.assert_close(two.responsibilities, one.responsibilities, rtol=0, atol=1e-6)
+
+
+def test_save_with_progress_writes_the_same_bytes(tmp_path):
+    from cmda_data.io._safetensors import _write_blocks
+
+    blocks = [b"header", np.arange(1000, dtype=np.uint8), np.zeros(0, dtype=np.uint8), np.arange(7, dtype=np.uint8)]
+    for progress in (False, True):
+        pieces = list(_write_blocks(blocks, progress, size=64))
+        assert max(len(p) for p in pieces) <= 64
+        assert b"".join(bytes(p) for p in pieces) == b"".join(bytes(memoryview(b)) for b in blocks)
+    z = clusters(500)
+    bank = EmbeddingBank.from_embeddings({"image": z, "text": z}, student="image", teachers="text", n_components=2)
+    bank.save(tmp_path / "a")
+    bank.save(tmp_path / "b", progress=True)
+    assert (tmp_path / "a" / "bank.safetensors").read_bytes() == (tmp_path / "b" / "bank.safetensors").read_bytes()
+    assert torch.equal(EmbeddingBank.load(tmp_path / "b").responsibilities, bank.responsibilities)

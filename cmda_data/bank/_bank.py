@@ -368,11 +368,12 @@ class EmbeddingBank:
         return moved
 
     # -- persistence -----------------------------------------------------------------------
-    def save(self, path: Union[str, Path]) -> Path:
+    def save(self, path: Union[str, Path], *, progress: bool = False) -> Path:
         """Write ``bank.safetensors`` and ``bank.json`` into the folder ``path`` (no pickle).
 
         ``bank.json`` records the size and SHA-256 of ``bank.safetensors`` and a checksum of
-        its own content, which :meth:`load` verifies.
+        its own content, which :meth:`load` verifies. ``progress=True`` shows a tqdm bar when
+        the write takes over two seconds (a large bank).
         """
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
@@ -384,7 +385,7 @@ class EmbeddingBank:
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, "student": self.student,
                   "teachers": list(self.teachers), "modalities": list(self.modalities), "rows": len(self),
                   "dim": self.dim, "gmm": gmm_config, "metadata": self.metadata}
-        write_bank(folder, config, tensors)
+        write_bank(folder, config, tensors, progress=progress)
         return folder
 
     @classmethod

@@ -49,7 +49,8 @@ def _canonical_sha256(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-def write_bank(folder: Path, config: Dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+def write_bank(folder: Path, config: Dict[str, Any], tensors: Mapping[str, torch.Tensor], *,
+               progress: bool = False) -> None:
     """Write ``bank.safetensors`` then ``bank.json`` (with its integrity records) into ``folder``.
 
     Each file is written under a temporary name and renamed when complete; ``bank.json`` goes
@@ -59,7 +60,7 @@ def write_bank(folder: Path, config: Dict[str, Any], tensors: Mapping[str, torch
         json.dumps(config)
     except (TypeError, ValueError) as error:
         fail("bank.metadata", "JSON-serialisable values", str(error), raw=True)
-    digest = save_file(tensors, folder / TENSORS_NAME, metadata={"format": "pt"})
+    digest = save_file(tensors, folder / TENSORS_NAME, metadata={"format": "pt"}, progress=progress)
     config = dict(config, files={TENSORS_NAME: {"bytes": (folder / TENSORS_NAME).stat().st_size, "sha256": digest}})
     config["checksum"] = _canonical_sha256(config)
     partial = folder / (CONFIG_NAME + ".partial")

@@ -51,11 +51,12 @@ PathLike = Union[str, Path]
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: PathLike,
-              metadata: Optional[Mapping[str, str]] = None) -> str:
+              metadata: Optional[Mapping[str, str]] = None, *, progress: bool = False) -> str:
     """Write ``tensors`` (CPU or any device; copied to CPU) to ``path`` in safetensors format.
 
     The file is written beside ``path`` under a temporary name, synced and renamed when
     complete, so ``path`` never holds half a file. Returns the SHA-256 hex digest of the bytes written.
+    ``progress=True`` shows a tqdm bar (in bytes) when the write takes over two seconds.
     """
     header: Dict[str, object] = {}
     if metadata:
@@ -82,13 +83,33 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: PathLike,
     target = Path(path)
     partial = target.with_name(target.name + ".partial")
     with open(partial, "wb") as handle:
-        for block in [struct.pack("<Q", len(text)), text] + blobs:  # arrays written without a copy
+        for block in _write_blocks([struct.pack("<Q", len(text)), text] + blobs, progress):  # no copies
             handle.write(block)
             digest.update(block)
         handle.flush()
         os.fsync(handle.fileno())  # on disk before the rename: a crash leaves the old file or the new one
     os.replace(partial, target)
     return digest.hexdigest()
+
+
+def _write_blocks(blocks: list, progress: bool, size: int = 1 << 26):
+    """The blocks to write, cut into views of at most ``size`` bytes, behind an optional tqdm bar."""
+    views = [memoryview(b).cast("B") for b in blocks]
+    pieces = (view[i:i + size] for view in views for i in range(0, max(1, len(view)), size))
+    if not progress:
+        return pieces
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar
+        return pieces
+    bar = tqdm(total=sum(len(view) for view in views), desc="save", unit="B", unit_scale=True, delay=2.0)
+
+    def counted():
+        for piece in pieces:
+            yield piece
+            bar.update(piece.nbytes)
+        bar.close()
+    return counted()
 
 
 def read_header(path: PathLike) -> Dict[str, object]:
