@@ -370,10 +370,16 @@ def build_bank_distributed(dataset: Any, aligner: Any, *, student: str, teachers
     d = widths.pop() if widths else 0
     packed = torch.cat([local[m] for m in roles], dim=1) if local else torch.zeros(0, d * len(roles))
     parts = all_gather_rows(packed.float(), group=group)
-    full = torch.empty(n, d * len(roles))
-    for r, part in enumerate(parts):
-        full[shard_indices(n, rank=r, world_size=world)] = part
-    embeddings = {m: full[:, i * d:(i + 1) * d].contiguous() for i, m in enumerate(roles)}
+    del packed, local
+    # each rank's rows go straight into one [n, d] table per modality, and its part is dropped at
+    # once: at most the gathered parts + the tables (2x the embeddings), no third full copy
+    embeddings = {m: torch.empty(n, d) for m in roles}
+    for r in range(len(parts)):
+        part, parts[r] = parts[r], None
+        rows = shard_indices(n, rank=r, world_size=world)
+        for i, m in enumerate(roles):
+            embeddings[m][rows] = part[:, i * d:(i + 1) * d]
+        del part
     bank, error = None, None
     if get_rank() == src:
         try:
