@@ -184,8 +184,11 @@ def test_tuple_samples(bank):
 
 # -- errors ----------------------------------------------------------------------------------------
 def test_missing_index_points_to_indexed_dataset(data, bank):
-    with pytest.raises(FieldError, match="field 'index' of sample 0 of the batch: expected a key of the sample"):
+    """The hint names both ways to lose the index: no IndexedDataset, and Hugging Face Trainer's column removal."""
+    with pytest.raises(FieldError, match="field 'index' of sample 0 of the batch: expected the sample's dataset "
+                                         r"index \(keys: .*\): wrap the dataset in IndexedDataset") as error:
         collate_for(bank)([data[0], data[1]])
+    assert "remove_unused_columns=False" in str(error.value)
 
 
 def test_missing_student_field_names_dataset_index(bank):

@@ -138,6 +138,11 @@ class CMDACollate(MixingBase):
         for position, sample in enumerate(samples):
             index_key = self.index_field if isinstance(sample, Mapping) else tuple_index
             where = f"{position} of the batch"
+            if isinstance(sample, Mapping) and index_key not in sample:
+                keys = ", ".join(repr(k) for k in list(sample)[:12])
+                field_error(index_key, where, f"the sample's dataset index (keys: {keys}): wrap the dataset in "
+                            "IndexedDataset; a Hugging Face Trainer drops columns its model does not take, so "
+                            "pass TrainingArguments(remove_unused_columns=False)", "a sample without it")
             index = as_index(get_field(sample, index_key, where), index_key, where,
                              "wrap the dataset in IndexedDataset so every sample carries its index")
             values = [(self.student_field, as_student(get_field(sample, self.student_field, index),
