@@ -16,6 +16,7 @@ import torch
 
 from cmda_data.cli import build_parser, main
 from cmda_data.demo import _grid
+from cmda_data.exceptions import CMDAWarning
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -188,12 +189,16 @@ def test_demo_on_real_data(tmp_path, data):
     from conftest import require_data
 
     require_data(data)
-    status, out, err = run("demo", "--data", data, "--n", "200", "--epochs", "2", "--rows", "3",
-                           "--out", str(tmp_path), "--no-progress")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CMDAWarning)  # the DCA-inert warning becomes a note, said once
+        status, out, err = run("demo", "--data", data, "--n", "200", "--epochs", "2", "--rows", "3",
+                               "--out", str(tmp_path), "--no-progress")
     assert status == 0, err
     assert (tmp_path / f"cmda_demo_{data}.png").read_bytes()[:8] == PNG_SIGNATURE
     summary = json.loads((tmp_path / f"summary_{data}.json").read_text(encoding="utf-8"))
     finite_numbers(summary)
+    inert = [note for note in summary["figure"]["notes"] if "DCA" in note]
+    assert len(inert) == (summary["bank"]["n_components"] == 1)
     assert summary["retrieval"]["match"] == "same class"
     assert set(summary["generation"]["partner_agreement"]) == {"class"}
 
