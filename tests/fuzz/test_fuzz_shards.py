@@ -9,21 +9,18 @@ removed from samples. The properties (issue 14):
 * every emitted sample has every declared field, with the value that was written;
 * an extra member changes nothing, a missing one skips that sample only;
 * a URL with a scheme other than ``file:`` is refused with a ``CMDAError`` naming it, and no
-  process is started (``subprocess.Popen``, ``os.system`` ... and webdataset's own ``Popen``
-  are patched to refuse);
+  process is started (the harness's ``no_subprocess`` patches ``subprocess.Popen``, ``os.system``
+  ... and webdataset's own ``Popen`` to refuse);
 * ``SafeDecoder`` turns any member name and any bytes into a value or a ``CMDAError``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import os
-import sys
 import tarfile
 import tempfile
-import warnings
 
 import pytest
 import torch
@@ -31,48 +28,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import strategies as S
-from cmda_data.exceptions import SkippedSamplesWarning
 from fuzz_harness import expect_cmda_error, no_subprocess
 
 wds = pytest.importorskip("webdataset")
 
-from cmda_data.io.codec import SafeDecoder, SkipCounter, encode_field  # noqa: E402
+from cmda_data.io.codec import SafeDecoder, encode_field  # noqa: E402
 from cmda_data.io.shards import MANIFEST_SUFFIX, read_shards, write_shards  # noqa: E402
+from test_streaming import member_offsets, read_counted  # noqa: E402  (the same shard helpers)
 
 SCHEMES = ("pipe", "PIPE", "http", "https", "s3", "gs", "hf", "ais", "sftp", "scp", "ftps", "htgs", "ftp", "data")
-
-
-@contextlib.contextmanager
-def no_process():
-    """The harness's ``no_subprocess``, plus webdataset's own ``from subprocess import Popen``."""
-    module = sys.modules[wds.gopen.__module__]
-    saved = module.Popen
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(args[:1])
-        raise AssertionError(f"webdataset started a process: {args[:1]!r}")
-
-    module.Popen = refuse
-    try:
-        with no_subprocess():
-            yield
-    finally:
-        module.Popen = saved
-    assert not calls, calls
-
-
-def members_of(path):
-    with tarfile.open(path) as tar:
-        return [(m.offset, m.offset_data, m.offset_data + m.size) for m in tar.getmembers()]
-
-
-def read_counted(paths, **kw):
-    counter = SkipCounter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SkippedSamplesWarning)
-        got = list(read_shards(paths, counter=counter, **kw))
-    return got, counter
 
 
 def assert_as_written(sample, original, fields):
@@ -88,11 +52,11 @@ def assert_as_written(sample, original, fields):
 def test_a_cut_shard_loses_nothing_silently(drawn, maxcount, data):
     """A shard cut anywhere: emitted + counted == written, or a CMDAError (strict); no field missing."""
     samples, fields = drawn
-    with tempfile.TemporaryDirectory() as folder, no_process():
+    with tempfile.TemporaryDirectory() as folder, no_subprocess():
         paths = write_shards(samples, os.path.join(folder, "s-%03d.tar"), maxcount=maxcount)
         victim = data.draw(st.sampled_from(paths), label="shard")
         size = os.path.getsize(victim)
-        cut = data.draw(S.cut_points(size, members_of(victim)), label="cut")
+        cut = data.draw(S.cut_points(size, member_offsets(victim)), label="cut")
         with open(victim, "r+b") as stream:
             stream.truncate(cut)
         got, counter = read_counted(paths)
@@ -112,7 +76,7 @@ def test_extra_members_change_nothing_and_a_missing_member_skips_its_sample_only
     samples, fields = drawn
     declared = sorted(set(fields) | {"index"})
     extra, missing = data.draw(S.member_edits(len(samples), declared), label="edits")
-    with tempfile.TemporaryDirectory() as folder, no_process():
+    with tempfile.TemporaryDirectory() as folder, no_subprocess():
         path = write_shards(samples, os.path.join(folder, "s-%03d.tar"), maxcount=len(samples))[0]
         with tarfile.open(path) as tar:
             members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
@@ -145,7 +109,7 @@ def _info(name, payload):
 def test_a_url_with_a_scheme_is_refused_and_nothing_is_started(scheme, rest):
     """pipe:, http:, s3: ... URLs raise a CMDAError naming the URL; no process is started."""
     url = f"{scheme}:{rest}"
-    with tempfile.TemporaryDirectory() as folder, no_process():
+    with tempfile.TemporaryDirectory() as folder, no_subprocess():
         ok, error = expect_cmda_error(lambda: list(read_shards([url])), ["urls"])
         assert not ok and repr(url) in str(error)
         ok, error = expect_cmda_error(lambda: read_shards([os.path.join(folder, "a.tar"), url]), ["urls"])
@@ -177,7 +141,7 @@ def test_safe_decoder_gives_a_value_or_a_cmda_error_for_any_damage(field_value, 
         else:
             payload = payload[:where] + bytes([payload[where] ^ data.draw(st.integers(1, 255))]) + payload[where + 1:]
     member = f"{name}.{ext}{gz}"
-    with no_process():
+    with no_subprocess():
         ok, out = expect_cmda_error(lambda: SafeDecoder()({"__key__": "k", member: payload}), [f"member {member!r}"])
     if ok:
         assert set(out) == {"__key__", name}
