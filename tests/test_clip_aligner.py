@@ -132,8 +132,13 @@ def test_forward_has_grad_and_embed_restores_mode(clip):
 def test_bad_inputs(clip):
     with pytest.raises(ValidationError, match=r"modality: expected one of 'image', 'text', got 'audio'"):
         clip.embed("audio", TEXTS)
-    with pytest.raises(ShapeError, match=r"image batch: expected pixel_values of shape \[n, 3, H, W\]"):
+    with pytest.raises(ShapeError, match=r"image batch: expected float pixel values of shape \[n, 3, H, W\] "
+                                         r"\(or PIL images\)"):
         clip.embed("image", torch.rand(3, 32, 32))
+    with pytest.raises(ShapeError, match=r"image batch: expected at least one image"):
+        clip.embed("image", torch.rand(0, 3, 32, 32))
+    with pytest.raises(ValidationError, match=r"image batch: expected finite pixel values, got NaN or Inf"):
+        clip.embed("image", torch.full((1, 3, 32, 32), float("nan")))
     with pytest.raises(ValidationError, match=r"text batch: expected a string or a non-empty list of strings"):
         clip.embed("text", [1, 2])
     with pytest.raises(ValidationError, match=r"text batch: expected tokenizer output with 'input_ids'"):

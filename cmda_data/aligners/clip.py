@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
 from ..core._validation import check_int, fail
-from ..exceptions import MissingDependencyError, ShapeError, ValidationError
+from ..exceptions import MissingDependencyError, ValidationError
 from ..io._folders import PathLike
-from .base import Aligner, register_aligner
+from ._image_text import ImageTextAligner
+from .base import register_aligner
 
 __all__ = ["CLIPAligner", "require_transformers"]
 
@@ -74,7 +75,7 @@ def _features(output: Any, kind: str) -> torch.Tensor:
          ValidationError)
 
 
-class CLIPAligner(Aligner):
+class CLIPAligner(ImageTextAligner):
     """A ``transformers`` ``CLIPModel`` with its image processor and tokenizer.
 
     Modalities are ``"image"`` and ``"text"``; ``dim`` is the CLIP projection width.
@@ -156,16 +157,8 @@ class CLIPAligner(Aligner):
 
     # -- protocol ------------------------------------------------------------------------
     @property
-    def modalities(self) -> Tuple[str, ...]:
-        return ("image", "text")
-
-    @property
     def dim(self) -> int:
         return int(self.model.config.projection_dim)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def encode(self, modality: str, batch: Any) -> torch.Tensor:
         if modality == "image":
@@ -185,22 +178,12 @@ class CLIPAligner(Aligner):
         return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
     def _pixels(self, batch: Any) -> torch.Tensor:
-        if isinstance(batch, torch.Tensor) and batch.is_floating_point():
-            if batch.ndim != 4:
-                fail("image batch", "pixel_values of shape [n, 3, H, W] (or PIL images)", batch, ShapeError)
-            if batch.shape[0] == 0:
-                fail("image batch", "at least one image", batch, ShapeError)
-            pixels = batch
-        else:
-            if self.image_processor is None:
-                fail("image batch", "preprocessed float pixel_values [n, 3, H, W] (this aligner has no image "
-                     "processor)", batch)
-            images = list(batch) if isinstance(batch, (list, tuple)) else [batch]
-            if not images:
-                fail("image batch", "at least one image", batch)
-            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        dtype = next(self.model.parameters()).dtype
-        return pixels.to(device=self.device, dtype=dtype)
+        if self.image_processor is None and not (isinstance(batch, torch.Tensor) and batch.is_floating_point()):
+            fail("image batch", "preprocessed float pixel_values [n, 3, H, W] (this aligner has no image "
+                 "processor)", batch)
+        return self._pixel_values(
+            batch, lambda images: self.image_processor(images=images, return_tensors="pt")["pixel_values"],
+            "PIL images")
 
     def _tokens(self, batch: Any) -> Dict[str, torch.Tensor]:
         if hasattr(batch, "keys"):

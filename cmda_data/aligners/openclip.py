@@ -22,10 +22,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..core._validation import describe, fail
+from ..core._validation import fail
 from ..exceptions import MissingDependencyError, ShapeError, ValidationError
 from ..io._folders import PathLike, load_folder, save_folder
-from .base import Aligner, register_aligner
+from ._image_text import ImageTextAligner
+from .base import register_aligner
 
 __all__ = ["OpenCLIPAligner", "require_open_clip"]
 
@@ -171,7 +172,7 @@ def _to_pil(image: Any) -> Any:
     return Image.fromarray(array)
 
 
-class OpenCLIPAligner(Aligner):
+class OpenCLIPAligner(ImageTextAligner):
     """An ``open_clip`` model (CLIP, SigLIP, EVA, CoCa, ...) with its preprocessing and tokenizer.
 
     Modalities are ``"image"`` and ``"text"``; ``dim`` is the model's ``embed_dim``.
@@ -321,18 +322,8 @@ class OpenCLIPAligner(Aligner):
 
     # -- protocol ------------------------------------------------------------------------
     @property
-    def modalities(self) -> Tuple[str, ...]:
-        return ("image", "text")
-
-    @property
     def dim(self) -> int:
         return self._dim
-
-    @property
-    def device(self) -> torch.device:
-        for tensor in self.model.parameters():
-            return tensor.device
-        return torch.device("cpu")  # pragma: no cover - open_clip models have parameters
 
     def encode(self, modality: str, batch: Any) -> torch.Tensor:
         if modality == "image":
@@ -347,27 +338,8 @@ class OpenCLIPAligner(Aligner):
         return self.preprocess(_to_pil(image))
 
     def _pixels(self, batch: Any) -> torch.Tensor:
-        if isinstance(batch, torch.Tensor) and batch.is_floating_point():
-            if batch.ndim != 4:
-                fail("image batch", "float pixel values of shape [n, 3, H, W] (or PIL images, uint8 images)",
-                     batch, ShapeError)
-            if batch.shape[0] == 0:
-                fail("image batch", "at least one image", batch, ShapeError)
-            pixels = batch
-        else:  # what Aligner.prepare_input leaves: one image, numpy arrays
-            if isinstance(batch, (list, tuple)):
-                items = list(batch)
-            elif isinstance(batch, (torch.Tensor, np.ndarray)) and batch.ndim == 4:
-                items = list(batch)  # a stacked integer batch [n, C, H, W] (tensor) or [n, H, W, C] (numpy)
-            else:
-                items = [batch]
-            if not items:
-                fail("image batch", "at least one image", batch)
-            pixels = torch.stack([self.preprocess_image(item) for item in items])
-        if not torch.isfinite(pixels).all():
-            fail("image batch", "finite pixel values", "NaN or Inf in " + describe(pixels), raw=True)
-        dtype = next(self.model.parameters()).dtype
-        return pixels.to(device=self.device, dtype=dtype)
+        return self._pixel_values(batch, lambda images: torch.stack([self.preprocess_image(i) for i in images]),
+                                  "PIL images, uint8 images")
 
     def _tokens(self, batch: Any) -> torch.Tensor:
         if isinstance(batch, torch.Tensor):
