@@ -488,3 +488,43 @@ def test_bank_plan_with_one_pool_per_row_is_each_rows_plan_over_its_pool():
         assert torch.equal(batch.mixed[r], alone.mixed[0])
         torch.testing.assert_close(batch.dense(5)[r], alone.dense(5)[0], atol=1e-6, rtol=1e-5)
         assert int(pools[r][batch.teacher_index[r]]) == int(rows[r])
+
+
+# ------------------------------------------------------------------------------------
+# The top-k of wide rows (_kernels._topk_rows) and the plan's layout that reuses it.
+# ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse", "float64"])
+@pytest.mark.parametrize("n, m, k", [(5, 128, 8), (7, 259, 8), (3, 300, 3), (4, 130, 1), (6, 512, 16), (2, 40, 8)])
+def test_topk_rows_is_torch_topk_bitwise(kind, n, m, k):
+    """Same values and indices as torch.topk, also where rows tie (then torch.topk decides)."""
+    from cmda_data.core._kernels import _topk_rows
+
+    g = torch.Generator().manual_seed(n * 1000 + m + k)
+    w = torch.rand(n, m, generator=g, dtype=torch.float64 if kind == "float64" else torch.float32)
+    if kind == "ties":  # few distinct values: ties inside and at the edge of the top-k
+        w = torch.randint(0, 4, (n, m), generator=g).float()
+        w[0] = 1.0  # an all-equal row
+    elif kind == "sparse":  # rows with fewer than k positive entries
+        w = w * (torch.rand(n, m, generator=g) < 0.02)
+    expected = w.topk(k, dim=1)
+    values, index = _topk_rows(w, k)
+    assert torch.equal(values, expected.values) and torch.equal(index, expected.indices)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 8, 100])
+@pytest.mark.parametrize("tied", [False, True])
+def test_build_plan_layout_equals_from_dense_of_its_weights(top_k, tied):
+    """The builder keeps the top-k that Alg. 1 kept (no second top-k over the dense rows): the
+    plan is bitwise MixPlan.from_dense's top-k of the same dense weights."""
+    g = torch.Generator().manual_seed(top_k)
+    n = 160
+    z = torch.nn.functional.normalize(torch.randn(n, 6, generator=g), dim=1)
+    if tied:  # duplicated latents: tied weights
+        z[n // 2:] = z[:n // 2]
+    resp = torch.softmax(3 * torch.randn(n, 2, generator=g), 1)
+    mixed = torch.rand(n, generator=g) < 0.7
+    plan = build_plan([z], z, mixed=mixed, resp_rows=resp, teacher_index=torch.arange(n), top_k=top_k)
+    dense = Fn.dca_weights(Fn.inter_modal_weights(z, z), Fn.intra_modal_weights(resp), top_k=top_k)
+    reference = MixPlan.from_dense(dense, top_k=top_k, renormalize=False, mixed=mixed)
+    for field in ("index", "weights", "teacher_index", "mixed"):
+        assert torch.equal(getattr(plan, field), getattr(reference, field)), field

@@ -208,9 +208,9 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, *, mi
     inter = Fn._inter_modal_weights(rows_z, student_z, similarity, normalize,
                                     None if temperature is None else float(temperature),
                                     None if self_weight is None else float(self_weight), own).float()
-    dense = Fn._dca_weights(inter, intra_w, top_k, exclude_self, renormalize, own).float()
-    return _layout(dense, top_k=top_k, mixed=mixed, teacher_index=teacher_index, teacher=tuple(teacher),
-                   teacher_choice=choice, inter=inter, intra=intra_w, diagonal=bool(diagonal))
+    dense, kept = Fn._dca_weights(inter, intra_w, top_k, exclude_self, renormalize, own, with_index=True)
+    return _layout(dense.float(), top_k=top_k, mixed=mixed, teacher_index=teacher_index, teacher=tuple(teacher),
+                   teacher_choice=choice, inter=inter, intra=intra_w, diagonal=bool(diagonal), candidates=kept)
 
 
 def make_plan(teacher_z: Union[torch.Tensor, Mapping[str, torch.Tensor]], student_z: torch.Tensor, *,

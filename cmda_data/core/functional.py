@@ -31,7 +31,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -303,10 +303,13 @@ def dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor] = None, *,
 
 
 def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Optional[int], exclude_self: bool,
-                 renormalize: bool, own: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 renormalize: bool, own: Optional[torch.Tensor] = None, *, with_index: bool = False) -> Any:
     """:func:`dca_weights` without argument checks (trusted, already checked inputs).
 
     ``own``: ``[n]`` column of each row's own sample (None: column ``r``, the diagonal).
+    ``with_index``: return ``(weights, index)``, ``index`` the ``[n, top_k]`` columns kept by
+    ``top_k`` in decreasing order of the weight before renormalising (every other entry of
+    the row is 0), or None when ``top_k`` keeps every column.
     """
     n, m = inter.shape
     dtype = _compute_dtype(inter, *(() if intra is None else (intra,)))
@@ -326,14 +329,16 @@ def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Opti
     if not cpu or bool(empty.any()):
         w = torch.where(empty[:, None], torch.full_like(w, 1.0 / m), w)
     fallback = empty if alone is None else alone | empty  # rows that fell back to a fixed row
+    index = None
     if top_k is not None and top_k < m:
-        values, index = w.topk(top_k, dim=1)
+        values, index = _kernels._topk_rows(w, top_k)
         w = torch.zeros_like(w).scatter_(1, index, values)
     if renormalize:
         w = _normalize_rows(w)
     elif not cpu or bool(fallback.any()):  # degenerate (fallback) rows always sum to 1
         w = torch.where(fallback[:, None], _normalize_rows(w), w)
-    return w.to(inter.dtype)
+    w = w.to(inter.dtype)
+    return (w, index) if with_index else w
 
 
 def topk_sparse(weights: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -369,7 +369,8 @@ def _check_mixed(mixed: Optional[torch.Tensor], n: int, device: torch.device) ->
 def _layout(values: torch.Tensor, *, top_k: Optional[int], mixed: torch.Tensor,
             teacher_index: Optional[torch.Tensor], renormalize: bool = False, teacher: Tuple[str, ...] = (),
             teacher_choice: Optional[torch.Tensor] = None, inter: Optional[torch.Tensor] = None,
-            intra: Optional[torch.Tensor] = None, diagonal: Optional[bool] = None) -> MixPlan:
+            intra: Optional[torch.Tensor] = None, diagonal: Optional[bool] = None,
+            candidates: Optional[torch.Tensor] = None) -> MixPlan:
     """The plan of final weights ``values`` ``[n, m]`` (float32, non-negative): its one layout.
 
     Keeps the ``top_k`` largest weights per row (all ``m`` when None), divided by their sum
@@ -377,12 +378,22 @@ def _layout(values: torch.Tensor, *, top_k: Optional[int], mixed: torch.Tensor,
     all its mass on its own sample ``teacher_index[r]``) is the original: its own position
     with weight 1, then zero weights. ``teacher_index`` None: the rows' own samples are not
     candidates, every row must be mixed. ``diagonal``: whether ``teacher_index`` is
-    ``arange(n)``, when the caller knows (None: found out).
+    ``arange(n)``, when the caller knows (None: found out). ``candidates``: ``[n, top_k]``
+    columns outside of which every entry of ``values`` is 0 (the top-k that
+    :func:`functional._dca_weights` kept), or None.
     """
     n, m = values.shape
     device = values.device
     if top_k is not None:
-        values, index = values.topk(min(top_k, m), dim=1)
+        index = None
+        if candidates is not None and candidates.shape == (n, min(top_k, m)):
+            kept = values.gather(1, candidates)
+            # positive and strictly decreasing: these are the row's top-k in topk's order (every other entry is
+            # 0, no tie to break), so the second top-k over the [n, m] row is skipped; else it decides
+            if bool(((kept[:, :-1] > kept[:, 1:]).all(1) & (kept[:, -1] > 0)).all()):
+                values, index = kept, candidates
+        if index is None:
+            values, index = values.topk(min(top_k, m), dim=1)
     else:
         index = torch.arange(m, device=device).expand(n, m)
     if renormalize:  # (all-zero rows become uniform)
