@@ -25,8 +25,9 @@ from ..exceptions import BankFormatError, CMDAError, DeviceError, ShapeError
 from ..options import MixOptions, PlanOptions, resolve_fit_on, split_options
 from ._build import embed_dataset
 from ._checks import as_tensor, check_bank_indices, check_embeddings, check_roles
+from ._disk import build_to_folder
 from ._fit import fit_mixture, gmm_from_state, gmm_state, pca_project
-from ._format import FORMAT, FORMAT_VERSION, read_bank, write_bank
+from ._format import bank_config, read_bank, write_bank
 from ._plan import bank_plan
 
 __all__ = ["BankRows", "EmbeddingBank"]
@@ -68,8 +69,11 @@ class EmbeddingBank:
     def __init__(self, embeddings: Mapping[str, torch.Tensor], *, student: str,
                  teachers: Union[str, Sequence[str]], responsibilities: Optional[torch.Tensor] = None,
                  gmm: Any = None, indices: Optional[torch.Tensor] = None,
-                 pca: Optional[Sequence[torch.Tensor]] = None, metadata: Optional[Mapping[str, Any]] = None) -> None:
-        self.embeddings = check_embeddings(embeddings)
+                 pca: Optional[Sequence[torch.Tensor]] = None, metadata: Optional[Mapping[str, Any]] = None,
+                 _values_checked: bool = False) -> None:
+        # _values_checked (private, for load): the values were checked from the file; checking them
+        # again here would read a memory-mapped bank through its mapping (RSS of the whole file)
+        self.embeddings = check_embeddings(embeddings, values=not _values_checked)
         self.student, self.teachers = check_roles(self.embeddings, student, teachers)
         n = len(next(iter(self.embeddings.values())))
         self.responsibilities = None
@@ -77,7 +81,8 @@ class EmbeddingBank:
             resp = as_tensor("responsibilities", responsibilities)
             if resp.ndim != 2 or resp.shape[0] != n:
                 fail("responsibilities", f"a [{n}, M] tensor (one row per bank row)", resp, ShapeError)
-            check_finite("responsibilities", resp)
+            if not _values_checked:
+                check_finite("responsibilities", resp)
             self.responsibilities = resp.detach().float().contiguous()
         self.gmm = gmm
         self.indices = None if indices is None else check_bank_indices(indices, n)
@@ -146,12 +151,25 @@ class EmbeddingBank:
     def build(cls, dataset: Any, aligner: Any, *, student: str, teachers: Union[str, Sequence[str]],
               fields: Optional[Mapping[str, Union[str, int]]] = None, batch_size: int = 256,
               device: Optional[Union[str, torch.device]] = None, progress: bool = True,
-              indices: Optional[Iterable[int]] = None, **options: Any) -> "EmbeddingBank":
+              indices: Optional[Iterable[int]] = None, out: Optional[Union[str, Path]] = None,
+              overwrite: bool = False, **options: Any) -> "EmbeddingBank":
         """Embed every sample of ``dataset`` with ``aligner`` and fit the GMM.
 
         Each modality's field values of a chunk of ``batch_size`` samples are collated with
         ``default_collate`` (PIL images and strings stay lists: the aligner preprocesses them)
         and passed to ``aligner.embed(modality, batch)`` (no gradient).
+
+        **Disk-backed build** (``out=folder``): for a bank larger than the memory can hold twice
+        (a million rows and more). Every batch is written to disk as it is embedded, the GMM is
+        fitted on its ``max_fit_rows`` subsample read back from the file and the
+        responsibilities are written chunk by chunk, so the process holds about one batch and
+        the subsample instead of every modality's table; the folder is the one :meth:`save`
+        writes (byte for byte: same embeddings, same GMM, same responsibilities as
+        ``build(...).save(folder)``), written under a temporary name beside it and moved into
+        place when complete (nothing is left behind on error), and the bank returned is
+        :meth:`load` ``(out)``, memory-mapped. At N = 1,000,000 x 512 with two modalities
+        (``benchmarks/bench_bank.py``) its peak RSS is a fraction of one modality's table
+        where the in-memory build needs 2.6 tables (see docs/benchmarks.md).
 
         Args:
             dataset: a map-style dataset of dict or tuple samples, a Hugging Face
@@ -168,9 +186,23 @@ class EmbeddingBank:
             device: where batches go (default: the aligner's parameters' device, else CPU).
             progress: show a tqdm bar (if tqdm is installed).
             indices: embed only these dataset indices (a shard, see :meth:`concatenate`).
+            out: write the bank into this folder while building it (the disk-backed build
+                above) and return it loaded from there; None (default): build in memory.
+            overwrite: with ``out``, replace a bank already saved there (else refused).
             **options: :meth:`from_embeddings` options (``fit_on``, ``n_components``,
                 ``reduce_dim``, ``fit_gmm``, GMM settings).
+
+        Raises:
+            ValidationError: ``out`` holds a saved bank and ``overwrite`` is False (checked
+                before anything is embedded), or ``out`` is a file.
         """
+        if out is not None:
+            folder = build_to_folder(dataset, aligner, student=student, teachers=teachers, out=out,
+                                     overwrite=overwrite, fields=fields, batch_size=batch_size, device=device,
+                                     progress=progress, indices=indices, options=options)
+            return cls.load(folder, mmap=True, verify=False)  # just hashed while written
+        if overwrite is not False:
+            fail("overwrite", "False without out (it replaces a bank saved in out)", overwrite)
         roles = [student] + ([teachers] if isinstance(teachers, str) else list(teachers))
         embeddings, held = embed_dataset(dataset, aligner, roles, fields=fields, batch_size=batch_size,
                                          device=device, progress=progress, indices=indices)
@@ -382,9 +414,8 @@ class EmbeddingBank:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._tensors().items()}
         gmm_config, gmm_tensors = gmm_state(self.gmm)
         tensors.update({f"gmm.{k}": v.detach().cpu().contiguous() for k, v in gmm_tensors.items()})
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "student": self.student,
-                  "teachers": list(self.teachers), "modalities": list(self.modalities), "rows": len(self),
-                  "dim": self.dim, "gmm": gmm_config, "metadata": self.metadata}
+        config = bank_config(student=self.student, teachers=list(self.teachers), modalities=list(self.modalities),
+                             rows=len(self), dim=self.dim, gmm=gmm_config, metadata=self.metadata)
         write_bank(folder, config, tensors, progress=progress)
         return folder
 
@@ -431,7 +462,7 @@ class EmbeddingBank:
             pca = (tensors["pca.mean"], tensors["pca.components"]) if "pca.mean" in tensors else None
             bank = cls({m: tensors[f"embeddings.{m}"] for m in config["modalities"]}, student=config["student"],
                        teachers=config["teachers"], responsibilities=tensors.get("responsibilities"), gmm=gmm,
-                       indices=tensors.get("indices"), pca=pca, metadata=config["metadata"])
+                       indices=tensors.get("indices"), pca=pca, metadata=config["metadata"], _values_checked=True)
         except BankFormatError:
             raise
         except CMDAError as error:  # e.g. unsorted indices: the file is at fault, not the caller

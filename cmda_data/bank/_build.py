@@ -9,7 +9,18 @@ and strings as lists (the aligner preprocesses them), everything else stacked.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 import torch
@@ -20,7 +31,7 @@ from ..core._validation import check_int, describe, fail
 from ..exceptions import FieldError, ShapeError, ValidationError
 from ..io._hf import is_hf_dataset, is_stream, iter_chunks, read_rows, to_batch
 
-__all__ = ["embed_dataset", "embeds_by_index"]
+__all__ = ["embed_dataset", "embedded_chunks", "embeds_by_index"]
 
 
 def embeds_by_index(aligner: Any) -> bool:
@@ -72,11 +83,16 @@ def check_indices(indices: Optional[Iterable[int]], length: int) -> Optional[Lis
     return sorted(values)
 
 
-def embed_dataset(dataset: Any, aligner: Any, modalities: Sequence[str], *,
-                  fields: Optional[Mapping[str, Union[str, int]]], batch_size: int,
-                  device: Optional[Union[str, torch.device]], progress: bool,
-                  indices: Optional[Iterable[int]]) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
-    """Embed ``modalities`` of every sample (or of ``indices``); returns (embeddings, indices)."""
+def embedded_chunks(dataset: Any, aligner: Any, modalities: Sequence[str], *,
+                    fields: Optional[Mapping[str, Union[str, int]]], batch_size: int,
+                    device: Optional[Union[str, torch.device]], progress: bool, indices: Optional[Iterable[int]]
+                    ) -> Tuple[Iterator[Tuple[int, Dict[str, torch.Tensor]]], Optional[List[int]], Optional[int]]:
+    """``(chunks, indices, total)``: the arguments are checked now, the embedding runs as ``chunks`` is read.
+
+    ``chunks`` yields ``(rows, {modality: float32 CPU [rows, d]})`` batch by batch (the shapes
+    checked: same ``d`` in every batch); ``indices`` are the sorted dataset indices embedded
+    (None: all of them, in order) and ``total`` the number of rows (None for a stream).
+    """
     if not callable(getattr(aligner, "embed", None)):
         fail("aligner", "an object with embed(modality, batch) (see cmda_data.aligners)", aligner)
     known = getattr(aligner, "modalities", None)
@@ -109,6 +125,33 @@ def embed_dataset(dataset: Any, aligner: Any, modalities: Sequence[str], *,
             fail("dataset", "at least one sample", "an empty dataset", raw=True)
         chunks, total = _index_chunks(dataset, order, field_of, batch_size, by_index), len(order)
     target = torch.device(device) if device is not None else aligner_device(aligner)
+    return _embed(_progress(chunks, progress, total, batch_size), aligner, modalities, by_index, target), chosen, total
+
+
+def _embed(chunks: Iterable[Tuple[List[int], Dict[str, Any]]], aligner: Any, modalities: Sequence[str],
+           by_index: bool, target: torch.device) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+    width: Dict[str, int] = {}
+    for chunk, columns in chunks:
+        out = {}
+        for modality in modalities:
+            batch: Any = torch.tensor(chunk, dtype=torch.long) if by_index else columns[modality]
+            z = aligner.embed(modality, move(batch, target))
+            if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[0] != len(chunk) or (
+                    modality in width and z.shape[1] != width[modality]):
+                fail(f"aligner.embed({modality!r}, batch of {len(chunk)})",
+                     f"a [{len(chunk)}, {width.get(modality, 'd')}] tensor", z, ShapeError)
+            width[modality] = z.shape[1]
+            out[modality] = z.detach().to("cpu", torch.float32)
+        yield len(chunk), out
+
+
+def embed_dataset(dataset: Any, aligner: Any, modalities: Sequence[str], *,
+                  fields: Optional[Mapping[str, Union[str, int]]], batch_size: int,
+                  device: Optional[Union[str, torch.device]], progress: bool,
+                  indices: Optional[Iterable[int]]) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Embed ``modalities`` of every sample (or of ``indices``); returns (embeddings, indices)."""
+    chunks, chosen, total = embedded_chunks(dataset, aligner, modalities, fields=fields, batch_size=batch_size,
+                                            device=device, progress=progress, indices=indices)
     # known length: one [total, d] float32 table per modality, filled batch by batch (a list + one
     # concatenation would hold every embedding twice). The copy goes through numpy: one memcpy, where
     # torch's parallel copy costs milliseconds per batch when the cores are busy. A stream of unknown
@@ -116,31 +159,21 @@ def embed_dataset(dataset: Any, aligner: Any, modalities: Sequence[str], *,
     parts: Dict[str, List[torch.Tensor]] = {m: [] for m in modalities}
     tables: Dict[str, np.ndarray] = {}
     done = 0
-    for chunk, columns in _progress(chunks, progress, total, batch_size):
-        for modality in modalities:
-            batch: Any = torch.tensor(chunk, dtype=torch.long) if by_index else columns[modality]
-            z = aligner.embed(modality, move(batch, target))
-            width = tables[modality].shape[1] if modality in tables else (
-                parts[modality][0].shape[1] if parts[modality] else None)
-            if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[0] != len(chunk) or (
-                    width is not None and z.shape[1] != width):
-                fail(f"aligner.embed({modality!r}, batch of {len(chunk)})",
-                     f"a [{len(chunk)}, {'d' if width is None else width}] tensor", z, ShapeError)
-            z = z.detach().to("cpu", torch.float32)
+    for rows, batch in chunks:
+        for modality, z in batch.items():
             if total is None:
                 parts[modality].append(z)
                 continue
             if modality not in tables:
                 tables[modality] = np.empty((total, z.shape[1]), dtype=np.float32)
-            tables[modality][done:done + len(chunk)] = z.numpy()
-        done += len(chunk)
+            tables[modality][done:done + rows] = z.numpy()
+        done += rows
+    held = None if chosen is None else torch.tensor(chosen, dtype=torch.long)
     if total is not None:
-        return {m: torch.from_numpy(t) for m, t in tables.items()}, (
-            None if chosen is None else torch.tensor(chosen, dtype=torch.long))
+        return {m: torch.from_numpy(t) for m, t in tables.items()}, held
     if not parts[modalities[0]]:
         fail("dataset", "at least one sample", "an empty stream", raw=True)
-    embeddings = {m: torch.cat(p) for m, p in parts.items()}
-    return embeddings, None if chosen is None else torch.tensor(chosen, dtype=torch.long)
+    return {m: torch.cat(p) for m, p in parts.items()}, held
 
 
 def _columns(samples: List[Any], chunk: List[int], field_of: Mapping[str, Any]) -> Dict[str, Any]:

@@ -56,8 +56,9 @@ def as_tensor(name: str, value: Any) -> torch.Tensor:
     fail(name, "a torch.Tensor or numpy array", value)
 
 
-def check_embeddings(embeddings: Any) -> Dict[str, torch.Tensor]:
-    """modality -> float32 ``[N, d]``: same N and d everywhere, finite values."""
+def check_embeddings(embeddings: Any, *, values: bool = True) -> Dict[str, torch.Tensor]:
+    """modality -> float32 ``[N, d]``: same N and d everywhere, finite values (unless ``values=False``:
+    checked already, e.g. by the bank loader, which reads them from the file)."""
     if not isinstance(embeddings, Mapping) or not embeddings:
         fail("embeddings", "a non-empty dict modality name -> [N, d] tensor", embeddings)
     out: Dict[str, torch.Tensor] = {}
@@ -72,7 +73,7 @@ def check_embeddings(embeddings: Any) -> Dict[str, torch.Tensor]:
         if tensor.ndim != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
             fail(name, "a non-empty [N, d] tensor", tensor, ShapeError)
         check_tensor_data(name, tensor)
-        bad = count_non_finite(tensor)
+        bad = count_non_finite(tensor) if values else 0
         if bad:
             fail(name, "finite values (no NaN or inf)", f"{bad} non-finite entries in {describe(tensor)}", raw=True)
         if first is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -19,7 +19,7 @@ from ..core._validation import check_int, check_option, fail
 from ..core.mixture import GaussianMixture, fit_candidates
 from ..exceptions import CMDAWarning
 
-__all__ = ["FittedMixture", "fit_mixture", "gmm_from_state", "gmm_state", "pca_fit", "pca_project",
+__all__ = ["FittedMixture", "fit_mixture", "fit_model", "gmm_from_state", "gmm_state", "pca_fit", "pca_project",
            "warn_dca_inert"]
 
 _CONFIG_KEYS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params")
@@ -34,7 +34,7 @@ _RESP_CHUNK_ROWS = 1 << 13
 @dataclass
 class FittedMixture:
     gmm: Any
-    responsibilities: torch.Tensor
+    responsibilities: Optional[torch.Tensor]
     pca: Optional[Tuple[torch.Tensor, torch.Tensor]]
     metadata: Dict[str, Any] = field(default_factory=dict)
 
@@ -145,10 +145,30 @@ def fit_mixture(x: torch.Tensor, *, n_components: Optional[int], candidates: Ite
     choosing M is the one kept (no second fit). ``progress`` shows tqdm bars for the steps
     that take more than a couple of seconds.
     """
-    n, d = x.shape
+    fitted = fit_model(lambda rows: x if rows is None else x[rows], tuple(x.shape), n_components=n_components,
+                       candidates=candidates, reduce_dim=reduce_dim, random_state=random_state,
+                       criterion=criterion, field=field, max_fit_rows=max_fit_rows, progress=progress,
+                       **gmm_options)
+    projected = x if fitted.pca is None else pca_project(x, fitted.pca)
+    fitted.responsibilities = responsibilities(fitted.gmm, projected, progress=progress)
+    return fitted
+
+
+def fit_model(read_rows: Callable[[Optional[torch.Tensor]], torch.Tensor], shape: Tuple[int, int], *,
+              n_components: Optional[int], candidates: Iterable[int], reduce_dim: Optional[int],
+              random_state: Any = 0, criterion: str = "bic", field: Optional[str] = None,
+              max_fit_rows: Optional[int] = MAX_FIT_ROWS, progress: bool = False,
+              **gmm_options: Any) -> FittedMixture:
+    """The PCA, choice of M and EM fit of :func:`fit_mixture`, without the responsibilities.
+
+    ``read_rows(rows)`` returns the rows ``rows`` (sorted indices) of the ``shape`` = ``[N, d]``
+    table, or all of it for None: the table itself need not be in memory (the disk-backed
+    build reads them from its file). ``responsibilities`` of the result is None.
+    """
+    n, d = shape
     max_fit_rows = check_int("max_fit_rows", max_fit_rows, minimum=1, allow_none=True)
     rows = fit_subsample(n, max_fit_rows, random_state)
-    sample = x if rows is None else x[rows]
+    sample = read_rows(rows)
     pca = None
     metadata: Dict[str, Any] = {"reduce_dim": None, "criterion": None, "n_components_scores": None}
     if reduce_dim is not None:
@@ -156,7 +176,7 @@ def fit_mixture(x: torch.Tensor, *, n_components: Optional[int], candidates: Ite
         if reduce_dim > d:
             fail("reduce_dim", f"an integer <= the embedding dimension {d}", reduce_dim)
         pca = pca_fit(sample, reduce_dim)
-        x, sample = pca_project(x, pca), pca_project(sample, pca)
+        sample = pca_project(sample, pca)
         metadata["reduce_dim"] = reduce_dim
     options = dict(gmm_options, random_state=random_state)
     metadata["fit_rows"] = int(sample.shape[0])
@@ -184,10 +204,9 @@ def fit_mixture(x: torch.Tensor, *, n_components: Optional[int], candidates: Ite
     if gmm is None:
         for _ in _bar(range(1), progress, f"EM fit (M={n_components})", 1, "fit"):
             gmm = GaussianMixture(n_components, **options).fit(sample)
-    resp = responsibilities(gmm, x, progress=progress)
     metadata["n_components"] = n_components
     metadata["gmm_converged"] = bool(gmm.converged_)
-    return FittedMixture(gmm, resp, pca, metadata)
+    return FittedMixture(gmm, None, pca, metadata)
 
 
 def gmm_state(gmm: Any) -> Tuple[Optional[Dict[str, Any]], Dict[str, torch.Tensor]]:

@@ -19,19 +19,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..core._validation import describe, fail
 from ..exceptions import BankFormatError, CMDAError, CMDAWarning, ValidationError
-from ..io._safetensors import check_mmap, file_sha256, load_file, save_file
+from ..io._safetensors import (
+    RawFile,
+    check_mmap,
+    file_sha256,
+    load_file,
+    read_header,
+    save_file,
+)
 from ._checks import check_gmm_state, count_non_finite
 
-__all__ = ["CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "TENSORS_NAME", "read_bank", "write_bank"]
+__all__ = ["CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "TENSORS_NAME", "bank_config", "read_bank", "write_bank"]
 
 TENSORS_NAME = "bank.safetensors"
 CONFIG_NAME = "bank.json"
@@ -41,6 +50,8 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("dim", "format", "format_version", "gmm", "metadata", "modalities", "rows", "student", "teachers")
 INTEGRITY_KEYS = ("checksum", "files")
 _MAX_CONFIG_BYTES = 64 * 1024 * 1024
+#: bytes per block when the values of a memory-mapped bank are checked from its file
+_CHECK_BLOCK_BYTES = 1 << 24
 
 
 def _canonical_sha256(config: Mapping[str, Any]) -> str:
@@ -49,9 +60,18 @@ def _canonical_sha256(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-def write_bank(folder: Path, config: Dict[str, Any], tensors: Mapping[str, torch.Tensor], *,
+def bank_config(*, student: str, teachers: List[str], modalities: List[str], rows: int, dim: int,
+                gmm: Optional[Dict[str, Any]], metadata: Dict[str, Any]) -> Dict[str, Any]:
+    """The content of ``bank.json`` before its integrity records."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "student": student, "teachers": list(teachers),
+            "modalities": list(modalities), "rows": rows, "dim": dim, "gmm": gmm, "metadata": metadata}
+
+
+def write_bank(folder: Path, config: Dict[str, Any], tensors: Mapping[str, Union[torch.Tensor, RawFile]], *,
                progress: bool = False) -> None:
     """Write ``bank.safetensors`` then ``bank.json`` (with its integrity records) into ``folder``.
+
+    A tensor may be a :class:`~cmda_data.io._safetensors.RawFile` (copied from its file in blocks).
 
     Each file is written under a temporary name and renamed when complete; ``bank.json`` goes
     last, so a save cut short leaves a hash that no longer matches (never a half-read bank).
@@ -173,7 +193,39 @@ def _expected_tensors(config: Dict[str, Any], tensors: Mapping[str, torch.Tensor
     return out
 
 
-def _check_tensors(path: Path, config: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
+Blocks = Callable[[str, torch.Tensor], Iterator[torch.Tensor]]
+
+
+def _in_memory(name: str, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    yield tensor
+
+
+def _file_blocks(path: Path) -> Blocks:
+    """Row blocks of a float32 tensor of ``path`` read with ``np.fromfile`` (a few MiB each).
+
+    The values of a memory-mapped bank are checked this way: reading through the mapping would
+    map every page into the process (its RSS would grow by the whole file, and so would that of
+    every DataLoader worker forked after loading); read from the file, nothing stays mapped.
+    """
+    header = read_header(path)
+    start = int(header["__header_bytes__"])
+
+    def blocks(name: str, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+        if tensor.dtype != torch.float32 or tensor.ndim == 0 or tensor.numel() * 4 <= _CHECK_BLOCK_BYTES:
+            yield tensor
+            return
+        begin = start + header[name]["data_offsets"][0]
+        row = math.prod(tensor.shape[1:])
+        step = max(1, _CHECK_BLOCK_BYTES // (4 * row))
+        for first in range(0, tensor.shape[0], step):
+            count = min(step, tensor.shape[0] - first)
+            block = np.fromfile(path, dtype="<f4", count=count * row, offset=begin + first * row * 4)
+            yield torch.from_numpy(block).reshape(count, *tensor.shape[1:])
+    return blocks
+
+
+def _check_tensors(path: Path, config: Dict[str, Any], tensors: Dict[str, torch.Tensor],
+                   blocks: Blocks = _in_memory) -> None:
     expected = _expected_tensors(config, tensors)
     missing = [f"embeddings.{m}" for m in config["modalities"] if f"embeddings.{m}" not in tensors]
     unknown = sorted(set(tensors) - set(expected))
@@ -186,7 +238,7 @@ def _check_tensors(path: Path, config: Dict[str, Any], tensors: Dict[str, torch.
         if tensor.dtype not in dtypes or (shape is not None and tuple(tensor.shape) != shape):
             want = "a float tensor" if len(dtypes) > 1 else str(dtypes[0]).replace("torch.", "")
             _bad(f"{path}: tensor {name!r}", want + (f" of shape {list(shape)}" if shape else ""), tensor)
-        if count_non_finite(tensor):
+        if any(count_non_finite(block) for block in blocks(name, tensor)):
             _bad(f"{path}: tensor {name!r}", "finite values", "NaN or infinity", raw=True)
     if ("pca.mean" in tensors) != ("pca.components" in tensors):
         _bad(path, "both pca.mean and pca.components, or neither", sorted(n for n in tensors if n.startswith("pca")))
@@ -200,9 +252,11 @@ def _check_tensors(path: Path, config: Dict[str, Any], tensors: Dict[str, torch.
     if resp is not None:
         if resp.ndim != 2 or resp.shape[0] != config["rows"] or resp.shape[1] < 1:
             _bad(f"{path}: tensor 'responsibilities'", f"float32 [{config['rows']}, M]", resp)
-        if bool((resp < 0).any()) or bool((resp > 1).any()) or bool(((resp.double().sum(1) - 1).abs() > 1e-4).any()):
-            _bad(f"{path}: tensor 'responsibilities'", "rows of probabilities in [0, 1] that sum to 1",
-                 describe(resp), raw=True)
+        for block in blocks("responsibilities", resp):
+            if (bool((block < 0).any()) or bool((block > 1).any())
+                    or bool(((block.double().sum(1) - 1).abs() > 1e-4).any())):
+                _bad(f"{path}: tensor 'responsibilities'", "rows of probabilities in [0, 1] that sum to 1",
+                     describe(resp), raw=True)
     gmm_tensors = {name[4:]: t for name, t in tensors.items() if name.startswith("gmm.")}
     check_gmm_state(config["gmm"], gmm_tensors, features=features,
                     components=None if resp is None else resp.shape[1],
@@ -210,7 +264,11 @@ def _check_tensors(path: Path, config: Dict[str, Any], tensors: Dict[str, torch.
 
 
 def read_bank(folder: Path, *, mmap: Union[bool, str], verify: bool) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    """``(config, tensors)`` of a bank folder, every check of the module docstring passed."""
+    """``(config, tensors)`` of a bank folder, every check of the module docstring passed.
+
+    With ``mmap``, the values of the large tensors are checked from the file, not through the
+    mapping, so loading maps no page into the process (see :func:`_file_blocks`).
+    """
     config_file, tensor_file = folder / CONFIG_NAME, folder / TENSORS_NAME
     if not config_file.is_file() or not tensor_file.is_file():
         fail("path", f"a folder written by EmbeddingBank.save ({CONFIG_NAME} and {TENSORS_NAME})",
@@ -224,5 +282,5 @@ def read_bank(folder: Path, *, mmap: Union[bool, str], verify: bool) -> Tuple[Di
         tensors = load_file(tensor_file, mmap=mmap)
     except CMDAError as error:  # the strict header: the message names the file already
         raise BankFormatError(str(error)) from None
-    _check_tensors(tensor_file, config, tensors)
+    _check_tensors(tensor_file, config, tensors, _in_memory if mmap is False else _file_blocks(tensor_file))
     return config, tensors

@@ -22,8 +22,9 @@ import math
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch
 from ..core._validation import fail
 from ..exceptions import ValidationError
 
-__all__ = ["MMAP_MODES", "check_mmap", "file_sha256", "load_file", "read_header", "save_file"]
+__all__ = ["MMAP_MODES", "RawFile", "check_mmap", "file_sha256", "load_file", "read_header", "save_file"]
 
 _TO_CODE = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -46,30 +47,65 @@ _NUMPY_VIEW = {
 }
 _ITEMSIZE = {code: torch.empty((), dtype=dtype).element_size() for code, dtype in _FROM_CODE.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+#: bytes per read when a RawFile is copied into a safetensors file (one reused buffer)
+_RAW_BLOCK = 1 << 23
 
 PathLike = Union[str, Path]
 
 
-def save_file(tensors: Mapping[str, torch.Tensor], path: PathLike,
+@dataclass(frozen=True)
+class RawFile:
+    """A tensor that lives in a raw file (its bytes in C order, little-endian, nothing else).
+
+    :func:`save_file` copies it into the safetensors file block by block, so a table larger than
+    the memory can be written without being loaded.
+    """
+
+    path: Path
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+
+    def element_size(self) -> int:
+        return _ITEMSIZE[_TO_CODE[self.dtype]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.element_size()
+
+
+def save_file(tensors: Mapping[str, Union[torch.Tensor, RawFile]], path: PathLike,
               metadata: Optional[Mapping[str, str]] = None, *, progress: bool = False) -> str:
     """Write ``tensors`` (CPU or any device; copied to CPU) to ``path`` in safetensors format.
 
-    The file is written beside ``path`` under a temporary name, synced and renamed when
-    complete, so ``path`` never holds half a file. Returns the SHA-256 hex digest of the bytes written.
+    A value may also be a :class:`RawFile`: its bytes are copied from that file in blocks (the
+    file must hold exactly ``prod(shape) x itemsize`` bytes). The file is written beside ``path``
+    under a temporary name, synced and renamed when complete, so ``path`` never holds half a
+    file. Returns the SHA-256 hex digest of the bytes written.
     ``progress=True`` shows a tqdm bar (in bytes) when the write takes over two seconds.
     """
     header: Dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    # largest elements first, so every tensor starts at an offset aligned to its element size
-    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
-    blobs = []
-    offset = 0
-    for name, tensor in items:
-        if not isinstance(tensor, torch.Tensor):
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, (torch.Tensor, RawFile)):
             fail(f"tensors[{name!r}]", "a torch.Tensor", tensor)
         if tensor.dtype not in _TO_CODE:
             fail(f"tensors[{name!r}]", "a tensor of dtype " + ", ".join(str(d) for d in _TO_CODE), tensor)
+    # largest elements first, so every tensor starts at an offset aligned to its element size
+    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    blobs: list = []
+    offset = 0
+    for name, tensor in items:
+        if isinstance(tensor, RawFile):
+            size = Path(tensor.path).stat().st_size
+            if size != tensor.nbytes:
+                fail(f"tensors[{name!r}]", f"a raw file of {tensor.nbytes} bytes ({_TO_CODE[tensor.dtype]} of shape "
+                     f"{list(tensor.shape)})", f"{size} bytes in {tensor.path}", ValidationError, raw=True)
+            header[name] = {"dtype": _TO_CODE[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + size]}
+            blobs.append(tensor)
+            offset += size
+            continue
         plain = tensor.detach().to("cpu").contiguous()
         flat = plain.reshape(-1)  # 0-d tensors cannot be viewed as bytes
         data = (flat.view(torch.uint8) if plain.dtype != torch.bool else flat.to(torch.uint8)).numpy()
@@ -82,27 +118,35 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: PathLike,
     digest = hashlib.sha256()
     target = Path(path)
     partial = target.with_name(target.name + ".partial")
-    with open(partial, "wb") as handle:
-        for block in _write_blocks([struct.pack("<Q", len(text)), text] + blobs, progress):  # no copies
-            handle.write(block)
-            digest.update(block)
-        handle.flush()
-        os.fsync(handle.fileno())  # on disk before the rename: a crash leaves the old file or the new one
+    try:
+        with open(partial, "wb") as handle:
+            for block in _write_blocks([struct.pack("<Q", len(text)), text] + blobs, progress):  # no copies
+                handle.write(block)
+                digest.update(block)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename: a crash leaves the old file or the new one
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, target)
     return digest.hexdigest()
 
 
 def _write_blocks(blocks: list, progress: bool, size: int = 1 << 26):
-    """The blocks to write, cut into views of at most ``size`` bytes, behind an optional tqdm bar."""
-    views = [memoryview(b).cast("B") for b in blocks]
-    pieces = (view[i:i + size] for view in views for i in range(0, max(1, len(view)), size))
+    """The blocks to write, cut into views of at most ``size`` bytes, behind an optional tqdm bar.
+
+    A :class:`RawFile` block is read from its file into one reused buffer of at most
+    ``_RAW_BLOCK`` bytes (each piece is consumed before the next is read).
+    """
+    total = sum(b.nbytes if isinstance(b, RawFile) else memoryview(b).nbytes for b in blocks)
+    pieces = (piece for block in blocks for piece in _pieces(block, size))
     if not progress:
         return pieces
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional: no bar
         return pieces
-    bar = tqdm(total=sum(len(view) for view in views), desc="save", unit="B", unit_scale=True, delay=2.0)
+    bar = tqdm(total=total, desc="save", unit="B", unit_scale=True, delay=2.0)
 
     def counted():
         for piece in pieces:
@@ -110,6 +154,20 @@ def _write_blocks(blocks: list, progress: bool, size: int = 1 << 26):
             bar.update(piece.nbytes)
         bar.close()
     return counted()
+
+
+def _pieces(block: object, size: int) -> Iterator[memoryview]:
+    if not isinstance(block, RawFile):
+        view = memoryview(block).cast("B")
+        yield from (view[i:i + size] for i in range(0, max(1, len(view)), size))
+        return
+    buffer = memoryview(bytearray(min(size, _RAW_BLOCK, max(1, block.nbytes))))
+    with open(block.path, "rb", buffering=0) as handle:
+        while True:
+            count = handle.readinto(buffer)
+            if not count:
+                return
+            yield buffer[:count]
 
 
 def read_header(path: PathLike) -> Dict[str, object]:
