@@ -491,13 +491,13 @@ def test_bank_plan_with_one_pool_per_row_is_each_rows_plan_over_its_pool():
 
 
 # ------------------------------------------------------------------------------------
-# The top-k of wide rows (_kernels._topk_rows) and the plan's layout that reuses it.
+# The top-k of wide rows (_numerics.topk_rows) and the plan's layout that reuses it.
 # ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["random", "ties", "sparse", "float64"])
 @pytest.mark.parametrize("n, m, k", [(5, 128, 8), (7, 259, 8), (3, 300, 3), (4, 130, 1), (6, 512, 16), (2, 40, 8)])
 def test_topk_rows_is_torch_topk_bitwise(kind, n, m, k):
     """Same values and indices as torch.topk, also where rows tie (then torch.topk decides)."""
-    from cmda_data.core._kernels import _topk_rows
+    from cmda_data.core._numerics import topk_rows
 
     g = torch.Generator().manual_seed(n * 1000 + m + k)
     w = torch.rand(n, m, generator=g, dtype=torch.float64 if kind == "float64" else torch.float32)
@@ -507,7 +507,7 @@ def test_topk_rows_is_torch_topk_bitwise(kind, n, m, k):
     elif kind == "sparse":  # rows with fewer than k positive entries
         w = w * (torch.rand(n, m, generator=g) < 0.02)
     expected = w.topk(k, dim=1)
-    values, index = _topk_rows(w, k)
+    values, index = topk_rows(w, k)
     assert torch.equal(values, expected.values) and torch.equal(index, expected.indices)
 
 

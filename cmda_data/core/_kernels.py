@@ -119,40 +119,6 @@ def _unit_rows(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return F.normalize(z / scale, dim=1)
 
 
-# CPU top-k of wide rows. torch.topk over a row of m = 256 costs ~10x its cost over 64 (one
-# batch's plan: ~0.6 ms of a ~2 ms plan at B = 256, k = 8); the k largest entries lie in the k
-# blocks of _TOPK_BLOCK columns with the largest maxima, so a top-k over the block maxima and
-# one over the k * _TOPK_BLOCK entries of those blocks find them (3x faster at m = 256).
-_TOPK_BLOCK = 4
-_TOPK_MIN_COLUMNS = 128
-
-
-def _topk_rows(w: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``w.topk(k, dim=1)`` of a 2-D ``w`` (finite, ``k <= m``): the same values and indices, bitwise.
-
-    Wide CPU rows go through the block maxima (see ``_TOPK_BLOCK``). The result is then
-    checked to be the only answer: ``k`` strictly decreasing values and no other entry as
-    large as the k-th (a row with a tie has several; ``torch.topk`` breaks ties by its own
-    rule). With a tie in any row, the whole matrix goes to ``torch.topk``.
-    """
-    n, m = w.shape
-    if w.device.type != "cpu" or m < max(_TOPK_MIN_COLUMNS, 4 * k * _TOPK_BLOCK) or not w.is_contiguous():
-        return w.topk(k, dim=1)
-    b = _TOPK_BLOCK
-    full = m - m % b
-    blocks = w.narrow(1, 0, full).view(n, full // b, b).amax(2).topk(k, dim=1, sorted=False)[1]
-    cols = (blocks.unsqueeze(2) * b + torch.arange(b, device=w.device)).reshape(n, k * b)
-    if full < m:  # the columns of the last, partial block are always candidates
-        cols = torch.cat([cols, torch.arange(full, m, device=w.device).expand(n, m - full)], 1)
-    values, at = w.gather(1, cols).topk(k, dim=1)
-    # k strictly decreasing values, and only k entries >= the k-th: the row's unique top-k (a
-    # missed entry of the true top-k would be a (k+1)-th entry >= the k-th value found)
-    unique = (values[:, :-1] > values[:, 1:]).all(1) & ((w >= values[:, -1:]).sum(1) == k)
-    if not bool(unique.all()):
-        return w.topk(k, dim=1)
-    return values, cols.gather(1, at)
-
-
 # --------------------------------------------------------------------------- mixing
 def _check_samples(samples: object) -> torch.Tensor:
     if not isinstance(samples, torch.Tensor):

@@ -9,6 +9,7 @@
   on rows scaled to ``max |x| = 1``, and the responsibilities are a log-sum-exp over those
   differences. The result is the limit the exact formula tends to (one-hot on the component
   that is nearest in its own metric), never NaN.
+* :func:`topk_rows` -- ``torch.topk`` over the rows of a wide CPU matrix, bitwise, faster.
 
 Nothing here is public API.
 """
@@ -22,7 +23,8 @@ import torch
 
 from ._validation import fail
 
-__all__ = ["FAR_MAHALANOBIS", "far_log_resp", "far_rows", "product_without_overflow", "scaled_product"]
+__all__ = ["FAR_MAHALANOBIS", "far_log_resp", "far_rows", "product_without_overflow", "scaled_product",
+           "topk_rows"]
 
 #: rows whose smallest ``-log N(x | k)`` exceeds this take :func:`far_log_resp` (at 1e8 the
 #: direct formula keeps about 8 digits of the differences; scikit-learn's values are kept below it)
@@ -124,3 +126,37 @@ def far_rows(weighted: torch.Tensor) -> torch.Tensor:
     """``[n]`` bool: rows of ``log w_k + log N(x | k)`` that the direct formula cannot resolve."""
     best = weighted.amax(1)
     return ~torch.isfinite(best) | (best < -FAR_MAHALANOBIS)
+
+
+# CPU top-k of wide rows. torch.topk over a row of m = 256 costs ~10x its cost over 64 (one
+# batch's plan: ~0.6 ms of a ~2 ms plan at B = 256, k = 8); the k largest entries lie in the k
+# blocks of _TOPK_BLOCK columns with the largest maxima, so a top-k over the block maxima and
+# one over the k * _TOPK_BLOCK entries of those blocks find them (3x faster at m = 256).
+_TOPK_BLOCK = 4
+_TOPK_MIN_COLUMNS = 128
+
+
+def topk_rows(w: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``w.topk(k, dim=1)`` of a 2-D ``w`` (finite, ``k <= m``): the same values and indices, bitwise.
+
+    Wide CPU rows go through the block maxima (see ``_TOPK_BLOCK``). The result is then
+    checked to be the only answer: ``k`` strictly decreasing values and no other entry as
+    large as the k-th (a row with a tie has several; ``torch.topk`` breaks ties by its own
+    rule). With a tie in any row, the whole matrix goes to ``torch.topk``.
+    """
+    n, m = w.shape
+    if w.device.type != "cpu" or m < max(_TOPK_MIN_COLUMNS, 4 * k * _TOPK_BLOCK) or not w.is_contiguous():
+        return w.topk(k, dim=1)
+    b = _TOPK_BLOCK
+    full = m - m % b
+    blocks = w.narrow(1, 0, full).view(n, full // b, b).amax(2).topk(k, dim=1, sorted=False)[1]
+    cols = (blocks.unsqueeze(2) * b + torch.arange(b, device=w.device)).reshape(n, k * b)
+    if full < m:  # the columns of the last, partial block are always candidates
+        cols = torch.cat([cols, torch.arange(full, m, device=w.device).expand(n, m - full)], 1)
+    values, at = w.gather(1, cols).topk(k, dim=1)
+    # k strictly decreasing values, and only k entries >= the k-th: the row's unique top-k (a
+    # missed entry of the true top-k would be a (k+1)-th entry >= the k-th value found)
+    unique = (values[:, :-1] > values[:, 1:]).all(1) & ((w >= values[:, -1:]).sum(1) == k)
+    if not bool(unique.all()):
+        return w.topk(k, dim=1)
+    return values, cols.gather(1, at)

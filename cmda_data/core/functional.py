@@ -331,7 +331,7 @@ def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Opti
     fallback = empty if alone is None else alone | empty  # rows that fell back to a fixed row
     index = None
     if top_k is not None and top_k < m:
-        values, index = _kernels._topk_rows(w, top_k)
+        values, index = _numerics.topk_rows(w, top_k)
         w = torch.zeros_like(w).scatter_(1, index, values)
     if renormalize:
         w = _normalize_rows(w)
