@@ -164,6 +164,10 @@ def test_an_existing_folder_without_a_bank_is_used_and_missing_parents_are_made(
     bank = EmbeddingBank.build(Pairs(blobs(100)), Aligner(), student="image", teachers="text", n_components=1,
                                out=str(tmp_path / "a" / "b" / "bank"), progress=False)
     assert len(bank) == 100 and (tmp_path / "a" / "b" / "bank" / CONFIG_NAME).is_file()
+    # made like any folder (the umask's permissions), not with the private mode of the temporary one
+    (tmp_path / "plain").mkdir()
+    mode = (tmp_path / "plain").stat().st_mode & 0o777
+    assert [(tmp_path / p).stat().st_mode & 0o777 for p in ("a", "a/b", "a/b/bank")] == [mode] * 3
 
 
 @pytest.mark.parametrize("kwargs, message", [

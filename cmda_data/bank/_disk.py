@@ -15,8 +15,8 @@ bank of 1M x 512 rows with an image and a text modality). This one writes the ba
    the way), then ``bank.json``; the result is byte for byte the folder that ``build`` +
    ``save`` writes with the same arguments.
 
-Everything is written into a temporary folder beside ``out``, which replaces the bank files of
-``out`` only when complete; on any error (or Ctrl-C) the temporary folder is removed and
+Everything is written into a temporary folder beside ``out``, whose files replace the bank files
+of ``out`` only when complete; on any error (or Ctrl-C) the temporary folder is removed and
 ``out`` is left as it was. The bank returned is ``EmbeddingBank.load(out)`` (memory-mapped).
 """
 
@@ -135,16 +135,11 @@ def _make_parents(parent: Path) -> List[Path]:
 
 
 def _move_into_place(work: Path, folder: Path) -> None:
-    """``work`` becomes ``folder``, or its two bank files replace those of an existing ``folder``."""
-    if not folder.exists():
-        try:
-            os.rename(work, folder)
-            return
-        except OSError:  # created meanwhile: replace the files instead
-            pass
+    """Move the two bank files of ``work`` into ``folder`` (made with the usual permissions, unlike the
+    private temporary folder), ``bank.json`` last as :func:`write_bank` does; remove ``work``."""
     folder.mkdir(parents=True, exist_ok=True)
     os.replace(work / TENSORS_NAME, folder / TENSORS_NAME)
-    os.replace(work / CONFIG_NAME, folder / CONFIG_NAME)  # last, as write_bank does
+    os.replace(work / CONFIG_NAME, folder / CONFIG_NAME)
     work.rmdir()
 
 
