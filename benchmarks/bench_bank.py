@@ -7,13 +7,20 @@ raw float32 files. Each measured step then runs in a fresh process of its own, s
 RSS (``VmHWM``; ``ru_maxrss`` would carry the parent's peak across fork + exec) counts only
 what that step holds:
 
-1. **build** -- ``EmbeddingBank.build(range(N), aligner, student="image", teachers="text")``
+1. **build** (disk-backed, the default of this benchmark) --
+   ``EmbeddingBank.build(range(N), aligner, student="image", teachers="text", out=folder)``
    with the default options (``n_components=None``: BIC choice of M over 1..6, full
-   covariances; banks over ``max_fit_rows`` rows fit on a random subsample). The aligner
-   reads the rows of a batch from the files with ``os.preadv`` (like an encoder, it holds
-   nothing between calls; page-cache reads do not count in the RSS). Reported: wall time, the
-   time of the embedding, of the GMM choice + fit and of the responsibilities pass, peak RSS
-   and its ratio to the size of the bank's embeddings; then ``bank.save`` (time, peak RSS).
+   covariances; banks over ``max_fit_rows`` rows fit on a random subsample): each batch is
+   written to disk as it is embedded, the GMM is fitted on the subsample read back, the
+   responsibilities are written chunk by chunk, the bank file is assembled and the bank is
+   returned loaded (memory-mapped) from the folder. The aligner reads the rows of a batch from
+   the files with ``os.preadv`` (like an encoder, it holds nothing between calls; page-cache
+   reads do not count in the RSS). Reported: wall time, the time of the embedding (with the
+   writes), of the GMM choice + fit, of the responsibilities pass, of the bank file's assembly
+   and of the load, peak RSS and its ratio to one modality's table and to both.
+1b. **build_memory** (the peer, ``--skip-memory`` leaves it out) -- the same build in memory
+   (no ``out``), then ``bank.save``: time and peak RSS of each, and whether the saved file is
+   the disk-backed build's, byte for byte (the SHA-256 both bank.json record).
 2. **workers** -- ``EmbeddingBank.load(folder, mmap=True)`` and a ``DataLoader`` with
    ``--workers`` processes, each reading ``--reads`` batches of 256 random rows
    (``bank.rows``: every modality and the responsibilities). Each worker reports its RSS, USS
@@ -125,22 +132,71 @@ def peak_rss_bytes() -> int:
 # ----------------------------------------------------------------------------- step 1: build + save
 
 
+def _bank_facts(bank: Any, folder: Path) -> Dict[str, Any]:
+    meta = bank.metadata
+    embeddings_bytes = sum(t.numel() * t.element_size() for t in bank.embeddings.values())
+    record = json.loads((folder / "bank.json").read_text())["files"]["bank.safetensors"]
+    return {"embeddings_bytes": embeddings_bytes, "one_modality_bytes": embeddings_bytes // len(bank.embeddings),
+            "n_components": bank.n_components, "fit_rows": meta.get("fit_rows"),
+            "n_components_scores": meta.get("n_components_scores"), "gmm_converged": meta.get("gmm_converged"),
+            "gmm_n_iter": getattr(bank.gmm, "n_iter_", None), "dca_inert": meta.get("dca_inert"),
+            "bank_file_bytes": record["bytes"], "bank_sha256": record["sha256"]}
+
+
+def _timed(module: Any, name: str, timed: Dict[str, float], key: str) -> None:
+    """Wrap ``module.name`` so that its wall time (and the time it ended) goes to ``timed``."""
+    inner = getattr(module, name)
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        out = inner(*a, **k)
+        timed[key + "_end"] = time.perf_counter()
+        timed[key] = timed[key + "_end"] - start
+        return out
+
+    setattr(module, name, wrapper)
+
+
+def vm_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def phase_build(args: argparse.Namespace) -> Dict[str, Any]:
+    """The disk-backed build: ``EmbeddingBank.build(..., out=folder)``."""
+    from cmda_data import EmbeddingBank
+    from cmda_data.bank import _disk
+
+    work = Path(args.work)
+    aligner = FileAligner(work, args.d)
+    timed: Dict[str, float] = {}
+    _timed(_disk, "fit_model", timed, "choice_and_fit_s")
+    _timed(_disk, "write_responsibilities", timed, "responsibilities_s")
+    _timed(_disk, "write_bank", timed, "write_s")
+    rss_start = peak_rss_bytes()
+    start = time.perf_counter()
+    bank = EmbeddingBank.build(range(args.n), aligner, student="image", teachers="text", out=work / "bank",
+                               overwrite=True, progress=not args.no_progress)
+    end = time.perf_counter()
+    return dict(_bank_facts(bank, work / "bank"), mode="disk", build_s=end - start, embed_s=aligner.last_call - start,
+                choice_and_fit_s=timed["choice_and_fit_s"], responsibilities_s=timed["responsibilities_s"],
+                write_s=timed["write_s"], load_s=end - timed["write_s_end"],
+                peak_rss_start_bytes=rss_start, peak_rss_build_bytes=peak_rss_bytes(),
+                rss_after_bytes=vm_rss_bytes(),
+                ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def phase_build_memory(args: argparse.Namespace) -> Dict[str, Any]:
+    """The in-memory build (no ``out``), then ``save``: the peer of the disk-backed build."""
     from cmda_data import EmbeddingBank
     from cmda_data.bank import _fit
 
     work = Path(args.work)
     aligner = FileAligner(work, args.d)
     timed: Dict[str, float] = {}
-    inner = _fit.responsibilities
-
-    def responsibilities(*a: Any, **k: Any) -> torch.Tensor:  # time the responsibilities pass on its own
-        start = time.perf_counter()
-        out = inner(*a, **k)
-        timed["responsibilities_s"] = time.perf_counter() - start
-        return out
-
-    _fit.responsibilities = responsibilities
+    _timed(_fit, "responsibilities", timed, "responsibilities_s")
     rss_start = peak_rss_bytes()
     start = time.perf_counter()
     bank = EmbeddingBank.build(range(args.n), aligner, student="image", teachers="text",
@@ -149,23 +205,14 @@ def phase_build(args: argparse.Namespace) -> Dict[str, Any]:
     embed_s = aligner.last_call - start
     rss_build = peak_rss_bytes()
     start = time.perf_counter()
-    bank.save(work / "bank", progress=not args.no_progress)
+    bank.save(work / "bank_memory", progress=not args.no_progress)
     save_s = time.perf_counter() - start
-    meta = bank.metadata
-    embeddings_bytes = sum(t.numel() * t.element_size() for t in bank.embeddings.values())
-    return {
-        "build_s": build_s, "embed_s": embed_s, "gmm_s": build_s - embed_s,
-        "responsibilities_s": timed.get("responsibilities_s"),
-        "choice_and_fit_s": build_s - embed_s - timed.get("responsibilities_s", 0.0),
-        "save_s": save_s, "peak_rss_start_bytes": rss_start, "peak_rss_build_bytes": rss_build,
-        "peak_rss_save_bytes": peak_rss_bytes(), "embeddings_bytes": embeddings_bytes,
-        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "one_modality_bytes": embeddings_bytes // len(bank.embeddings),
-        "n_components": bank.n_components, "fit_rows": meta.get("fit_rows"),
-        "n_components_scores": meta.get("n_components_scores"), "gmm_converged": meta.get("gmm_converged"),
-        "gmm_n_iter": getattr(bank.gmm, "n_iter_", None), "dca_inert": meta.get("dca_inert"),
-        "bank_file_bytes": (work / "bank" / "bank.safetensors").stat().st_size,
-    }
+    return dict(_bank_facts(bank, work / "bank_memory"), mode="memory", build_s=build_s, embed_s=embed_s,
+                gmm_s=build_s - embed_s, responsibilities_s=timed.get("responsibilities_s"),
+                choice_and_fit_s=build_s - embed_s - timed.get("responsibilities_s", 0.0), save_s=save_s,
+                peak_rss_start_bytes=rss_start, peak_rss_build_bytes=rss_build,
+                peak_rss_save_bytes=peak_rss_bytes(),
+                ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 # ----------------------------------------------------------------------------- step 2: workers
@@ -292,15 +339,22 @@ def gib(value: float) -> str:
 
 
 def report(result: Dict[str, Any]) -> None:
-    b, w, s = result["build"], result["workers"], result.get("sklearn")
+    b, m, w, s = result["build"], result.get("build_memory"), result["workers"], result.get("sklearn")
+    r = result["ratios"]
     print(f"N = {result['config']['n']:,} x d = {result['config']['d']} (2 modalities, embeddings "
           f"{gib(b['embeddings_bytes'])}; one modality {gib(b['one_modality_bytes'])})")
-    print(f"build: {b['build_s']:.1f} s (embedding {b['embed_s']:.1f} s, BIC choice + EM fit on {b['fit_rows']:,} "
-          f"rows {b['choice_and_fit_s']:.1f} s, responsibilities of all rows {b['responsibilities_s']:.1f} s); "
+    print(f"disk-backed build (out=folder): {b['build_s']:.1f} s (embedding + writes {b['embed_s']:.1f} s, BIC "
+          f"choice + EM fit on {b['fit_rows']:,} rows {b['choice_and_fit_s']:.1f} s, responsibilities of all rows "
+          f"{b['responsibilities_s']:.1f} s, bank file {b['write_s']:.1f} s, load {b['load_s']:.1f} s); "
           f"M = {b['n_components']}")
-    print(f"peak RSS build: {gib(b['peak_rss_build_bytes'])} = {result['ratios']['build_peak_to_embeddings']:.2f}x "
-          f"the embeddings ({result['ratios']['build_peak_to_one_modality']:.2f}x one modality); with save "
-          f"({b['save_s']:.1f} s): {gib(b['peak_rss_save_bytes'])}")
+    print(f"peak RSS: {gib(b['peak_rss_build_bytes'])} = {r['build_peak_to_one_modality']:.2f}x one modality, "
+          f"{r['build_peak_to_embeddings']:.2f}x both (baseline after imports {gib(b['peak_rss_start_bytes'])}; "
+          f"RSS at the end {gib(b['rss_after_bytes'])})")
+    if m:
+        print(f"in-memory build: {m['build_s']:.1f} s, peak RSS {gib(m['peak_rss_build_bytes'])} = "
+              f"{r['memory_build_peak_to_one_modality']:.2f}x one modality, {r['memory_build_peak_to_embeddings']:.2f}x "
+              f"both; save {m['save_s']:.1f} s (peak {gib(m['peak_rss_save_bytes'])}); same bank file as the "
+              f"disk-backed build: {result['same_bank_file']}")
     print(f"{w['workers']} workers, mmap load ({w['load_s']:.1f} s), {w['reads_per_worker']} reads of "
           f"{w['rows_per_read']} random rows each: per worker RSS {gib(w['worker_mean']['rss'])}, USS "
           f"{gib(w['worker_mean']['uss'])}, PSS {gib(w['worker_mean']['pss'] or 0)}; main PSS "
@@ -323,22 +377,28 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    b, w, s = result["build"], result["workers"], result.get("sklearn")
+    b, m, w, s = result["build"], result.get("build_memory"), result["workers"], result.get("sklearn")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    parts = [("embedding", b["embed_s"]), ("BIC choice + fit", b["choice_and_fit_s"]),
-             ("responsibilities", b["responsibilities_s"] or 0.0), ("save", b["save_s"])]
-    axes[0].barh([p[0] for p in parts][::-1], [p[1] for p in parts][::-1], color="tab:blue")
+    parts = [("embedding + writes", b["embed_s"]), ("BIC choice + fit", b["choice_and_fit_s"]),
+             ("responsibilities", b["responsibilities_s"]), ("bank file", b["write_s"]), ("load", b["load_s"])]
+    axes[0].barh([p[0] for p in parts][::-1], [p[1] for p in parts][::-1], color="tab:blue",
+                 label="disk-backed build, by step")
+    if m:
+        axes[0].barh(["in-memory build", "in-memory save"], [m["build_s"], m["save_s"]], color="tab:gray",
+                     label="in-memory peer")
     axes[0].axvline(300, color="tab:red", ls="--", label="5 min target (build)")
     axes[0].set_xlabel("seconds")
-    axes[0].set_title(f"N={result['config']['n']:,}, d={result['config']['d']}: build {b['build_s']:.0f} s")
-    axes[0].legend(loc="lower right")
-    labels = ["build peak", "save peak", "main (8w)"] + [f"w{i}" for i in range(len(w["per_worker"]))]
-    rss = [b["peak_rss_build_bytes"], b["peak_rss_save_bytes"], w["main"]["rss"]] + [x["rss"] for x in w["per_worker"]]
+    axes[0].set_title(f"N={result['config']['n']:,}, d={result['config']['d']}: disk-backed build {b['build_s']:.0f} s")
+    axes[0].legend(loc="lower right", fontsize=8)
+    labels = ["disk build", "in-mem build", "main (8w)"] + [f"w{i}" for i in range(len(w["per_worker"]))]
+    rss = [b["peak_rss_build_bytes"], m["peak_rss_build_bytes"] if m else np.nan, w["main"]["rss"]] + [
+        x["rss"] for x in w["per_worker"]]
     pss = [np.nan, np.nan, w["main"]["pss"] or np.nan] + [x["pss"] or np.nan for x in w["per_worker"]]
     xs = np.arange(len(labels))
-    axes[1].bar(xs - 0.2, np.array(rss) / 2**30, 0.4, label="RSS (peak for build/save)")
+    axes[1].bar(xs - 0.2, np.array(rss, dtype=float) / 2**30, 0.4, label="RSS (peak for the builds)")
     axes[1].bar(xs + 0.2, np.array(pss, dtype=float) / 2**30, 0.4, label="PSS")
-    axes[1].axhline(2 * b["embeddings_bytes"] / 2**30, color="tab:red", ls="--", label="2x embeddings")
+    axes[1].axhline(2 * b["one_modality_bytes"] / 2**30, color="tab:red", ls="--", label="2x one modality")
+    axes[1].axhline(b["embeddings_bytes"] / 2**30, color="tab:orange", ls=":", label="both modalities")
     axes[1].set_xticks(xs, labels, rotation=45)
     axes[1].set_ylabel("GiB")
     axes[1].set_title("memory")
@@ -368,13 +428,15 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--reads", type=int, default=200, help="batches of 256 random rows per worker")
     parser.add_argument("--quick", action="store_true", help="N = 30,000, d = 32, rank 8, 2 workers, 20 reads")
     parser.add_argument("--skip-sklearn", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true", help="leave out the in-memory build (the peer)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--phase", choices=("build", "workers", "sklearn"), help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=("build", "build_memory", "workers", "sklearn"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.phase:
-        result = {"build": phase_build, "workers": phase_workers, "sklearn": phase_sklearn}[args.phase](args)
+        result = {"build": phase_build, "build_memory": phase_build_memory, "workers": phase_workers,
+                  "sklearn": phase_sklearn}[args.phase](args)
         Path(os.environ["BENCH_BANK_OUT"]).write_text(json.dumps(result))
         return
     if args.quick:
@@ -390,6 +452,8 @@ def main(argv: List[str] = None) -> None:
         generate_s = time.perf_counter() - start
         result: Dict[str, Any] = {"issue": 15, "quick": args.quick}
         result["build"] = run_phase("build", args, scratch)
+        result["build_memory"] = None if args.skip_memory else run_phase("build_memory", args, scratch)
+        shutil.rmtree(scratch / "bank_memory", ignore_errors=True)  # its SHA-256 is recorded: free the disk
         result["workers"] = run_phase("workers", args, scratch)
         result["sklearn"] = None if args.skip_sklearn else run_phase("sklearn", args, scratch)
     finally:
@@ -397,7 +461,8 @@ def main(argv: List[str] = None) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
     from cmda_data.bank._fit import MAX_FIT_ROWS
 
-    b = result["build"]
+    b, m = result["build"], result["build_memory"]
+    result["same_bank_file"] = None if m is None else m["bank_sha256"] == b["bank_sha256"]
     result["config"] = {"n": args.n, "d": args.d, "modalities": list(MODALITIES), "data": data,
                         "generate_s": generate_s, "bank_options": "EmbeddingBank.build defaults",
                         "max_fit_rows": MAX_FIT_ROWS, "workers": args.workers, "reads": args.reads,
@@ -406,9 +471,14 @@ def main(argv: List[str] = None) -> None:
                         "python": platform.python_version(), "loadavg_before": load_before,
                         "loadavg_after": os.getloadavg()}
     result["ratios"] = {"build_peak_to_embeddings": b["peak_rss_build_bytes"] / b["embeddings_bytes"],
-                        "build_peak_to_one_modality": b["peak_rss_build_bytes"] / b["one_modality_bytes"],
-                        "save_peak_to_embeddings": b["peak_rss_save_bytes"] / b["embeddings_bytes"]}
+                        "build_peak_to_one_modality": b["peak_rss_build_bytes"] / b["one_modality_bytes"]}
+    if m:
+        result["ratios"].update(
+            memory_build_peak_to_embeddings=m["peak_rss_build_bytes"] / m["embeddings_bytes"],
+            memory_build_peak_to_one_modality=m["peak_rss_build_bytes"] / m["one_modality_bytes"],
+            memory_save_peak_to_embeddings=m["peak_rss_save_bytes"] / m["embeddings_bytes"])
     result["targets"] = {"build_s<=300": b["build_s"] <= 300,
+                         "build_peak<=2x_one_modality": result["ratios"]["build_peak_to_one_modality"] <= 2.0,
                          "build_peak<=2x_embeddings": result["ratios"]["build_peak_to_embeddings"] <= 2.0,
                          "ll_rel_diff<=1e-3": None if not result["sklearn"] else
                          result["sklearn"]["max_rel_diff"] <= 1e-3}

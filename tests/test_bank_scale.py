@@ -208,6 +208,19 @@ def test_bench_bank_quick_preset(tmp_path):
     assert build["fit_rows"] == _fit.MAX_FIT_ROWS < 30_000  # the subsample path ran
     assert build["embeddings_bytes"] == 2 * 30_000 * 32 * 4
     assert 0 < build["embed_s"] < build["build_s"] and build["peak_rss_build_bytes"] > 0
+    # the default build is the disk-backed one; the in-memory peer wrote the same bank file
+    memory = result["build_memory"]
+    assert build["mode"] == "disk" and memory["mode"] == "memory" and result["same_bank_file"] is True
+    assert build["bank_sha256"] == memory["bank_sha256"] and build["n_components"] == memory["n_components"]
+    for key in ("choice_and_fit_s", "responsibilities_s", "write_s", "load_s"):
+        assert 0 <= build[key] < build["build_s"]
+    assert memory["peak_rss_save_bytes"] >= memory["peak_rss_build_bytes"] > 0
+    ratios = result["ratios"]
+    for key in ("build_peak_to_one_modality", "build_peak_to_embeddings", "memory_build_peak_to_one_modality",
+                "memory_build_peak_to_embeddings"):
+        assert ratios[key] > 0
+    assert ratios["build_peak_to_one_modality"] == pytest.approx(2 * ratios["build_peak_to_embeddings"])
+    assert set(result["targets"]) >= {"build_s<=300", "build_peak<=2x_one_modality", "build_peak<=2x_embeddings"}
     # four well separated clusters: M = 4; where scikit-learn's own k-means start ends in another local
     # optimum, scikit-learn started from ours walks to our log-likelihood
     assert build["n_components"] == sk["m_ours"] == 4 and sk["fit_rows"] == build["fit_rows"]
