@@ -44,8 +44,9 @@ at 224 px with 2 threads; top-k <= dense and dense (``mix``, checks included) <=
 ``dense_kernel`` (the plain matmul into a fresh buffer) at every size, on the CPU and on CUDA;
 guards: >= 15x the official loop and <= 1.0x torchvision ``MixUp`` at 224 px (CPU). Targets
 without a row in a run (the CUDA ones on a CPU-only machine) are reported as n/a.
-``sparse_path`` in each row counts how many ``topk`` calls ran column-blocked: at several
-threads the kernel stops blocking for a while when its threads do not get their cores.
+``sparse_path`` in each row counts how many ``topk`` calls ran column-blocked (at several
+threads the blocks are shared out to single-threaded Python threads, each taking the next
+block when done: a thread that loses its core takes fewer; ``--busy`` measures that case).
 
 Usage::
 

@@ -714,49 +714,23 @@ def test_l2_size_is_read_or_defaults():
     assert Kn._l2_bytes(default=123) in (123, Kn._l2_bytes())
 
 
-class _FakeClock:
-    """perf_counter / process_time for _kernels: each call of the blocked kernel takes 1 s
-    of wall time and ``cpu`` seconds of process CPU time."""
-
-    def __init__(self, cpu):
-        self.wall = 100.0
-        self.cpu_time = 0.0
-        self.cpu = cpu
-
-    def perf_counter(self):
-        return self.wall
-
-    def process_time(self):
-        return self.cpu_time
-
-    def tick(self):
-        self.wall += 1.0
-        self.cpu_time += self.cpu
-
-
 @pytest.fixture
-def two_threads(tiny_blocks, monkeypatch):
-    """tiny_blocks at 2 threads, with a fake clock that the blocked kernel advances."""
+def two_threads(tiny_blocks):
+    """tiny_blocks at 2 threads."""
     torch.set_num_threads(2)
-    clock = _FakeClock(cpu=2.0)  # quiet: both threads busy for the whole call
-    monkeypatch.setattr(tiny_blocks, "time", clock)
-    monkeypatch.setattr(tiny_blocks, "_contended_until", 0.0)
-    blocked = tiny_blocks._mix_sparse_blocked
-    monkeypatch.setattr(tiny_blocks, "_mix_sparse_blocked", lambda *a, **kw: clock.tick() or blocked(*a, **kw))
-    tiny_blocks.clock = clock
     yield tiny_blocks
-    del tiny_blocks.clock
 
 
 @pytest.mark.parametrize("n, m, shape, k", [(5, 7, (11,), 3), (1, 1, (1, 7), 1), (1, 9, (13,), 4),
                                             (9, 4, (3, 5, 2), 4), (3, 6, (64,), 6)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-def test_multithreaded_sparse_mix_blocks_while_quiet_and_not_while_contended(two_threads, n, m, shape, k, dtype,
-                                                                            contiguous):
-    """At several threads the blocked path runs while the threads get their cores; after a
-    call measured below _MIN_EFFICIENCY the next calls skip blocking for _CONTENDED_HOLD_S.
-    Every way gives the dense matmul's numbers (bitwise the unblocked kernel's)."""
+def test_multithreaded_sparse_mix_shares_the_blocks_out_bitwise(two_threads, n, m, shape, k, dtype, contiguous):
+    """At several threads the blocks are shared out to single-threaded Python threads: the
+    dense matmul's numbers, bitwise the unblocked kernel's, whichever thread mixed a block;
+    the threads' own thread count is 1 and the caller's is kept."""
+    from cmda_data.core import _threads
+
     Kn = two_threads
     g = torch.Generator().manual_seed(n * 100 + m)
     x = torch.randn(m, *shape, generator=g, dtype=dtype)
@@ -771,26 +745,18 @@ def test_multithreaded_sparse_mix_blocks_while_quiet_and_not_while_contended(two
     size = int(np.prod(shape))
     columns = Kn._sparse_block_columns(m, n, size, x.element_size())
     blocks = columns < size and Kn._flatten_trailing(x)[0].stride(1) == 1
-
-    out = Fn.mix(w, x, index=index)  # quiet: blocked
-    assert Kn.blocked_calls == ([columns] if blocks else [])
-    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
-    assert torch.equal(out, plain)
-    if not blocks:
-        return
-    Kn.clock.cpu = 1.0  # one thread waits for a core: efficiency 0.5 < 0.75
-    assert torch.equal(Fn.mix(w, x, index=index), plain)  # measured while blocked
-    assert len(Kn.blocked_calls) == 2 and Kn._contended_until == 100.0 + 2 + Kn._CONTENDED_HOLD_S
-    assert torch.equal(Fn.mix(w, x, index=index), plain)  # within the hold: one embedding_bag
-    assert len(Kn.blocked_calls) == 2
-    Kn.clock.wall = Kn._contended_until  # the hold is over: blocking is tried again
-    Kn.clock.cpu = 2.0
+    for _ in range(3):
+        out = Fn.mix(w, x, index=index)
+        torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+        assert torch.equal(out, plain)
+    assert Kn.blocked_calls == ([columns] * 3 if blocks else [])
+    assert torch.get_num_threads() == 2
+    if blocks:
+        seen = []
+        _threads.run_split(lambda i: seen.append((i, torch.get_num_threads())), 7, 2)
+        assert sorted(seen) == [(i, 1) for i in range(7)]
+    torch.set_num_threads(1)  # one thread: the blocks in the calling thread
     assert torch.equal(Fn.mix(w, x, index=index), plain)
-    assert len(Kn.blocked_calls) == 3
-    torch.set_num_threads(1)  # one thread blocks whatever was measured
-    Kn._contended_until = float("inf")
-    assert torch.equal(Fn.mix(w, x, index=index), plain)
-    assert len(Kn.blocked_calls) == 4
 
 
 @pytest.mark.parametrize("bad_row", [0, 3])  # 3: a sample that no index row picks
@@ -828,7 +794,6 @@ def test_mix_refuses_non_finite_samples_and_weights_on_every_path(two_threads, b
         with pytest.raises(ValidationError, match=r"index: expected positions in \[0, 4\)"):
             Fn.mix(w, x, index=index + 2)
         assert len(two_threads.blocked_calls) == calls + 2
-        two_threads.clock.wall = 1e9  # no contention hold left for the next thread count
         torch.testing.assert_close(Fn.mix(w, x_ok, index=index).double(), _sparse_loop(index, w, x_ok),
                                    rtol=1e-2, atol=1e-2)
 

@@ -6,7 +6,6 @@ Nothing here is public API; :mod:`cmda_data.core.functional` documents the behav
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..exceptions import DeviceError, ShapeError
+from ._threads import run_split
 from ._validation import FLOAT_DTYPES, check_finite, check_float_tensor, check_rank, check_tensor_data, describe, fail
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -262,17 +262,12 @@ def _l2_bytes(default: int = 1 << 20) -> int:
 
 _BLOCK_BYTES = max(128 << 10, min(_l2_bytes() // 2, _BLOCK_MAX_BYTES))
 
-# With several threads every block is two parallel regions (embedding_bag, copy into the
-# output), and each region waits for its slowest thread: when another process holds one of
-# the cores, a descheduled thread stalls every region (measured on a 2-core VM with one busy
-# core: blocked 3.4x a clone, one embedding_bag over whole rows 2.3x). So a multi-threaded
-# blocked call measures its own parallel efficiency (process CPU time / (threads x wall
-# time)); below _MIN_EFFICIENCY the next calls in the following _CONTENDED_HOLD_S seconds
-# skip the blocking (one parallel region), then blocking is tried again. The choice only
-# moves time: both ways give bitwise the same result. One thread always blocks.
-_MIN_EFFICIENCY = 0.75
-_CONTENDED_HOLD_S = 2.0
-_contended_until = 0.0  # time.perf_counter() until which multi-threaded calls do not block
+# With several threads the blocks are shared out to single-threaded Python threads (see
+# _threads.run_split), each taking the next block when it is done with one. An OpenMP region
+# per block (embedding_bag, then the copy into the output) made every block wait for its
+# slowest thread: with another process on one of the 2 cores of a VM, 3.4x a clone, and an
+# efficiency-triggered fallback to one embedding_bag over whole rows still 2.3x. Shared
+# blocks: a thread that loses its core takes fewer of them. Results are bitwise the same.
 
 
 def _sparse_block_columns(m: int, n: int, size: int, itemsize: int) -> int:
@@ -302,8 +297,9 @@ def _mix_sparse_blocked(index: torch.Tensor, weights: torch.Tensor, flat: torch.
 
     Every output element is computed by the same ``embedding_bag`` arithmetic as the unblocked
     path, so the results are bitwise identical. No autograd support (callers check). The
-    argument checks of ``F.embedding_bag`` run once, on the first block; the others call the
-    op directly (a few microseconds each, over ~150 blocks of a 224 px batch).
+    argument checks of ``F.embedding_bag`` run once, on the first block, in the calling thread;
+    the others call the op directly (a few microseconds each, over ~150 blocks of a 224 px
+    batch), shared out to single-threaded Python threads at several threads.
 
     Returns ``(out, total)``. With ``check``, ``total`` is the sum of every entry of ``flat``
     (NaN or inf when an entry is, or when the sum overflows): two extra bags, each summing half
@@ -326,7 +322,9 @@ def _mix_sparse_blocked(index: torch.Tensor, weights: torch.Tensor, flat: torch.
         first = 1
         check_rows = torch.empty((2, size), dtype=flat.dtype, device=flat.device)
     out = torch.empty((n, size), dtype=flat.dtype, device=flat.device)
-    for start in range(0, size, columns):
+
+    def one_block(at: int) -> None:
+        start = at * columns
         width = min(columns, size - start)
         table = flat.narrow(1, start, width)
         if start == 0:
@@ -336,6 +334,14 @@ def _mix_sparse_blocked(index: torch.Tensor, weights: torch.Tensor, flat: torch.
         out.narrow(1, start, width).copy_(block.narrow(0, first, n))
         if check:
             check_rows.narrow(1, start, width).copy_(block[0::n + 1])
+
+    one_block(0)  # (the argument checks of F.embedding_bag, here)
+    blocks, threads = -(-size // columns), torch.get_num_threads()
+    if threads > 1:  # the other blocks spread over single-threaded Python threads (see _threads)
+        run_split(lambda at: one_block(at + 1), blocks - 1, threads)
+    else:
+        for at in range(1, blocks):
+            one_block(at)
     if not check:
         return out, None
     return out, check_rows.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32).item()
@@ -344,29 +350,17 @@ def _mix_sparse_blocked(index: torch.Tensor, weights: torch.Tensor, flat: torch.
 def _mix_sparse_cpu(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, *,
                     check: bool = False) -> Tuple[torch.Tensor, Optional[float]]:
     """The CPU ``embedding_bag`` route: column blocks when worth it (see ``_BLOCK_BYTES``),
-    the adaptive choice at several threads (see ``_MIN_EFFICIENCY``).
+    shared out to the threads (see :func:`_threads.run_split`).
 
     Returns ``(out, total)``: ``total`` is the sum of ``flat`` when ``check`` asked for it and
     the blocked path computed it on the way (see :func:`_mix_sparse_blocked`), else None.
     """
-    global _contended_until
     if flat.stride(1) != 1 or (torch.is_grad_enabled() and (flat.requires_grad or weights.requires_grad)):
         return _embedding_bag_sum(index, weights, flat), None
     columns = _sparse_block_columns(flat.shape[0], index.shape[0], flat.shape[1], flat.element_size())
     if columns >= flat.shape[1]:
         return _embedding_bag_sum(index, weights, flat), None
-    threads = torch.get_num_threads()
-    if threads == 1:
-        return _mix_sparse_blocked(index, weights, flat, columns, check=check)
-    wall0 = time.perf_counter()
-    if wall0 < _contended_until:
-        return _embedding_bag_sum(index, weights, flat), None
-    cpu0 = time.process_time()
-    result = _mix_sparse_blocked(index, weights, flat, columns, check=check)
-    wall = time.perf_counter() - wall0
-    if wall > 0 and (time.process_time() - cpu0) < _MIN_EFFICIENCY * threads * wall:
-        _contended_until = wall0 + wall + _CONTENDED_HOLD_S
-    return result
+    return _mix_sparse_blocked(index, weights, flat, columns, check=check)
 
 
 def _mix_dense(weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -406,8 +400,8 @@ def _mix_sparse(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) 
     of gathered rows without materialising the ``[n, k, P]`` gather (6x faster than gather +
     bmm on CPU, accumulating half/bfloat16 in float32); other backends use gather + bmm.
     On the CPU, large inputs without autograd are mixed in L2-sized column blocks
-    (:func:`_mix_sparse_blocked`, same results; at several threads only while the threads
-    get their cores, see :func:`_mix_sparse_cpu`). On CUDA, a batch that is small
+    (:func:`_mix_sparse_blocked`, same results; at several threads the blocks are shared out
+    to single-threaded Python threads, see :func:`_threads.run_split`). On CUDA, a batch that is small
     against ``k`` (``m <= 16 k``) is mixed as one dense product (:func:`_sparse_route`).
     """
     route = _sparse_route(flat.device.type, flat.shape[0], index.shape[1])
