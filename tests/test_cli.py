@@ -172,7 +172,10 @@ def test_tiny_demo_writes_a_png_and_a_json_summary(tmp_path):
     bank = summary["bank"]
     assert bank["rows"] == 240 and bank["n_components"] >= 1
     assert set(bank["bic"]) == {"1", "2", "3", "4", "5", "6"}
-    assert min(bank["bic"], key=bank["bic"].get) == str(bank["n_components"])  # M is the BIC minimiser
+    # M is the BIC minimiser among the candidates whose components hold at least d + 1 rows (full covariances)
+    allowed = {m: s for m, s in bank["bic"].items() if m not in bank["degenerate"]}
+    assert min(allowed, key=allowed.get) == str(bank["n_components"])
+    assert all(rows < (bank["reduce_dim"] or bank["dim"]) + 1 for rows in bank["degenerate"].values())
     generation = summary["generation"]
     assert generation["samples"] == 240 and 1 / 4 <= generation["mean_top_partner_weight"] <= 1
     assert set(generation["partner_agreement"]) == {"shape", "colour"}

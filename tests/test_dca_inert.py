@@ -100,3 +100,50 @@ def test_the_note_is_saved_in_bank_json_and_loaded(tmp_path, inert):
         loaded = EmbeddingBank.load(folder)
     assert loaded.metadata["dca_inert"] == str(caught[0].message)
     assert np.isfinite(list(loaded.metadata["n_components_scores"].values())).all()
+
+
+# ------------------------------------------------------------------ components too small to fit
+def few_rows(n: int = 40, d: int = 16) -> torch.Tensor:
+    """Too few rows for more than one full d x d covariance: BIC alone rewards singular components."""
+    g = torch.Generator().manual_seed(0)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+def test_bic_choice_skips_components_smaller_than_their_covariance_needs():
+    x = few_rows()
+    n, d = x.shape
+    bank, caught = build(x)
+    scores = {int(m): s for m, s in bank.metadata["n_components_scores"].items()}
+    degenerate = {int(m): rows for m, rows in bank.metadata["n_components_degenerate"].items()}
+    # BIC alone prefers an M whose components are singular fits (fewer than d + 1 rows) ...
+    overall = min(scores, key=scores.get)
+    assert overall in degenerate and degenerate[overall] < d + 1
+    data = x.double().numpy()
+    sk = SklearnGMM(overall, covariance_type="full", random_state=0).fit(data)  # scikit-learn agrees they are
+    assert float(sk.weights_.min()) * n < d + 1
+    # ... so the choice is the best M among those whose every component has d + 1 rows
+    allowed = {m: s for m, s in scores.items() if m not in degenerate}
+    assert bank.n_components == min(allowed, key=allowed.get)
+    assert bank.n_components == 1 or float(bank.gmm.weights_.min()) * n >= d + 1
+    messages = [str(w.message) for w in caught]
+    assert any("smallest component holds fewer rows than its covariance needs (17" in m and
+               f"Chose M = {bank.n_components}" in m for m in messages), messages
+
+
+def test_diagonal_covariances_need_two_rows_per_component():
+    x = few_rows()
+    bank, _ = build(x, covariance_type="diag")
+    degenerate = bank.metadata["n_components_degenerate"]
+    assert all(rows < 2 for rows in degenerate.values())
+    assert float(bank.gmm.weights_.min()) * len(x) >= 2
+
+
+def test_well_filled_components_leave_the_choice_to_bic_as_in_sklearn():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(3, 4, generator=g) * 6
+    x = centers[torch.arange(600) % 3] + torch.randn(600, 4, generator=g)
+    bank, caught = build(x)
+    assert bank.metadata["n_components_degenerate"] == {} and not caught
+    data = x.double().numpy()
+    reference = {m: SklearnGMM(m, covariance_type="full", random_state=0).fit(data).bic(data) for m in range(1, 7)}
+    assert bank.n_components == min(reference, key=reference.get) == 3

@@ -20,7 +20,7 @@ from ..core.mixture import GaussianMixture, fit_candidates
 from ..exceptions import CMDAWarning
 
 __all__ = ["FittedMixture", "fit_mixture", "fit_model", "gmm_from_state", "gmm_state", "pca_fit", "pca_project",
-           "warn_dca_inert"]
+           "rows_per_component", "warn_dca_inert"]
 
 _CONFIG_KEYS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params")
 _TENSOR_KEYS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
@@ -130,6 +130,33 @@ def warn_dca_inert(field: Optional[str], criterion: str, scores: Dict[int, float
     return message
 
 
+def rows_per_component(covariance_type: str, d: int) -> float:
+    """The fewest rows a component needs for a non-singular covariance estimate in ``d`` dims.
+
+    A full ``d x d`` covariance from fewer than ``d + 1`` rows is singular: only ``reg_covar``
+    keeps it invertible, the component's likelihood grows without bound as it shrinks onto its
+    rows, and BIC / AIC then prefer ever more components. A diagonal or spherical variance needs
+    two rows; a tied covariance pools every row, so no component is too small on its own.
+
+    Examples:
+        >>> rows_per_component("full", 16), rows_per_component("diag", 16), rows_per_component("tied", 16)
+        (17, 2, 0)
+    """
+    return {"full": d + 1, "diag": 2, "spherical": 2}.get(covariance_type, 0)
+
+
+def warn_degenerate(field: Optional[str], criterion: str, degenerate: Dict[int, float], need: float,
+                    best: int) -> None:
+    """Warn (:class:`~cmda_data.CMDAWarning`) that the criterion's best M had components too small to fit."""
+    where = f"the {field!r} embeddings" if field else "the embeddings"
+    sizes = ", ".join(f"M={m}: {rows:.1f}" for m, rows in sorted(degenerate.items()))
+    warnings.warn(f"{criterion.upper()} on {where} is best for an M whose smallest component holds fewer "
+                  f"rows than its covariance needs ({need}; smallest component by M: {sizes}): such a "
+                  f"component is a singular fit, not a cluster. Chose M = {best} among the candidates whose "
+                  "components are all large enough (more rows, reduce_dim=..., or "
+                  "covariance_type='diag' allow more components)", CMDAWarning, stacklevel=5)
+
+
 def fit_mixture(x: torch.Tensor, *, n_components: Optional[int], candidates: Iterable[int],
                 reduce_dim: Optional[int], random_state: Any = 0, criterion: str = "bic",
                 field: Optional[str] = None, max_fit_rows: Optional[int] = MAX_FIT_ROWS,
@@ -186,15 +213,26 @@ def fit_model(read_rows: Callable[[Optional[torch.Tensor]], torch.Tensor], shape
         values = [check_int("candidates", m, minimum=1) for m in candidates]
         values = list(dict.fromkeys(m for m in values if m <= len(sample))) or [1]
         scores: Dict[int, float] = {}
+        degenerate: Dict[int, float] = {}  # M -> rows of its smallest component, when too few
+        need = rows_per_component(options.get("covariance_type", "full"), sample.shape[1])
         models = _bar(fit_candidates(sample.detach().double(), values, criterion, options), progress,
                       f"{criterion.upper()} choice of M", len(values), "fit")
         for m, model, score in models:
             scores[m] = score
-            if m == min(scores, key=lambda k: (scores[k], k)):
+            smallest = float(model.weights_.min()) * len(sample)
+            if m > 1 and smallest < need:
+                degenerate[m] = smallest
+            elif m == min((k for k in scores if k not in degenerate), key=lambda k: (scores[k], k)):
                 gmm = model  # keep only the best fit so far
-        best = min(scores, key=lambda m: (scores[m], m))
+        allowed = [m for m in scores if m not in degenerate] or [min(scores)]
+        best = min(allowed, key=lambda m: (scores[m], m))
         metadata["criterion"] = criterion
         metadata["n_components_scores"] = {str(m): float(s) for m, s in scores.items()}
+        metadata["n_components_degenerate"] = {str(m): rows for m, rows in degenerate.items()}
+        if degenerate and min(scores, key=lambda m: (scores[m], m)) in degenerate:
+            warn_degenerate(field, criterion, degenerate, need, best)
+        if gmm is None:  # every candidate but M = 1 was too small and M = 1 was not tried
+            gmm = GaussianMixture(best, **options).fit(sample)
         n_components = best
         if best == 1 and len(scores) > 1:
             metadata["dca_inert"] = warn_dca_inert(field, criterion, scores)

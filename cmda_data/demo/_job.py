@@ -200,6 +200,7 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[st
     tick = time.perf_counter()
     with warnings.catch_warnings():  # said once, as a note at the end, not in the middle of the steps
         warnings.filterwarnings("ignore", r"(BIC|AIC) chose M = 1", CMDAWarning)
+        warnings.filterwarnings("ignore", r"(BIC|AIC) on .* is best for an M whose smallest component", CMDAWarning)
         bank = EmbeddingBank.build(task.bank_dataset, task.aligner, student="image", teachers=["text"],
                                    device=config.device, progress=config.progress, **task.bank_options).to("cpu")
     bank_dir = bank.save(config.out / f"bank_{config.data}")
@@ -212,6 +213,12 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[st
     if bic and bank.n_components == max(int(m) for m in bic):
         task.notes.append(f"BIC still falls at M = {bank.n_components}, the largest candidate tried: the teacher "
                           "embeddings form more clusters (EmbeddingBank.build(..., candidates=range(1, 21)) tries more)")
+
+    degenerate = bank.metadata.get("n_components_degenerate") or {}
+    if degenerate:
+        task.notes.append(f"BIC fell further at M = {', '.join(degenerate)}, but there the smallest component holds "
+                          f"fewer rows than a full covariance of dimension {bank.metadata.get('reduce_dim') or bank.dim} "
+                          f"needs (a singular fit, not a cluster): M = {bank.n_components} is the best M that fits")
 
     if bank.metadata.get("dca_inert"):
         task.notes.append(f"BIC chose M = 1 on the {bank.fit_on} embeddings, so the intra-modal (DCA) weights are "
@@ -254,7 +261,7 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[st
                       **retrieval},
         "bank": {"path": str(bank_dir), "rows": len(bank), "dim": bank.dim, "fit_on": bank.fit_on,
                  "n_components": bank.n_components, "criterion": bank.metadata.get("criterion"), "bic": bic,
-                 "reduce_dim": bank.metadata.get("reduce_dim")},
+                 "degenerate": degenerate, "reduce_dim": bank.metadata.get("reduce_dim")},
         "generation": {"entry_point": "CrossModalAugmentedDataset",
                        "options": {"p": 1.0, "pool_size": pool, "top_k": aug.k, "intra": "soft",
                                    "temperature": config.temperature, "exclude_self": True, "seed": config.seed},
