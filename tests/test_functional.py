@@ -7,6 +7,7 @@ below), the official code's literal expression in numpy, and slow Python loops.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -883,3 +884,33 @@ def test_cuda_dense_route_equals_embedding_bag():
     assert Kn._sparse_route("cuda", 128, 8) == "dense"
     torch.testing.assert_close(Fn.mix(w, x, index=index).reshape(128, -1),
                                Kn._embedding_bag_sum(index, w, x.reshape(128, -1)), rtol=1e-5, atol=1e-5)
+
+
+def _split_in_child(queue) -> None:
+    from cmda_data.core import _threads
+
+    seen = []
+    _threads.run_split(lambda i: seen.append(i), 5, 2)
+    queue.put(sorted(seen))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_thread_pool_works_in_a_forked_child_even_if_forked_while_its_lock_was_held():
+    """A DataLoader worker forked while the parent held the pool's lock (or after it started its
+    threads) gets a fresh lock and pool: no deadlock, every piece run once."""
+    import multiprocessing
+
+    from cmda_data.core import _threads
+
+    _threads.run_split(lambda i: None, 3, 2)  # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    with _threads._LOCK:  # held at the fork, as by another thread of the parent
+        child = context.Process(target=_split_in_child, args=(queue,))
+        child.start()
+    child.join(20)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+    assert queue.get(timeout=5) == list(range(5))

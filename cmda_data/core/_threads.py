@@ -25,6 +25,15 @@ _POOL: Optional[Tuple[int, int, ThreadPoolExecutor]] = None
 _LOCK = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads, and the lock may have been held at the fork."""
+    global _POOL, _LOCK
+    _POOL, _LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _pool(threads: int) -> ThreadPoolExecutor:
     global _POOL
     with _LOCK:
