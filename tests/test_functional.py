@@ -914,3 +914,55 @@ def test_thread_pool_works_in_a_forked_child_even_if_forked_while_its_lock_was_h
         child.kill()
     assert not alive and child.exitcode == 0
     assert queue.get(timeout=5) == list(range(5))
+
+
+def test_shared_blocks_under_inference_mode_and_no_grad(two_threads):
+    """The pool threads take the caller's autograd state: under inference_mode the blocks write
+    into inference tensors (outside it torch refuses in-place writes to them)."""
+    Kn = two_threads
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 3, 5, 2, generator=g)
+    index = torch.randint(0, 9, (6, 4), generator=g)
+    w = torch.rand(6, 4, generator=g)
+    plain = Kn._embedding_bag_sum(index, w, x.reshape(9, -1)).reshape(6, 3, 5, 2)
+    with torch.inference_mode():
+        inside = Fn.mix(w, x, index=index)
+    with torch.no_grad():
+        no_grad = Fn.mix(w, x, index=index)
+    assert Kn.blocked_calls  # the blocked, shared-out path ran
+    assert inside.is_inference() and torch.equal(inside, plain) and torch.equal(no_grad, plain)
+
+
+def test_callers_at_different_thread_counts_get_their_own_pools():
+    """A pool per thread count: a caller at 3 threads does not shut down the pool of one at 2."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cmda_data.core import _threads
+
+    def split(threads: int) -> list:
+        seen = []
+        for _ in range(20):
+            _threads.run_split(lambda i: seen.append(i), 6, threads)
+        return seen
+
+    with ThreadPoolExecutor(2) as callers:
+        results = [f.result() for f in [callers.submit(split, 2), callers.submit(split, 3)]]
+    assert [sorted(r) for r in results] == [sorted(list(range(6)) * 20)] * 2
+    assert _threads._pool(2) is not _threads._pool(3)
+
+
+def test_thread_module_imports_where_there_is_no_fork(monkeypatch):
+    """os.register_at_fork is POSIX only: without it the module still imports (and works)."""
+    import importlib
+
+    from cmda_data.core import _threads
+
+    monkeypatch.delattr(os, "register_at_fork")
+    try:
+        importlib.reload(_threads)
+        seen = []
+        _threads.run_split(lambda i: seen.append(i), 4, 2)
+        assert sorted(seen) == [0, 1, 2, 3]
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_threads)

@@ -14,32 +14,35 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict
 
 import torch
 
 __all__ = ["run_split"]
 
-#: (process id, threads, pool): a forked child (DataLoader worker) starts its own pool
-_POOL: Optional[Tuple[int, int, ThreadPoolExecutor]] = None
+#: threads -> pool, for this process; a forked child (DataLoader worker) starts afresh
+_POOLS: Dict[int, ThreadPoolExecutor] = {}
+_PID = os.getpid()
 _LOCK = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
     """A forked child has none of the parent's threads, and the lock may have been held at the fork."""
-    global _POOL, _LOCK
-    _POOL, _LOCK = None, threading.Lock()
+    global _POOLS, _PID, _LOCK
+    _POOLS, _PID, _LOCK = {}, os.getpid(), threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL
+    """The pool of ``threads`` single-threaded threads (one per count: callers at different counts share none)."""
     with _LOCK:
-        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != threads:
-            if _POOL is not None and _POOL[0] == os.getpid():
-                _POOL[2].shutdown(wait=False)
+        if _PID != os.getpid():  # forked without the hook
+            _after_fork_in_child()
+        pool = _POOLS.get(threads)
+        if pool is None:
             saved = torch.get_num_threads()
             pool = ThreadPoolExecutor(threads, thread_name_prefix="cmda-kernel")
             started = threading.Barrier(threads)  # every worker thread runs the setting once
@@ -53,17 +56,24 @@ def _pool(threads: int) -> ThreadPoolExecutor:
                 future.result()
             # set_num_threads also sets the count that threads started later begin with: restore it
             torch.set_num_threads(saved)
-            _POOL = (os.getpid(), threads, pool)
-        return _POOL[2]
+            _POOLS[threads] = pool
+        return pool
 
 
 def run_split(work: Callable[[int], None], pieces: int, threads: int) -> None:
-    """Call ``work(i)`` once for every ``i < pieces``, on ``threads`` single-threaded threads; re-raises."""
+    """Call ``work(i)`` once for every ``i < pieces``, on ``threads`` single-threaded threads; re-raises.
+
+    The pool threads run in the caller's autograd state (grad mode and inference mode are
+    per thread in torch: an in-place write to an inference tensor outside inference mode fails).
+    """
     queue = iter(range(pieces))
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def drain() -> None:
-        for i in queue:
-            work(i)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for i in queue:
+                work(i)
 
-    for future in [_pool(threads).submit(drain) for _ in range(threads)]:
+    pool = _pool(threads)
+    for future in [pool.submit(drain) for _ in range(threads)]:
         future.result()
