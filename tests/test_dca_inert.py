@@ -130,12 +130,36 @@ def test_bic_choice_skips_components_smaller_than_their_covariance_needs():
                f"Chose M = {bank.n_components}" in m for m in messages), messages
 
 
-def test_diagonal_covariances_need_two_rows_per_component():
+def small_cluster(d: int = 8) -> torch.Tensor:
+    """Two clusters of 40 rows and one of 5, far apart, in d = 8 dimensions."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, d, generator=g) * 20
+    return torch.cat([centers[0] + torch.randn(40, d, generator=g), centers[1] + torch.randn(40, d, generator=g),
+                      centers[2] + torch.randn(5, d, generator=g)])
+
+
+def test_a_five_row_cluster_is_a_component_for_diagonal_but_not_for_full_covariances():
+    """Five rows estimate a diagonal variance (2 needed) but not an 8 x 8 covariance (9 needed)."""
+    x = small_cluster()
+    diag, _ = build(x, covariance_type="diag")
+    assert diag.n_components == 3 and diag.metadata["n_components_degenerate"] == {}
+    assert sorted(round(float(w) * len(x)) for w in diag.gmm.weights_) == [5, 40, 40]
+    full, caught = build(x)
+    degenerate = {int(m): rows for m, rows in full.metadata["n_components_degenerate"].items()}
+    scores = {int(m): s for m, s in full.metadata["n_components_scores"].items()}
+    assert min(scores, key=scores.get) == 3 and degenerate[3] == pytest.approx(5.0)  # BIC alone: the 5 rows
+    assert full.n_components == 2 and float(full.gmm.weights_.min()) * len(x) >= 9
+    assert any("Chose M = 2" in str(w.message) for w in caught)
+
+
+def test_when_every_candidate_is_too_small_the_criterion_decides_and_says_so():
     x = few_rows()
-    bank, _ = build(x, covariance_type="diag")
-    degenerate = bank.metadata["n_components_degenerate"]
-    assert all(rows < 2 for rows in degenerate.values())
-    assert float(bank.gmm.weights_.min()) * len(x) >= 2
+    bank, caught = build(x, candidates=[4, 5])
+    scores = {int(m): s for m, s in bank.metadata["n_components_scores"].items()}
+    assert set(bank.metadata["n_components_degenerate"]) == {"4", "5"}
+    assert bank.n_components == min(scores, key=scores.get)
+    assert bank.gmm.n_components == bank.n_components  # the model fitted while choosing, not another
+    assert any("Every candidate is like that, so BIC's own choice is kept" in str(w.message) for w in caught)
 
 
 def test_well_filled_components_leave_the_choice_to_bic_as_in_sklearn():

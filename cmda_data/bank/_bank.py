@@ -113,8 +113,10 @@ class EmbeddingBank:
             teachers: the teacher modality or modalities.
             fit_on: ``"teacher"`` (the first teacher; default, as the paper's experiments),
                 ``"student"`` or a modality name: whose embeddings the GMM is fitted on.
-            n_components: M; None chooses it by BIC over ``candidates``
-                (:func:`~cmda_data.select_n_components`); the scores go to ``metadata``.
+            n_components: M; None chooses it by BIC over ``candidates``, skipping the M whose
+                smallest component holds fewer rows than its covariance needs (``d + 1`` for a
+                full one; :func:`~cmda_data.select_n_components` is the plain criterion); the
+                scores and the skipped M go to ``metadata``.
             reduce_dim: project on the first ``reduce_dim`` principal components before the
                 GMM (the projection is stored and reused by :meth:`responsibilities_for`).
             fit_gmm: False stores no GMM (only ``intra=None`` can then be used).

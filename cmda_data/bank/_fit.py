@@ -146,15 +146,24 @@ def rows_per_component(covariance_type: str, d: int) -> float:
 
 
 def warn_degenerate(field: Optional[str], criterion: str, degenerate: Dict[int, float], need: float,
-                    best: int) -> None:
-    """Warn (:class:`~cmda_data.CMDAWarning`) that the criterion's best M had components too small to fit."""
+                    best: Optional[int]) -> None:
+    """Warn (:class:`~cmda_data.CMDAWarning`) that the criterion's best M had components too small to fit.
+
+    ``best``: the M chosen among the large-enough candidates, or None when there was none
+    (then the criterion's own choice is kept, and the warning says so).
+    """
     where = f"the {field!r} embeddings" if field else "the embeddings"
     sizes = ", ".join(f"M={m}: {rows:.1f}" for m, rows in sorted(degenerate.items()))
-    warnings.warn(f"{criterion.upper()} on {where} is best for an M whose smallest component holds fewer "
-                  f"rows than its covariance needs ({need}; smallest component by M: {sizes}): such a "
-                  f"component is a singular fit, not a cluster. Chose M = {best} among the candidates whose "
-                  "components are all large enough (more rows, reduce_dim=..., or "
-                  "covariance_type='diag' allow more components)", CMDAWarning, stacklevel=5)
+    head = (f"{criterion.upper()} on {where} is best for an M whose smallest component holds fewer rows than "
+            f"its covariance needs ({need}; smallest component by M: {sizes}): such a component is a singular "
+            "fit, not a cluster. ")
+    if best is None:
+        tail = (f"Every candidate is like that, so {criterion.upper()}'s own choice is kept: include 1 in "
+                "candidates, or use more rows, reduce_dim=... or covariance_type='diag'")
+    else:
+        tail = (f"Chose M = {best} among the candidates whose components are all large enough (more rows, "
+                "reduce_dim=..., or covariance_type='diag' allow more components)")
+    warnings.warn(head + tail, CMDAWarning, stacklevel=5)
 
 
 def fit_mixture(x: torch.Tensor, *, n_components: Optional[int], candidates: Iterable[int],
@@ -217,22 +226,26 @@ def fit_model(read_rows: Callable[[Optional[torch.Tensor]], torch.Tensor], shape
         need = rows_per_component(options.get("covariance_type", "full"), sample.shape[1])
         models = _bar(fit_candidates(sample.detach().double(), values, criterion, options), progress,
                       f"{criterion.upper()} choice of M", len(values), "fit")
+        kept: Dict[bool, Any] = {}  # the best fit so far among the large-enough candidates (True) and of all
         for m, model, score in models:
             scores[m] = score
             smallest = float(model.weights_.min()) * len(sample)
             if m > 1 and smallest < need:
                 degenerate[m] = smallest
-            elif m == min((k for k in scores if k not in degenerate), key=lambda k: (scores[k], k)):
-                gmm = model  # keep only the best fit so far
-        allowed = [m for m in scores if m not in degenerate] or [min(scores)]
-        best = min(allowed, key=lambda m: (scores[m], m))
+            for large_only in (True, False):
+                pool = [k for k in scores if not (large_only and k in degenerate)]
+                if m in pool and m == min(pool, key=lambda k: (scores[k], k)):
+                    kept[large_only] = model
+        best = min(scores, key=lambda m: (scores[m], m))
+        allowed = [m for m in scores if m not in degenerate]
+        if allowed:
+            best = min(allowed, key=lambda m: (scores[m], m))
+        gmm = kept[bool(allowed)]
         metadata["criterion"] = criterion
         metadata["n_components_scores"] = {str(m): float(s) for m, s in scores.items()}
         metadata["n_components_degenerate"] = {str(m): rows for m, rows in degenerate.items()}
         if degenerate and min(scores, key=lambda m: (scores[m], m)) in degenerate:
-            warn_degenerate(field, criterion, degenerate, need, best)
-        if gmm is None:  # every candidate but M = 1 was too small and M = 1 was not tried
-            gmm = GaussianMixture(best, **options).fit(sample)
+            warn_degenerate(field, criterion, degenerate, need, best if allowed else None)
         n_components = best
         if best == 1 and len(scores) > 1:
             metadata["dca_inert"] = warn_dca_inert(field, criterion, scores)

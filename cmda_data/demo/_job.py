@@ -215,10 +215,13 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[st
                           "embeddings form more clusters (EmbeddingBank.build(..., candidates=range(1, 21)) tries more)")
 
     degenerate = bank.metadata.get("n_components_degenerate") or {}
-    if degenerate:
-        task.notes.append(f"BIC fell further at M = {', '.join(degenerate)}, but there the smallest component holds "
-                          f"fewer rows than a full covariance of dimension {bank.metadata.get('reduce_dim') or bank.dim} "
-                          f"needs (a singular fit, not a cluster): M = {bank.n_components} is the best M that fits")
+    lower = [m for m in degenerate if bic and bic[m] < bic.get(str(bank.n_components), float("inf"))]
+    if lower:
+        covariance = getattr(bank.gmm, "covariance_type", "full")
+        task.notes.append(f"BIC fell further at M = {', '.join(lower)}, but there the smallest component holds "
+                          f"fewer rows than a {covariance} covariance of dimension "
+                          f"{bank.metadata.get('reduce_dim') or bank.dim} needs (a singular fit, not a cluster): "
+                          f"M = {bank.n_components} is the best M that fits")
 
     if bank.metadata.get("dca_inert"):
         task.notes.append(f"BIC chose M = 1 on the {bank.fit_on} embeddings, so the intra-modal (DCA) weights are "
