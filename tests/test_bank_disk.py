@@ -9,6 +9,7 @@ behind when it fails, and hold far less than a table in memory (measured in a fr
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import subprocess
@@ -212,6 +213,11 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path, failure):
         assert listing(tmp_path) == before  # no temporary folder, no new parent folders
         assert {name: sha(old / name) for name in saved} == saved  # the old bank is untouched
         aligner.calls = 0
+
+
+def test_the_constructor_has_no_private_flags():
+    """load skips the value scan through a private path, not a flag of the public signature."""
+    assert not [name for name in inspect.signature(EmbeddingBank).parameters if name.startswith("_")]
 
 
 def test_a_nan_embedding_is_reported_with_its_rows(tmp_path):

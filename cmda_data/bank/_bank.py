@@ -69,11 +69,15 @@ class EmbeddingBank:
     def __init__(self, embeddings: Mapping[str, torch.Tensor], *, student: str,
                  teachers: Union[str, Sequence[str]], responsibilities: Optional[torch.Tensor] = None,
                  gmm: Any = None, indices: Optional[torch.Tensor] = None,
-                 pca: Optional[Sequence[torch.Tensor]] = None, metadata: Optional[Mapping[str, Any]] = None,
-                 _values_checked: bool = False) -> None:
-        # _values_checked (private, for load): the values were checked from the file; checking them
-        # again here would read a memory-mapped bank through its mapping (RSS of the whole file)
-        self.embeddings = check_embeddings(embeddings, values=not _values_checked)
+                 pca: Optional[Sequence[torch.Tensor]] = None, metadata: Optional[Mapping[str, Any]] = None) -> None:
+        self._store(embeddings, student, teachers, responsibilities, gmm, indices, pca, metadata, values=True)
+
+    def _store(self, embeddings: Mapping[str, torch.Tensor], student: str, teachers: Union[str, Sequence[str]],
+               responsibilities: Optional[torch.Tensor], gmm: Any, indices: Optional[torch.Tensor],
+               pca: Optional[Sequence[torch.Tensor]], metadata: Optional[Mapping[str, Any]], *, values: bool) -> None:
+        """The constructor's body; ``values=False`` (for :meth:`load`, which checked them in the file)
+        skips the NaN / inf scan, which would read a memory-mapped bank through its mapping."""
+        self.embeddings = check_embeddings(embeddings, values=values)
         self.student, self.teachers = check_roles(self.embeddings, student, teachers)
         n = len(next(iter(self.embeddings.values())))
         self.responsibilities = None
@@ -81,7 +85,7 @@ class EmbeddingBank:
             resp = as_tensor("responsibilities", responsibilities)
             if resp.ndim != 2 or resp.shape[0] != n:
                 fail("responsibilities", f"a [{n}, M] tensor (one row per bank row)", resp, ShapeError)
-            if not _values_checked:
+            if values:
                 check_finite("responsibilities", resp)
             self.responsibilities = resp.detach().float().contiguous()
         self.gmm = gmm
@@ -463,9 +467,10 @@ class EmbeddingBank:
         try:
             gmm = gmm_from_state(config["gmm"], {k[4:]: v for k, v in tensors.items() if k.startswith("gmm.")})
             pca = (tensors["pca.mean"], tensors["pca.components"]) if "pca.mean" in tensors else None
-            bank = cls({m: tensors[f"embeddings.{m}"] for m in config["modalities"]}, student=config["student"],
-                       teachers=config["teachers"], responsibilities=tensors.get("responsibilities"), gmm=gmm,
-                       indices=tensors.get("indices"), pca=pca, metadata=config["metadata"], _values_checked=True)
+            bank = cls.__new__(cls)
+            bank._store({m: tensors[f"embeddings.{m}"] for m in config["modalities"]}, config["student"],
+                        config["teachers"], tensors.get("responsibilities"), gmm, tensors.get("indices"), pca,
+                        config["metadata"], values=False)  # checked in the file by read_bank
         except BankFormatError:
             raise
         except CMDAError as error:  # e.g. unsorted indices: the file is at fault, not the caller
