@@ -15,7 +15,7 @@ call: a batch gives exactly the samples that the rows give one at a time.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +36,8 @@ _PLAN_ELEMENTS = 1 << 22
 def _weighted_sum(weights: torch.Tensor, column: Callable[[int], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``out[r] = sum_t weights[r, t] * column(t)[r]`` in ``dtype``: slot by slot, element-wise, in place.
 
-    ``column(t)``: ``[n, ...]`` the rows' partners in slot ``t``. Only element-wise products and
+    ``column(t)``: ``[n, ...]`` the rows' partners in slot ``t`` (used before ``column(t + 1)`` is
+    called, so the columns may share one buffer). Only element-wise products and
     sums (no matrix product, whose blocking depends on the number of rows): row ``r`` gets the
     same bits whatever the other rows.
     """
@@ -125,10 +126,9 @@ def mix_samples(owner: Any, samples: Sequence[Any], indices: Sequence[int], *, m
             (each read at most once per call).
     """
     n = len(samples)
-    field = owner.student_field
+    field, target, info_key = owner.student_field, owner.target, owner.info_key
     image = getattr(owner, "student_image", None)
-    raw = [_field(s, field, i) for s, i in zip(samples, indices)]
-    students = [_student(v, field, i, image) for v, i in zip(raw, indices)]
+    students = [_student(_field(s, field, i), field, i, image) for s, i in zip(samples, indices)]
     index = torch.as_tensor(list(indices), dtype=torch.long)
     partners = index[:, None].repeat(1, width)
     weights = torch.zeros(n, width)
@@ -145,49 +145,66 @@ def mix_samples(owner: Any, samples: Sequence[Any], indices: Sequence[int], *, m
     # the samples used (a row's partners with a weight; its own sample when not mixed), each read once
     ids, live = partners.numpy(), (weights > 0).numpy()
     used, slots = _first_seen(ids, live)
-    known: Dict[int, Any] = {}
-    for j, s in zip(indices, samples):
-        known.setdefault(j, s)
+    own = dict(zip(reversed(indices), range(n - 1, -1, -1)))  # dataset index -> its first row
+    known = {j: samples[r] for j, r in own.items()}
     for j in used:
         if j not in known:
             known[j] = fetch(j)
-    # rows whose student was converted (uint8 or PIL pixels -> float32) return the float32 values
-    updates: List[Dict[Any, Any]] = [{} if s is v else {field: s} for s, v in zip(students, raw)]
+    # the rows' student values: converted (uint8 or PIL pixels -> float32) or mixed ones replace the field
+    out_students: List[Any] = list(students)
     if len(rows):
         at = rows.numpy()
         members, mix_slots = _first_seen(ids[at], live[at])  # the samples mixed into the generated rows
-        own = {j: r for r, j in reversed(list(enumerate(indices)))}
         values = [students[own[j]] if j in own else _student(_field(known[j], field, j), field, j, image)
                   for j in members]
-        if len({v.shape for v in values} | {students[r].shape for r in at.tolist()}) > 1:
-            for r, row in zip(at.tolist(), mix_slots.tolist()):
+        at_rows = at.tolist()
+        if len({v.shape for v in values} | {students[r].shape for r in at_rows}) > 1:
+            for r, row in zip(at_rows, mix_slots.tolist()):
                 for t in dict.fromkeys(row):  # each partner once, in slot order
                     if values[t].shape != students[r].shape:
                         fail(f"field {field!r} of sample {members[t]}", f"shape {tuple(students[r].shape)} like "
                              f"sample {indices[r]} (its mixing partner)", tuple(values[t].shape), FieldError)
         dtype = torch.float64 if values[0].dtype == torch.float64 else torch.float32
         slot_values = mix_slots.T.tolist()
-        out = _weighted_sum(weights[rows], lambda t: torch.stack([values[v] for v in slot_values[t]]), dtype)
+        if all(v.dtype == dtype for v in values):  # each slot stacked into one buffer (it is spent after its sum)
+            into = torch.empty((len(at_rows), *values[0].shape), dtype=dtype)
+            out = _weighted_sum(weights[rows], lambda t: torch.stack([values[v] for v in slot_values[t]], out=into),
+                                dtype)
+        else:
+            out = _weighted_sum(weights[rows], lambda t: torch.stack([values[v] for v in slot_values[t]]), dtype)
         if not math.isfinite(float(out.sum())):  # a partner with NaN or inf (or an overflow: then no error)
             name_nonfinite_row(torch.stack(values), torch.tensor(members), field)
-        for r, value in zip(at.tolist(), out.to(values[0].dtype).unbind(0)):
-            updates[r][field] = value
-    if owner.target is not None:
-        targets = _class_indices([_field(known[j], owner.target, j) for j in used], owner.target, used,
-                                 owner.num_classes)
+        for r, value in zip(at_rows, out.to(values[0].dtype).unbind(0)):
+            out_students[r] = value
+    if target is not None:
+        targets = _class_indices([_field(known[j], target, j) for j in used], target, used, owner.num_classes)
         if targets.ndim == 1 and owner.num_classes is None:
-            fail("num_classes", f"an integer (field {owner.target!r} holds class indices)", None)
+            fail("num_classes", f"an integer (field {target!r} holds class indices)", None)
         probs = _targets_as_probabilities(targets, owner.num_classes, owner.label_smoothing)
         dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
         at_slots = torch.from_numpy(slots)
         soft = _weighted_sum(_normalize_rows(weights.to(dtype)), lambda t: probs.index_select(0, at_slots[:, t]), dtype)
-        soft = _normalize_rows(soft).float()
-        for r, value in enumerate(soft.unbind(0)):
-            updates[r][owner.target] = value
-    info = [index.unbind(0), partners.unbind(0), weights.unbind(0), done.unbind(0), teacher.long().unbind(0)]
-    return [replace_fields(s, u, extra={owner.info_key: dict(zip(("index", "partners", "weights", "mixed",
-                                                                  "teacher"), record))})
-            for s, u, record in zip(samples, updates, zip(*info))]
+        soft_rows = _normalize_rows(soft).float().unbind(0)
+    else:
+        soft_rows = [None] * n
+    return [_with_fields(s, field, v, target, y, info_key, {"index": i, "partners": p, "weights": w, "mixed": m,
+                                                              "teacher": t})
+            for s, v, y, i, p, w, m, t in zip(samples, out_students, soft_rows, index.unbind(0), partners.unbind(0),
+                                             weights.unbind(0), done.unbind(0), teacher.long().unbind(0))]
+
+
+def _with_fields(sample: Any, field: Any, value: Any, target: Any, soft: Any, info_key: Any, info: dict) -> Any:
+    """``sample`` with its student ``field`` set to ``value``, its ``target`` (unless None) to ``soft`` and
+    ``info_key`` added: :func:`replace_fields`, a plain dict copied directly."""
+    if type(sample) is dict:
+        out = sample.copy()
+        out[field] = value
+        if target is not None:
+            out[target] = soft
+        out[info_key] = info
+        return out
+    return replace_fields(sample, {field: value} if target is None else {field: value, target: soft},
+                          extra={info_key: info})
 
 
 def mix_sample(owner: Any, sample: Any, index: int, *, mixed: bool, teacher: int, width: int,

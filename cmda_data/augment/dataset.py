@@ -176,7 +176,8 @@ class CrossModalAugmentedDataset(MixingBase, Dataset):
         once. Every value is computed item by item, so the items are the same as one at a time;
         an error is the one of the first item that fails on its own.
         """
-        items = [self._item(item) for item in indices]
+        size = len(self)
+        items = [item if type(item) is int and 0 <= item < size else self._item(item) for item in indices]
         try:
             return self._items(items)
         except Exception:
