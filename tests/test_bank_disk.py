@@ -215,6 +215,26 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path, failure):
         aligner.calls = 0
 
 
+@pytest.mark.parametrize("disk", [True, False], ids=["out", "in-memory"])
+@pytest.mark.parametrize("option, value", [
+    ("covariance_type", "ful"), ("criterion", "bi"), ("reduce_dim", 0), ("max_fit_rows", 0),
+    ("n_components", 0), ("max_itr", 5), ("field", "text"),  # unknown keywords: not a raw TypeError
+])
+def test_a_bad_fit_option_is_refused_before_anything_is_embedded(tmp_path, disk, option, value):
+    aligner = Aligner()
+    with pytest.raises(CMDAError, match=rf"^{option}: expected"):
+        EmbeddingBank.build(Pairs(blobs(50)), aligner, student="image", teachers="text", progress=False,
+                            out=tmp_path / "bank" if disk else None, **{option: value})
+    assert aligner.calls == 0 and listing(tmp_path) == []
+
+
+def test_from_embeddings_names_an_unknown_option():
+    z = blobs(50)
+    with pytest.raises(ValidationError, match=r"^max_itr: expected a keyword argument of "
+                                              r"EmbeddingBank.from_embeddings or a GaussianMixture setting"):
+        EmbeddingBank.from_embeddings({"image": z, "text": z}, student="image", teachers="text", max_itr=5)
+
+
 def test_the_constructor_has_no_private_flags():
     """load skips the value scan through a private path, not a flag of the public signature."""
     assert not [name for name in inspect.signature(EmbeddingBank).parameters if name.startswith("_")]

@@ -14,6 +14,7 @@ built in memory can be moved to shared memory with :meth:`EmbeddingBank.share_me
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
@@ -24,7 +25,7 @@ from ..core._validation import check_finite, check_int, fail
 from ..exceptions import BankFormatError, CMDAError, DeviceError, ShapeError
 from ..options import MixOptions, PlanOptions, resolve_fit_on, split_options
 from ._build import embed_dataset
-from ._checks import as_tensor, check_bank_indices, check_embeddings, check_roles
+from ._checks import as_tensor, check_bank_indices, check_embeddings, check_fit_options, check_roles
 from ._disk import build_to_folder
 from ._fit import fit_mixture, gmm_from_state, gmm_state, pca_project
 from ._format import bank_config, read_bank, write_bank
@@ -141,8 +142,8 @@ class EmbeddingBank:
             (torch.Size([40, 2]), 2)
         """
         bank = cls(embeddings, student=student, teachers=teachers, indices=indices)
-        if not isinstance(fit_gmm, bool):
-            fail("fit_gmm", "True or False", fit_gmm)
+        check_fit_options(dict(gmm_options, fit_gmm=fit_gmm, n_components=n_components, reduce_dim=reduce_dim,
+                               random_state=random_state), "EmbeddingBank.from_embeddings")
         modality = bank.resolve_fit_on(fit_on)
         bank.metadata["fit_on"] = modality
         if not fit_gmm:
@@ -200,9 +201,10 @@ class EmbeddingBank:
                 ``reduce_dim``, ``fit_gmm``, GMM settings).
 
         Raises:
-            ValidationError: ``out`` holds a saved bank and ``overwrite`` is False (checked
-                before anything is embedded), or ``out`` is a file.
+            ValidationError: ``out`` holds a saved bank and ``overwrite`` is False, ``out`` is a
+                file, or an option is unknown or invalid (all checked before anything is embedded).
         """
+        options = fit_settings(options)
         if out is not None:
             folder = build_to_folder(dataset, aligner, student=student, teachers=teachers, out=out,
                                      overwrite=overwrite, fields=fields, batch_size=batch_size, device=device,
@@ -477,3 +479,13 @@ class EmbeddingBank:
             raise BankFormatError(f"{folder}: {error}") from None
         return bank if device is None else bank.to(device)
 
+
+def fit_settings(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """The fit options of :meth:`EmbeddingBank.build`, with the defaults of
+    :meth:`EmbeddingBank.from_embeddings` (declared once, in its signature) filled in, and checked."""
+    bound = inspect.signature(EmbeddingBank.from_embeddings).bind_partial(**options)
+    bound.apply_defaults()
+    settings = {k: v for k, v in bound.arguments.items() if k not in ("indices", "gmm_options")}
+    settings.update(bound.arguments.get("gmm_options", {}))
+    check_fit_options(settings, "EmbeddingBank.build")
+    return settings

@@ -7,6 +7,7 @@ the tensors from ``bank.safetensors``) before it is rebuilt: it raises
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any, Dict, Optional
@@ -15,12 +16,13 @@ import numpy as np
 import torch
 
 from ..core._em import COVARIANCE_TYPES, INIT_PARAMS
-from ..core._validation import check_tensor_data, describe, fail
+from ..core._validation import check_int, check_option, check_tensor_data, describe, fail
+from ..core.mixture import GaussianMixture
 from ..exceptions import BankFormatError, ShapeError
-from ._fit import _CONFIG_KEYS, _FACT_KEYS, _TENSOR_KEYS
+from ._fit import _CONFIG_KEYS, _FACT_KEYS, _TENSOR_KEYS, fit_model
 
-__all__ = ["as_tensor", "check_bank_indices", "check_embeddings", "check_gmm_state", "check_roles",
-           "count_non_finite"]
+__all__ = ["as_tensor", "check_bank_indices", "check_embeddings", "check_fit_options", "check_gmm_state",
+           "check_roles", "count_non_finite"]
 
 #: elements per block when counting non-finite values (a few MiB of temporaries at most)
 _BLOCK = 1 << 20
@@ -248,3 +250,29 @@ def _check_gmm_values(t: Mapping[str, torch.Tensor], kind: str, tensor_file: str
         scale = float(precisions.abs().max()) or 1.0
         if not bool(((t["precisions_"] - precisions).abs() <= 1e-6 * scale).all()):
             bad("precisions_", "P @ P.T of precisions_cholesky_ (P)", "different values")
+
+
+def check_fit_options(options: Mapping[str, Any], owner: str) -> None:
+    """Check the GMM options of ``owner`` (``EmbeddingBank.build`` or ``from_embeddings``) up front.
+
+    ``options``: ``fit_on``, ``fit_gmm``, the keywords of :func:`~cmda_data.bank._fit.fit_model`
+    (``n_components``, ``reduce_dim``, ``criterion``, ``max_fit_rows``, ...) and
+    :class:`~cmda_data.GaussianMixture` settings. The fit checks them too, but only after every
+    row was embedded: a typo would throw that pass away. ``fit_on`` needs the modalities: the
+    caller resolves it.
+    """
+    own = [name for name, p in inspect.signature(fit_model).parameters.items()
+           if p.kind is p.KEYWORD_ONLY and name != "field"]
+    settings = [name for name in inspect.signature(GaussianMixture).parameters
+                if name not in ("n_components", "random_state")]
+    unknown = [key for key in options if key not in own + settings + ["fit_on", "fit_gmm"]]
+    if unknown:
+        fail(unknown[0], f"a keyword argument of {owner} or a GaussianMixture setting ({', '.join(settings)})",
+             options[unknown[0]])
+    if not isinstance(options.get("fit_gmm", True), bool):
+        fail("fit_gmm", "True or False", options["fit_gmm"])
+    for name in ("n_components", "reduce_dim", "max_fit_rows"):
+        check_int(name, options.get(name), minimum=1, allow_none=True)
+    if "criterion" in options:
+        check_option("criterion", options["criterion"], ("bic", "aic"))
+    GaussianMixture(1, random_state=options.get("random_state"), **{k: options[k] for k in settings if k in options})

@@ -60,23 +60,17 @@ def check_out(out: Any, overwrite: Any) -> Path:
     return folder
 
 
-def _gmm_settings(fit_on: str = "teacher", n_components: Optional[int] = None,
-                  candidates: Iterable[int] = range(1, 7), reduce_dim: Optional[int] = None, fit_gmm: bool = True,
-                  random_state: Any = 0, **gmm_options: Any) -> Dict[str, Any]:
-    """The options of :meth:`EmbeddingBank.from_embeddings`, with its defaults."""
-    if not isinstance(fit_gmm, bool):
-        fail("fit_gmm", "True or False", fit_gmm)
-    return dict(gmm_options, fit_on=fit_on, n_components=n_components, candidates=candidates,
-                reduce_dim=reduce_dim, fit_gmm=fit_gmm, random_state=random_state)
-
-
 def build_to_folder(dataset: Any, aligner: Any, *, student: str, teachers: Union[str, Sequence[str]], out: Any,
                     overwrite: bool, fields: Optional[Mapping[str, Union[str, int]]], batch_size: int,
                     device: Optional[Union[str, torch.device]], progress: bool, indices: Optional[Iterable[int]],
                     options: Dict[str, Any]) -> Path:
-    """Embed, fit and write the bank into ``out`` (see the module docstring); returns the folder."""
+    """Embed, fit and write the bank into ``out`` (see the module docstring); returns the folder.
+
+    ``options``: every fit option of :meth:`EmbeddingBank.from_embeddings`, defaults filled in
+    and checked (:func:`~cmda_data.bank._bank.fit_settings`).
+    """
     folder = check_out(out, overwrite)
-    settings = _gmm_settings(**options)
+    settings = dict(options)
     roles = [student] + ([teachers] if isinstance(teachers, str) else list(teachers))
     modalities = list(dict.fromkeys(roles))
     student, teachers = check_roles(dict.fromkeys(modalities), student, teachers)
@@ -93,12 +87,11 @@ def build_to_folder(dataset: Any, aligner: Any, *, student: str, teachers: Union
         gmm = None
         if settings.pop("fit_gmm"):
             fitted = fit_model(lambda r: read_rows(raw[fit_on], r, rows, dim), (rows, dim), field=fit_on,
-                               **dict(settings, progress=settings.get("progress", progress)))
+                               progress=progress, **settings)
             gmm = fitted.gmm
             metadata.update(fitted.metadata)
             resp = work / "responsibilities.f32"
-            write_responsibilities(gmm, fitted.pca, raw[fit_on], resp, rows, dim,
-                                   progress=settings.get("progress", progress))
+            write_responsibilities(gmm, fitted.pca, raw[fit_on], resp, rows, dim, progress=progress)
             tensors["responsibilities"] = RawFile(resp, torch.float32, (rows, int(gmm.n_components)))
             if fitted.pca is not None:
                 tensors["pca.mean"], tensors["pca.components"] = (t.detach().cpu().contiguous() for t in fitted.pca)
