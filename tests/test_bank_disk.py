@@ -8,6 +8,7 @@ behind when it fails, and hold far less than a table in memory (measured in a fr
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import json
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from cmda_data import CMDAError, EmbeddingBank
-from cmda_data.bank import _fit
+from cmda_data.bank import _disk, _fit
 from cmda_data.bank._format import CONFIG_NAME, TENSORS_NAME
 from cmda_data.exceptions import BankFormatError, ShapeError, ValidationError
 
@@ -215,6 +216,53 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path, failure):
         aligner.calls = 0
 
 
+def fail_moves(monkeypatch, fail_at: int) -> None:
+    """The ``fail_at``-th ``os.replace`` of the final move (old bank aside, new one in) raises."""
+    real_move, real_replace = _disk._move_into_place, os.replace
+    calls = []
+
+    def flaky(source, target):
+        calls.append(source)
+        if len(calls) == fail_at:
+            raise OSError("disk gone")
+        return real_replace(source, target)
+
+    def move(work, folder):
+        monkeypatch.setattr(os, "replace", flaky)
+        try:
+            real_move(work, folder)
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+
+    monkeypatch.setattr(_disk, "_move_into_place", move)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_a_failed_move_puts_the_old_bank_back(tmp_path, monkeypatch, fail_at):
+    """Replacing a bank: a failure at any rename leaves the old bank whole (never the new tensors
+    beside the old bank.json) and no temporary folder."""
+    old = tmp_path / "bank"
+    EmbeddingBank.build(Pairs(blobs(200)), Aligner(), student="image", teachers="text", n_components=2,
+                        out=old, progress=False)
+    saved = {name: sha(old / name) for name in (TENSORS_NAME, CONFIG_NAME)}
+    fail_moves(monkeypatch, fail_at)
+    with pytest.raises(OSError, match="disk gone"):
+        EmbeddingBank.build(Pairs(blobs(200, seed=3)), Aligner(), student="image", teachers="text",
+                            n_components=2, out=old, overwrite=True, progress=False)
+    assert listing(tmp_path) == ["bank", f"bank/{CONFIG_NAME}", f"bank/{TENSORS_NAME}"]
+    assert {name: sha(old / name) for name in saved} == saved
+    EmbeddingBank.load(old, verify=True)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_failed_move_into_a_new_folder_removes_it(tmp_path, monkeypatch, fail_at):
+    fail_moves(monkeypatch, fail_at)
+    with pytest.raises(OSError, match="disk gone"):
+        EmbeddingBank.build(Pairs(blobs(200)), Aligner(), student="image", teachers="text", n_components=2,
+                            out=tmp_path / "new" / "bank", progress=False)
+    assert listing(tmp_path) == []
+
+
 @pytest.mark.parametrize("disk", [True, False], ids=["out", "in-memory"])
 @pytest.mark.parametrize("option, value", [
     ("covariance_type", "ful"), ("criterion", "bi"), ("reduce_dim", 0), ("max_fit_rows", 0),
@@ -233,6 +281,39 @@ def test_from_embeddings_names_an_unknown_option():
     with pytest.raises(ValidationError, match=r"^max_itr: expected a keyword argument of "
                                               r"EmbeddingBank.from_embeddings or a GaussianMixture setting"):
         EmbeddingBank.from_embeddings({"image": z, "text": z}, student="image", teachers="text", max_itr=5)
+
+
+def test_out_on_another_file_system_is_built_in_place(tmp_path, monkeypatch):
+    """``out`` a mount point: a rename across its boundary fails with EXDEV (simulated), so the
+    temporary folder must be on its side of it."""
+    out = tmp_path / "mount"
+    out.mkdir()
+    inside = str(out) + os.sep
+    real_replace = os.replace
+
+    def replace(source, target):
+        if str(source).startswith(inside) != str(target).startswith(inside):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    bank = EmbeddingBank.build(Pairs(blobs(100)), Aligner(), student="image", teachers="text", n_components=1,
+                               out=out, progress=False)
+    assert len(bank) == 100 and listing(tmp_path) == ["mount", f"mount/{CONFIG_NAME}", f"mount/{TENSORS_NAME}"]
+
+
+def test_an_existing_out_under_a_read_only_parent_is_built(tmp_path):
+    parent = tmp_path / "shared"
+    (parent / "bank").mkdir(parents=True)
+    parent.chmod(0o555)
+    try:
+        if os.access(parent, os.W_OK):
+            pytest.skip("this user (root) writes into a read-only folder")
+        EmbeddingBank.build(Pairs(blobs(100)), Aligner(), student="image", teachers="text", n_components=1,
+                            out=parent / "bank", progress=False)
+        assert listing(parent) == ["bank", f"bank/{CONFIG_NAME}", f"bank/{TENSORS_NAME}"]
+    finally:
+        parent.chmod(0o755)
 
 
 def test_the_constructor_has_no_private_flags():

@@ -172,8 +172,9 @@ class EmbeddingBank:
         responsibilities are written chunk by chunk, so the process holds about one batch and
         the subsample instead of every modality's table; the folder is the one :meth:`save`
         writes (byte for byte: same embeddings, same GMM, same responsibilities as
-        ``build(...).save(folder)``), written under a temporary name beside it and moved into
-        place when complete (nothing is left behind on error), and the bank returned is
+        ``build(...).save(folder)``), written into a hidden temporary folder inside it (the
+        same file system) and moved into place when complete (nothing is left behind on error;
+        a bank it replaces stays whole until then), and the bank returned is
         :meth:`load` ``(out)``, memory-mapped. At N = 1,000,000 x 512 with two modalities
         (``benchmarks/bench_bank.py``, 2 cores) its peak RSS was 1.02 GiB, 0.54x one modality's
         table, against 4.88 GiB (2.56x) in memory; it writes the embeddings twice (280 s against

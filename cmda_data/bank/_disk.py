@@ -15,9 +15,12 @@ bank of 1M x 512 rows with an image and a text modality). This one writes the ba
    the way), then ``bank.json``; the result is byte for byte the folder that ``build`` +
    ``save`` writes with the same arguments.
 
-Everything is written into a temporary folder beside ``out``, whose files replace the bank files
-of ``out`` only when complete; on any error (or Ctrl-C) the temporary folder is removed and
-``out`` is left as it was. The bank returned is ``EmbeddingBank.load(out)`` (memory-mapped).
+Everything is written into a hidden temporary folder inside ``out`` (so on the file system of
+``out``, which may be a mount point), whose files replace the bank files of ``out`` only when
+complete; on any error (or Ctrl-C) the temporary folder and the folders the build created are
+removed and ``out`` is left as it was. A hard kill (SIGKILL, the OOM killer) leaves the hidden
+``.<name>.*.partial`` folder to delete by hand. The bank returned is ``EmbeddingBank.load(out)``
+(memory-mapped).
 """
 
 from __future__ import annotations
@@ -77,9 +80,12 @@ def build_to_folder(dataset: Any, aligner: Any, *, student: str, teachers: Union
     fit_on = resolve_fit_on(settings.pop("fit_on"), student, teachers, tuple(modalities))
     chunks, chosen, _ = embedded_chunks(dataset, aligner, modalities, fields=fields, batch_size=batch_size,
                                         device=device, progress=progress, indices=indices)
-    created = _make_parents(folder.parent)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    created: List[Path] = []
+    work = None
     try:
+        _make_folders(folder, created)
+        # inside out: the same file system as the bank files it replaces (out may be a mount point)
+        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder))
         raw = {m: work / f"embeddings.{i}.f32" for i, m in enumerate(modalities)}
         rows, dim = _write_embeddings(chunks, raw)
         metadata: Dict[str, Any] = {"fit_on": fit_on}
@@ -106,33 +112,56 @@ def build_to_folder(dataset: Any, aligner: Any, *, student: str, teachers: Union
             path.unlink(missing_ok=True)
         _move_into_place(work, folder)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        for parent in created:
+        if work is not None and not any((work / f"old.{name}").exists() for name in _BANK_FILES):
+            shutil.rmtree(work, ignore_errors=True)  # (kept if the old bank could not be put back)
+        for made in created:
             try:
-                parent.rmdir()
+                made.rmdir()
             except OSError:  # someone else put something there meanwhile
                 break
         raise
     return folder
 
 
-def _make_parents(parent: Path) -> List[Path]:
-    """Create ``parent`` and its missing ancestors; return those created, deepest first."""
+#: the files of a saved bank, in the order they are moved aside (``bank.json`` first) when replaced
+_BANK_FILES = (CONFIG_NAME, TENSORS_NAME)
+
+
+def _make_folders(folder: Path, created: List[Path]) -> None:
+    """Create ``folder`` and its missing ancestors (with the usual permissions, unlike the private
+    temporary folder); each one made is put first in ``created`` (so it lists them deepest first)."""
     missing = []
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
     for path in reversed(missing):
-        path.mkdir(exist_ok=True)
-    return missing
+        path.mkdir()
+        created.insert(0, path)
 
 
 def _move_into_place(work: Path, folder: Path) -> None:
-    """Move the two bank files of ``work`` into ``folder`` (made with the usual permissions, unlike the
-    private temporary folder), ``bank.json`` last as :func:`write_bank` does; remove ``work``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    os.replace(work / TENSORS_NAME, folder / TENSORS_NAME)
-    os.replace(work / CONFIG_NAME, folder / CONFIG_NAME)
+    """Move the bank files of ``work`` (a folder inside ``folder``) into ``folder``; remove ``work``.
+
+    A bank already there is first moved aside into ``work``, ``bank.json`` first, and the new
+    files moved in, ``bank.json`` last: at no point does ``folder`` hold a ``bank.json`` beside a
+    ``bank.safetensors`` it does not describe. If a move fails, the moves done are undone (the
+    old bank is back) and the error raised.
+    """
+    done: List[Tuple[Path, Path]] = []
+    try:
+        for name in _BANK_FILES:
+            if (folder / name).exists():
+                os.replace(folder / name, work / f"old.{name}")
+                done.append((folder / name, work / f"old.{name}"))
+        for name in reversed(_BANK_FILES):
+            os.replace(work / name, folder / name)
+            done.append((work / name, folder / name))
+    except BaseException:
+        for source, target in reversed(done):
+            os.replace(target, source)
+        raise
+    for name in _BANK_FILES:
+        (work / f"old.{name}").unlink(missing_ok=True)
     work.rmdir()
 
 
