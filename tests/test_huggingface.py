@@ -182,7 +182,7 @@ def test_dataset_from_dict_and_images_that_cannot_be_stacked(tmp_path):
                                                                 "text": datasets.Value("string")}))
     model = aligner()
     with pytest.raises(ShapeError, match="images of one size"):  # a CMDAError naming the fix, not a TypeError
-        EmbeddingBank.build(ds, model, student="image", teachers="text", intra=None, progress=False)
+        EmbeddingBank.build(ds, model, student="image", teachers="text", progress=False)
     with pytest.raises(FieldError, match="field 'image' of the batch") as info:
         EmbeddingBank.build(ds.with_format("torch"), model, student="image", teachers="text", progress=False)
     assert "resize" in str(info.value)
@@ -244,6 +244,6 @@ def test_clip_takes_columns_and_preprocesses_images_of_any_size_with_its_process
     want_image = clip.image_processor(images=list(ds["image"]), return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(clip.embed("image", ds["image"]), clip.embed("image", want_image))
     torch.testing.assert_close(clip.embed("text", ds["text"]), clip.embed("text", CAPTIONS[:4]))
-    bank = EmbeddingBank.build(ds, clip, student="image", teachers="text", intra=None, fit_gmm=False,
+    bank = EmbeddingBank.build(ds, clip, student="image", teachers="text", fit_gmm=False,
                                batch_size=3, progress=False)
     torch.testing.assert_close(bank.embeddings["image"], clip.embed("image", want_image), atol=1e-5, rtol=1e-4)
