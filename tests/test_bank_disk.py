@@ -97,7 +97,7 @@ def listing(folder: Path) -> list:
 ], ids=["bic-subsample", "pca", "student-diag", "no-gmm"])
 @pytest.mark.parametrize("shard", [False, True], ids=["all", "indices"])
 def test_disk_build_writes_the_folder_of_build_and_save(tmp_path, monkeypatch, options, shard):
-    monkeypatch.setattr(_fit, "_RESP_CHUNK_ROWS", 256)  # several chunks, the last one short
+    monkeypatch.setattr(_fit, "RESP_CHUNK_ROWS", 256)  # several chunks, the last one short
     z = blobs(1500)
     indices = list(range(1, 1500, 2)) if shard else None
     common = dict(student="image", teachers="text", batch_size=64, progress=False, indices=indices, **options)
@@ -122,7 +122,7 @@ def test_disk_build_writes_the_folder_of_build_and_save(tmp_path, monkeypatch, o
 
 
 def test_disk_build_of_a_stream_equals_the_in_memory_build(tmp_path, monkeypatch):
-    monkeypatch.setattr(_fit, "_RESP_CHUNK_ROWS", 300)
+    monkeypatch.setattr(_fit, "RESP_CHUNK_ROWS", 300)
     z = blobs(1234, seed=1)
     common = dict(student="image", teachers=["text"], batch_size=100, progress=False, max_fit_rows=500)
     EmbeddingBank.build(Stream(z), Aligner(), **common).save(tmp_path / "memory")

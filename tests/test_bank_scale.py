@@ -47,7 +47,7 @@ def sklearn_with(gmm: GaussianMixture) -> SkGaussianMixture:
 
 # -- the subsample -------------------------------------------------------------------------------
 def test_large_bank_fits_on_a_subsample_and_matches_sklearn_there(monkeypatch):
-    monkeypatch.setattr(_fit, "_RESP_CHUNK_ROWS", 700)  # several chunks, the last one short
+    monkeypatch.setattr(_fit, "RESP_CHUNK_ROWS", 700)  # several chunks, the last one short
     z = clusters(3000)
     bank = EmbeddingBank.from_embeddings({"image": z.flip(0), "text": z}, student="image", teachers="text",
                                          candidates=[1, 2, 3, 4], max_fit_rows=1000)

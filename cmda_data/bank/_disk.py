@@ -38,10 +38,9 @@ from ..core._validation import describe, fail
 from ..exceptions import ShapeError, ValidationError
 from ..io._safetensors import RawFile
 from ..options import resolve_fit_on
-from . import _fit
 from ._build import embedded_chunks
 from ._checks import check_roles, count_non_finite
-from ._fit import _bar, fit_model, gmm_state, pca_project
+from ._fit import fit_model, gmm_state, pca_project, responsibility_chunks
 from ._format import CONFIG_NAME, TENSORS_NAME, bank_config, write_bank
 
 __all__ = ["build_to_folder", "check_out"]
@@ -224,13 +223,17 @@ def write_responsibilities(gmm: Any, pca: Optional[Tuple[torch.Tensor, torch.Ten
     The chunks are those of :func:`~cmda_data.bank._fit.responsibilities` (so the values are
     the in-memory build's), each read from the file into one reused buffer.
     """
-    step = _fit._RESP_CHUNK_ROWS
-    buffer = np.empty((min(n, step), dim), dtype=np.float32)
-    starts = range(0, n, step)
+    buffer = np.empty((0, dim), dtype=np.float32)  # sized by the first (largest) chunk
     with open(source, "rb", buffering=0) as handle, open(target, "wb") as sink:
-        for start in _bar(starts, progress, "responsibilities", len(starts), "chunk"):
-            chunk = buffer[:min(step, n - start)]
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            nonlocal buffer
+            if len(buffer) < stop - start:
+                buffer = np.empty((stop - start, dim), dtype=np.float32)
+            chunk = buffer[:stop - start]
             _read_exactly(handle, memoryview(chunk).cast("B"), start * dim * 4)
             x = torch.from_numpy(chunk)
-            x = x if pca is None else pca_project(x, pca)
-            sink.write(np.ascontiguousarray(gmm.predict_proba(x).float().numpy()))
+            return x if pca is None else pca_project(x, pca)
+
+        for _, probs in responsibility_chunks(gmm, read, n, progress=progress):
+            sink.write(np.ascontiguousarray(probs.numpy()))

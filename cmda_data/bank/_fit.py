@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 
@@ -20,7 +20,7 @@ from ..core.mixture import GaussianMixture, fit_candidates
 from ..exceptions import CMDAWarning
 
 __all__ = ["FittedMixture", "fit_mixture", "fit_model", "gmm_from_state", "gmm_state", "pca_fit", "pca_project",
-           "rows_per_component", "warn_dca_inert"]
+           "responsibility_chunks", "rows_per_component", "warn_dca_inert"]
 
 _CONFIG_KEYS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params")
 _TENSOR_KEYS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
@@ -28,7 +28,7 @@ _FACT_KEYS = ("converged_", "n_iter_", "lower_bound_", "n_features_in_")
 #: rows the PCA, the choice of M and the EM fit see at most (a random subsample beyond it)
 MAX_FIT_ROWS = 20_000
 #: rows per chunk of the responsibilities pass (float64 copies of one chunk at a time: 32 MB at d = 512)
-_RESP_CHUNK_ROWS = 1 << 13
+RESP_CHUNK_ROWS = 1 << 13
 
 
 @dataclass
@@ -89,16 +89,25 @@ def fit_subsample(n: int, max_fit_rows: Optional[int], random_state: Any) -> Opt
     return order.cpu().sort().values
 
 
-def responsibilities(gmm: Any, x: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
-    """``gmm.predict_proba(x)`` as float32 ``[N, M]``, computed ``_RESP_CHUNK_ROWS`` rows at a time.
+def responsibility_chunks(gmm: Any, read: Callable[[int, int], torch.Tensor], n: int, *, progress: bool = False
+                          ) -> Iterator[Tuple[int, torch.Tensor]]:
+    """``(start, gmm.predict_proba(read(start, stop)).float())`` over ``n`` rows, ``RESP_CHUNK_ROWS`` at a time.
 
-    Each chunk is converted to float64 on its own, so the peak memory does not grow with N.
+    ``read(start, stop)``: rows ``start:stop`` as the GMM sees them (projected when it was
+    fitted on principal components). One chunk at a time, each converted to float64 on its
+    own, so the peak memory does not grow with N (the disk-backed build reads each chunk
+    from its file).
     """
-    n = x.shape[0]
-    out = torch.empty((n, int(gmm.n_components)), dtype=torch.float32, device=x.device)
-    starts = range(0, n, _RESP_CHUNK_ROWS)
+    starts = range(0, n, RESP_CHUNK_ROWS)
     for start in _bar(starts, progress, "responsibilities", len(starts), "chunk"):
-        out[start:start + _RESP_CHUNK_ROWS] = gmm.predict_proba(x[start:start + _RESP_CHUNK_ROWS]).float()
+        yield start, gmm.predict_proba(read(start, min(n, start + RESP_CHUNK_ROWS))).float()
+
+
+def responsibilities(gmm: Any, x: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+    """``gmm.predict_proba(x)`` as float32 ``[N, M]``, by :func:`responsibility_chunks`."""
+    out = torch.empty((x.shape[0], int(gmm.n_components)), dtype=torch.float32, device=x.device)
+    for start, chunk in responsibility_chunks(gmm, lambda a, b: x[a:b], x.shape[0], progress=progress):
+        out[start:start + len(chunk)] = chunk
     return out
 
 
