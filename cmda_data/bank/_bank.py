@@ -27,8 +27,8 @@ from ..options import MixOptions, PlanOptions, resolve_fit_on, split_options
 from ._build import embed_dataset
 from ._checks import as_tensor, check_bank_indices, check_embeddings, check_fit_options, check_roles
 from ._disk import build_to_folder
-from ._fit import fit_mixture, gmm_from_state, gmm_state, pca_project
-from ._format import bank_config, read_bank, write_bank
+from ._fit import fit_mixture, gmm_from_state, pca_project
+from ._format import bank_contents, read_bank, write_bank
 from ._plan import bank_plan
 
 __all__ = ["BankRows", "EmbeddingBank"]
@@ -421,11 +421,9 @@ class EmbeddingBank:
         if folder.exists() and not folder.is_dir():
             fail("path", "a folder (or a path that does not exist yet)", str(folder), raw=True)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self._tensors().items()}
-        gmm_config, gmm_tensors = gmm_state(self.gmm)
-        tensors.update({f"gmm.{k}": v.detach().cpu().contiguous() for k, v in gmm_tensors.items()})
-        config = bank_config(student=self.student, teachers=list(self.teachers), modalities=list(self.modalities),
-                             rows=len(self), dim=self.dim, gmm=gmm_config, metadata=self.metadata)
+        config, tensors = bank_contents(embeddings=self.embeddings, responsibilities=self.responsibilities,
+                                        indices=self.indices, pca=self.pca, gmm=self.gmm, student=self.student,
+                                        teachers=list(self.teachers), metadata=self.metadata)
         write_bank(folder, config, tensors, progress=progress)
         return folder
 

@@ -40,8 +40,8 @@ from ..io._safetensors import RawFile
 from ..options import resolve_fit_on
 from ._build import embedded_chunks
 from ._checks import check_roles, count_non_finite
-from ._fit import fit_model, gmm_state, pca_project, responsibility_chunks
-from ._format import CONFIG_NAME, TENSORS_NAME, bank_config, write_bank
+from ._fit import fit_model, pca_project, responsibility_chunks
+from ._format import CONFIG_NAME, TENSORS_NAME, bank_contents, write_bank
 
 __all__ = ["build_to_folder", "check_out"]
 
@@ -88,24 +88,19 @@ def build_to_folder(dataset: Any, aligner: Any, *, student: str, teachers: Union
         raw = {m: work / f"embeddings.{i}.f32" for i, m in enumerate(modalities)}
         rows, dim = _write_embeddings(chunks, raw)
         metadata: Dict[str, Any] = {"fit_on": fit_on}
-        tensors: Dict[str, Any] = {f"embeddings.{m}": RawFile(raw[m], torch.float32, (rows, dim)) for m in modalities}
-        gmm = None
+        embeddings = {m: RawFile(raw[m], torch.float32, (rows, dim)) for m in modalities}
+        gmm = pca = responsibilities = None
         if settings.pop("fit_gmm"):
             fitted = fit_model(lambda r: read_rows(raw[fit_on], r, rows, dim), (rows, dim), field=fit_on,
                                progress=progress, **settings)
-            gmm = fitted.gmm
+            gmm, pca = fitted.gmm, fitted.pca
             metadata.update(fitted.metadata)
             resp = work / "responsibilities.f32"
-            write_responsibilities(gmm, fitted.pca, raw[fit_on], resp, rows, dim, progress=progress)
-            tensors["responsibilities"] = RawFile(resp, torch.float32, (rows, int(gmm.n_components)))
-            if fitted.pca is not None:
-                tensors["pca.mean"], tensors["pca.components"] = (t.detach().cpu().contiguous() for t in fitted.pca)
-        if chosen is not None and chosen != list(range(rows)):
-            tensors["indices"] = torch.tensor(chosen, dtype=torch.long)
-        gmm_config, gmm_tensors = gmm_state(gmm)
-        tensors.update({f"gmm.{k}": v.detach().cpu().contiguous() for k, v in gmm_tensors.items()})
-        config = bank_config(student=student, teachers=list(teachers), modalities=modalities, rows=rows, dim=dim,
-                             gmm=gmm_config, metadata=metadata)
+            write_responsibilities(gmm, pca, raw[fit_on], resp, rows, dim, progress=progress)
+            responsibilities = RawFile(resp, torch.float32, (rows, int(gmm.n_components)))
+        indices = None if chosen is None or chosen == list(range(rows)) else torch.tensor(chosen, dtype=torch.long)
+        config, tensors = bank_contents(embeddings=embeddings, responsibilities=responsibilities, indices=indices,
+                                        pca=pca, gmm=gmm, student=student, teachers=list(teachers), metadata=metadata)
         write_bank(work, config, tensors, progress=progress)
         for path in list(raw.values()) + [work / "responsibilities.f32"]:
             path.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ from ..io._safetensors import (
     save_file,
 )
 from ._checks import check_gmm_state, count_non_finite
+from ._fit import gmm_state
 
 __all__ = ["CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "TENSORS_NAME", "bank_config", "read_bank", "write_bank"]
 
@@ -65,6 +66,26 @@ def bank_config(*, student: str, teachers: List[str], modalities: List[str], row
     """The content of ``bank.json`` before its integrity records."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "student": student, "teachers": list(teachers),
             "modalities": list(modalities), "rows": rows, "dim": dim, "gmm": gmm, "metadata": metadata}
+
+
+def bank_contents(*, embeddings: Mapping[str, Any], responsibilities: Any, indices: Any, pca: Any, gmm: Any,
+                  student: str, teachers: List[str], metadata: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(config, tensors)`` to :func:`write_bank` for a bank's parts, each named as ``bank.safetensors`` has it.
+
+    The tensors may be in memory (written from CPU copies) or
+    :class:`~cmda_data.io._safetensors.RawFile` s (the disk-backed build); ``None`` parts are left out.
+    """
+    tensors: Dict[str, Any] = {f"embeddings.{m}": t for m, t in embeddings.items()}
+    named = {"responsibilities": responsibilities, "indices": indices,
+             "pca.mean": None if pca is None else pca[0], "pca.components": None if pca is None else pca[1]}
+    tensors.update({name: t for name, t in named.items() if t is not None})
+    gmm_config, gmm_tensors = gmm_state(gmm)
+    tensors.update({f"gmm.{k}": v for k, v in gmm_tensors.items()})
+    tensors = {k: v if isinstance(v, RawFile) else v.detach().cpu().contiguous() for k, v in tensors.items()}
+    rows, dim = next(iter(tensors.values())).shape
+    config = bank_config(student=student, teachers=list(teachers), modalities=list(embeddings), rows=int(rows),
+                         dim=int(dim), gmm=gmm_config, metadata=metadata)
+    return config, tensors
 
 
 def write_bank(folder: Path, config: Dict[str, Any], tensors: Mapping[str, Union[torch.Tensor, RawFile]], *,
