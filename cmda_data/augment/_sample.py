@@ -166,12 +166,10 @@ def mix_samples(owner: Any, samples: Sequence[Any], indices: Sequence[int], *, m
                              f"sample {indices[r]} (its mixing partner)", tuple(values[t].shape), FieldError)
         dtype = torch.float64 if values[0].dtype == torch.float64 else torch.float32
         slot_values = mix_slots.T.tolist()
-        if all(v.dtype == dtype for v in values):  # each slot stacked into one buffer (it is spent after its sum)
-            into = torch.empty((len(at_rows), *values[0].shape), dtype=dtype)
-            out = _weighted_sum(weights[rows], lambda t: torch.stack([values[v] for v in slot_values[t]], out=into),
-                                dtype)
-        else:
-            out = _weighted_sum(weights[rows], lambda t: torch.stack([values[v] for v in slot_values[t]]), dtype)
+        # each slot stacked into one buffer (it is spent after its sum), when the values share its dtype
+        same = all(v.dtype == dtype for v in values)
+        into = torch.empty((len(at_rows), *values[0].shape), dtype=dtype) if same else None
+        out = _weighted_sum(weights[rows], lambda t: torch.stack([values[v] for v in slot_values[t]], out=into), dtype)
         if not math.isfinite(float(out.sum())):  # a partner with NaN or inf (or an overflow: then no error)
             name_nonfinite_row(torch.stack(values), torch.tensor(members), field)
         for r, value in zip(at_rows, out.to(values[0].dtype).unbind(0)):
