@@ -16,6 +16,9 @@ Peers (timed *interleaved*: one call of each per round, so machine noise hits al
   path; ``topk+w`` also times the weights and ``topk_sparse``).
 * ``mixup``   -- ``torchvision.transforms.v2.MixUp(num_classes=10)`` on the same batch with
   integer labels (vectors are viewed as ``[B, 1, 1, 1024]`` images, which it requires).
+* ``clone_huge`` -- the same copy into a fresh buffer that asks for transparent huge pages
+  (``core/_pages.py``), as ``mix`` does for its own output when it is large (>= 32 MiB, CPU):
+  ``topk/clone_huge`` is the ratio of the two at the same page size (reported, not a target).
 * floors, not targets: ``clone_out`` copies into a preallocated buffer and ``dense_out``
   is ``torch.mm(..., out=)`` into one (no fresh pages); ``topk_1bag`` is the sparse
   kernel without column blocking (one ``embedding_bag`` over the whole rows). On CUDA the
@@ -78,6 +81,7 @@ sys.path.insert(0, str(ROOT))
 
 from cmda_data.core import _kernels as Kn  # noqa: E402
 from cmda_data.core import functional as Fn  # noqa: E402
+from cmda_data.core._pages import empty_output  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -229,6 +233,7 @@ def bench_case(name: str, shape, device: torch.device, args, progress) -> Dict[s
         "clone": lambda: X.clone(),
         "dense": lambda: Fn.mix(W, X),
         "topk": topk_counted,
+        "clone_huge": lambda: empty_output(X.shape, dtype=X.dtype, device=X.device).copy_(X),
         "clone_out": lambda: clone_buf.copy_(X),
         "dense_out": lambda: torch.mm(W, flat, out=out_buf),
         "topk_1bag": lambda: _topk_one_bag(index, values, flat),
@@ -282,6 +287,8 @@ def bench_case(name: str, shape, device: torch.device, args, progress) -> Dict[s
              "topk/topk_kernel": ("topk", "topk_kernel"),
              "dense/mixup": ("dense", "mixup"), "topk/mixup": ("topk", "mixup"),
              "mixup/clone": ("mixup", "clone"),
+             # the same output pages on both sides (huge pages where mix asks for them)
+             "topk/clone_huge": ("topk", "clone_huge"), "clone_huge/clone": ("clone_huge", "clone"),
              # floors: both sides writing into preallocated buffers / blocking off
              "dense_out/clone_out": ("dense_out", "clone_out"),
              "topk_1bag/topk": ("topk_1bag", "topk"), "topk_bmm/topk": ("topk_bmm", "topk"),
@@ -395,6 +402,13 @@ def machine_info(threads: List[int]) -> Dict[str, object]:
         "blas": "mkl" if "BLAS_INFO=mkl" in torch.__config__.show() else "other",
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    # the page size of mix's large CPU outputs (core/_pages.py): the kernel's THP settings and ours
+    info["huge_pages"] = {"CMDA_HUGE_PAGES": os.environ.get("CMDA_HUGE_PAGES", "1 (default)")}
+    for key in ("enabled", "defrag"):
+        try:
+            info["huge_pages"][f"thp_{key}"] = Path(f"/sys/kernel/mm/transparent_hugepage/{key}").read_text().strip()
+        except OSError:
+            pass
     try:  # other processes on the machine make timings noisy: record the load
         info["loadavg_at_start"] = list(os.getloadavg())
     except OSError:
@@ -411,7 +425,7 @@ def machine_info(threads: List[int]) -> Dict[str, object]:
 
 
 def print_table(results: List[Dict[str, object]]) -> None:
-    cols = ["clone", "dense", "topk", "dense_kernel", "topk_kernel", "clone_out", "dense_out", "topk_1bag",
+    cols = ["clone", "clone_huge", "dense", "topk", "dense_kernel", "topk_kernel", "clone_out", "dense_out", "topk_1bag",
             "dense+w", "topk+w", "mixup", "loop", "dense_f64", "topk_bmm"]
     label = lambda r: f"{r['device']}/{r['threads']}t/{r['case']}"  # noqa: E731
     print("\nmedian wall time per batch of B=128, milliseconds (process CPU time below, CPU rows)")

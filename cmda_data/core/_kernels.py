@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..exceptions import DeviceError, ShapeError
+from ._pages import empty_output
 from ._threads import run_split
 from ._validation import FLOAT_DTYPES, check_finite, check_float_tensor, check_rank, check_tensor_data, describe, fail
 
@@ -321,7 +322,7 @@ def _mix_sparse_blocked(index: torch.Tensor, weights: torch.Tensor, flat: torch.
         offsets = torch.cat([offsets.new_zeros(1), offsets + half, offsets.new_full((1,), half + n * k)])
         first = 1
         check_rows = torch.empty((2, size), dtype=flat.dtype, device=flat.device)
-    out = torch.empty((n, size), dtype=flat.dtype, device=flat.device)
+    out = empty_output((n, size), dtype=flat.dtype, device=flat.device)
 
     def one_block(at: int) -> None:
         start = at * columns
@@ -368,7 +369,11 @@ def _mix_dense(weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     if flat.dtype in _LOW_PRECISION and flat.device.type != "cpu":
         # CPU kernels accumulate half/bfloat16 products in float32; elsewhere make sure
         return torch.mm(weights.float(), flat.float()).to(flat.dtype)
-    return torch.mm(weights.to(flat.dtype), flat)
+    weights = weights.to(flat.dtype)
+    if torch.is_grad_enabled() and (flat.requires_grad or weights.requires_grad):
+        return torch.mm(weights, flat)  # (out= does not support autograd)
+    return torch.mm(weights, flat, out=empty_output((weights.shape[0], flat.shape[1]), dtype=flat.dtype,
+                                                   device=flat.device))
 
 
 # On CUDA, embedding_bag gathers each output row's k partner rows with scattered loads, while

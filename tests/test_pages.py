@@ -1,0 +1,99 @@
+"""Large CPU outputs of the mix on transparent huge pages (core/_pages.py).
+
+The advice changes the page size only: the values must be bitwise those of the 4 KiB pages,
+the advice must cover exactly the whole 2 MiB pages inside the tensor, only for large CPU
+tensors, and ``CMDA_HUGE_PAGES=0`` must turn it off.
+"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmda_data.core import _pages
+from cmda_data.core import functional as F
+
+HUGE = 2 << 20
+
+
+def _vm_flags(address: int) -> list:
+    """The VmFlags of the mapping of this process that holds ``address`` (Linux smaps)."""
+    flags, inside = None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            flags = line.split()[1:]
+    assert flags is not None, "no mapping holds the address"
+    return flags
+
+
+linux_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/proc/self/smaps").exists()
+                               or getattr(mmap, "MADV_HUGEPAGE", None) is None or _pages._MADVISE is None,
+                               reason="madvise(MADV_HUGEPAGE) and /proc/self/smaps are Linux only")
+
+
+@linux_thp
+def test_a_large_output_is_advised_and_a_plain_tensor_is_not(monkeypatch):
+    monkeypatch.delenv("CMDA_HUGE_PAGES", raising=False)
+    out = _pages.empty_output((64, 3 * 224 * 224), dtype=torch.float32, device=torch.device("cpu"))
+    middle = out.data_ptr() + out.numel() * out.element_size() // 2
+    assert "hg" in _vm_flags(middle)
+    plain = torch.empty(64, 3 * 224 * 224)
+    assert "hg" not in _vm_flags(plain.data_ptr() + plain.numel() * 2)
+
+
+@linux_thp
+@pytest.mark.parametrize("setting", ["0", "off"])
+def test_the_environment_variable_turns_it_off(monkeypatch, setting):
+    monkeypatch.setenv("CMDA_HUGE_PAGES", setting)
+    out = _pages.empty_output((64, 3 * 224 * 224), dtype=torch.float32, device=torch.device("cpu"))
+    assert "hg" not in _vm_flags(out.data_ptr() + out.numel() * 2)
+
+
+def test_the_advice_covers_the_whole_huge_pages_inside_the_tensor_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_pages, "_MADVISE", lambda start, length, advice: calls.append((start, length)) or 0)
+    monkeypatch.setattr(_pages, "_ADVICE", 14)
+    monkeypatch.delenv("CMDA_HUGE_PAGES", raising=False)
+    for shape, dtype in [((5, 7_000_001), torch.float32), ((3, 6_000_000), torch.float64), ((40 << 20,), torch.uint8)]:
+        calls.clear()
+        t = _pages.empty_output(shape, dtype=dtype, device=torch.device("cpu"))
+        begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        (start, length), = calls
+        assert start % HUGE == 0 and length % HUGE == 0 and length > 0
+        assert begin <= start < begin + HUGE and end - HUGE < start + length <= end
+    calls.clear()
+    _pages.empty_output((1, (32 << 20) // 4 - 1), dtype=torch.float32, device=torch.device("cpu"))  # below 32 MiB
+    _pages.advise_huge(torch.empty(0))
+    assert calls == []
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_mix_gives_the_same_bits_on_either_page_size(monkeypatch, sparse):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 224, 224, generator=g)  # 38.5 MB: above the threshold
+    weights = torch.softmax(torch.randn(64, 64, generator=g), 1)
+    index, values = F.topk_sparse(weights, 8) if sparse else (None, weights)
+    monkeypatch.setenv("CMDA_HUGE_PAGES", "0")
+    small = F.mix(values, x, index=index)
+    monkeypatch.setenv("CMDA_HUGE_PAGES", "1")
+    huge = F.mix(values, x, index=index)
+    assert torch.equal(small, huge)
+    expected = torch.einsum("nm,m...->n...", torch.zeros(64, 64).scatter_(1, index, values) if sparse else weights, x)
+    torch.testing.assert_close(huge, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_dense_mix_keeps_its_gradients_above_the_threshold():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(48, 3, 224, 224, generator=g, requires_grad=True)
+    weights = torch.softmax(torch.randn(48, 48, generator=g), 1).requires_grad_()
+    F.mix(weights, x).sum().backward()
+    torch.testing.assert_close(x.grad, weights.detach().sum(0).reshape(48, 1, 1, 1).expand_as(x))
+    torch.testing.assert_close(weights.grad, x.detach().reshape(48, -1).sum(1).expand(48, 48))
