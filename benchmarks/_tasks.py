@@ -20,12 +20,12 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from cmda_data.aligners import ContrastiveAligner
-from cmda_data.bank import EmbeddingBank
 from cmda_data.augment.collate import CMDACollate
-from cmda_data.controls import random_teacher, shuffled_teacher
-from cmda_data.datasets import load_webnews, load_wikipedia
-from cmda_data.core.mixture import GaussianMixture
 from cmda_data.augment.module import CMDAugment
+from cmda_data.bank import EmbeddingBank
+from cmda_data.controls import random_teacher, shuffled_teacher
+from cmda_data.core.mixture import GaussianMixture
+from cmda_data.datasets import load_webnews, load_wikipedia
 
 DATASETS = ("wikipedia", "webnews")
 STUDENTS = ("image", "text")

@@ -43,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import _tasks as T  # noqa: E402
 import ssd  # noqa: E402
+
 from cmda_data.augment.dataset import IndexedDataset  # noqa: E402
-from cmda_data.datasets import WEBNEWS_NORMAL_CLASSES, WIKIPEDIA_NORMAL_CLASSES, anomaly_split  # noqa: E402
 from cmda_data.core.losses import supcon_loss  # noqa: E402
+from cmda_data.datasets import WEBNEWS_NORMAL_CLASSES, WIKIPEDIA_NORMAL_CLASSES, anomaly_split  # noqa: E402
 
 METHODS = ("base", "base_matched", "mixup", "cmda", "cmda_offline", "random_teacher", "random_teacher_offline",
            "shuffled_teacher_offline")

@@ -74,9 +74,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmda_data.bank import EmbeddingBank  # noqa: E402
 from cmda_data.augment.collate import CMDACollate  # noqa: E402
 from cmda_data.augment.dataset import CrossModalAugmentedDataset, IndexedDataset  # noqa: E402
+from cmda_data.bank import EmbeddingBank  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_loader.json"
 N, WORKERS, NUM_CLASSES, TEXT_DIM, LATENT_DIM = 4096, 2, 10, 384, 128

@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cmda_data import CMDAugment  # noqa: E402
 from _host_reads import HostReads  # noqa: E402
+
+from cmda_data import CMDAugment  # noqa: E402
 from cmda_data.aligners import ContrastiveAligner  # noqa: E402
 from cmda_data.core.mixture import GaussianMixture  # noqa: E402
 

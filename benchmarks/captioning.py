@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import _tasks as T  # noqa: E402
 from _bleu import corpus_bleu  # noqa: E402
+
 from cmda_data.augment.dataset import IndexedDataset  # noqa: E402
 from cmda_data.datasets import classification_split, load_webnews  # noqa: E402
 

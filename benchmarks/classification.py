@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 import _tasks as T  # noqa: E402
+
 from cmda_data.augment.dataset import IndexedDataset  # noqa: E402
 from cmda_data.datasets import classification_split, load_webnews, validation_split  # noqa: E402
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from pathlib import Path
 import sys
+from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 import _tasks as T  # noqa: E402
-from cmda_data.datasets import classification_split  # noqa: E402
-from cmda_data.core.mixture import GaussianMixture, select_n_components  # noqa: E402
+
 from cmda_data.core.build import make_plan  # noqa: E402
+from cmda_data.core.mixture import GaussianMixture, select_n_components  # noqa: E402
+from cmda_data.datasets import classification_split  # noqa: E402
 
 B = 128
 METRICS = ("eff_partners", "max_weight", "same_class", "label_purity", "to_mean")

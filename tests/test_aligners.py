@@ -22,8 +22,8 @@ from cmda_data.aligners import (
     load_aligner,
     register_aligner,
 )
-from cmda_data.exceptions import FieldError, ShapeError, ValidationError
 from cmda_data.core.losses import eq7_loss, eq8_loss, supcon_loss
+from cmda_data.exceptions import FieldError, ShapeError, ValidationError
 
 
 def paired_data(n=96, seed=0, classes=4):

@@ -9,15 +9,15 @@ import struct
 import numpy as np
 import pytest
 import torch
+from _entry_data import NUM_CLASSES, PairedDataset, TupleDataset, ValueOfBank, latents, make_bank
+from conftest import CPU_AND_CUDA, needs_cuda
 from torch import nn
 from torch.utils.data import DataLoader
 
-from _entry_data import NUM_CLASSES, PairedDataset, TupleDataset, ValueOfBank, latents, make_bank
 from cmda_data.aligners import ContrastiveAligner, PrecomputedAligner
 from cmda_data.bank import EmbeddingBank
-from cmda_data.exceptions import DeviceError, ShapeError, ValidationError
 from cmda_data.core.mixture import GaussianMixture
-from conftest import CPU_AND_CUDA, needs_cuda
+from cmda_data.exceptions import DeviceError, ShapeError, ValidationError
 
 
 def two_blobs(n: int = 60, d: int = 3, seed: int = 0) -> torch.Tensor:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _entry_data import make_bank
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from _entry_data import make_bank
 from cmda_data import BankFormatError, CMDAError, CMDAWarning, EmbeddingBank
 from cmda_data.exceptions import ValidationError
 from cmda_data.io._safetensors import load_file, save_file

@@ -18,8 +18,7 @@ import torch
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from torch.utils.data import DataLoader, Dataset
 
-from cmda_data.bank import EmbeddingBank
-from cmda_data.bank import _fit
+from cmda_data.bank import EmbeddingBank, _fit
 from cmda_data.bank._build import embed_dataset
 from cmda_data.core.mixture import GaussianMixture, select_n_components
 from cmda_data.exceptions import ShapeError, ValidationError

@@ -3,12 +3,10 @@ forms and the paired block of every result file (--smoke presets, results in tmp
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import require_data
 from test_benchmarks import BENCH, check_file, run_script
 

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import require_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,10 +88,9 @@ def test_classification_pixels_smoke(tmp_path):
 
 def test_pixel_augmentation_is_the_per_sample_crop_and_flip():
     """The batched crop + flip equals cropping each photo on its own with the same draws."""
+    import classification
     import torch
     from torch import nn
-
-    import classification
 
     x = torch.rand(37, 3, 20, 24, generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(3)
@@ -216,7 +214,6 @@ def test_classification_study_then_tuned_rows(tmp_path):
 
 def test_weight_diagnostics_on_hand_cases():
     import torch
-
     import weights_diagnostics as D
 
     x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]], dtype=torch.float64)

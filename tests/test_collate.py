@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _entry_data import NUM_CLASSES, PairedDataset, TokenDataset, TupleDataset, batches_per_p, make_bank
+from conftest import needs_cuda
 from torch.utils.data import DataLoader, default_collate
 
-from _entry_data import NUM_CLASSES, PairedDataset, TokenDataset, TupleDataset, batches_per_p, make_bank
 from cmda_data.augment.collate import CMDACollate
 from cmda_data.augment.dataset import IndexedDataset
 from cmda_data.exceptions import DeviceError, FieldError, ValidationError
-from conftest import needs_cuda
 
 N = 21
 

@@ -7,13 +7,20 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _entry_data import (
+    NUM_CLASSES,
+    CountingDataset,
+    PairedDataset,
+    TokenDataset,
+    TupleDataset,
+    batches_per_p,
+    make_bank,
+)
+from conftest import needs_cuda
 from torch.utils.data import DataLoader
 
-from _entry_data import (NUM_CLASSES, CountingDataset, PairedDataset, TokenDataset, TupleDataset, batches_per_p,
-                         make_bank)
 from cmda_data.augment.dataset import CrossModalAugmentedDataset, IndexedDataset
 from cmda_data.exceptions import DeviceError, FieldError, ShapeError, ValidationError
-from conftest import needs_cuda
 
 N = 24
 

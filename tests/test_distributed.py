@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
-from cmda_data.bank import EmbeddingBank
-from cmda_data.augment.module import CMDAugment
 from cmda_data.augment.collate import CMDACollate
 from cmda_data.augment.dataset import CrossModalAugmentedDataset, IndexedDataset
+from cmda_data.augment.module import CMDAugment
+from cmda_data.bank import EmbeddingBank
 from cmda_data.distributed import (
     all_gather_rows,
     broadcast_bank,

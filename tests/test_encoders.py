@@ -12,13 +12,13 @@ import re
 import subprocess
 import sys
 
+import encoders
 import numpy as np
 import pytest
 import torch
-
-import encoders
-from cmda_data.exceptions import MissingDependencyError, ShapeError, ValidationError
 from conftest import require_data
+
+from cmda_data.exceptions import MissingDependencyError, ShapeError, ValidationError
 
 # rows of the Wikipedia table (train list then test list) and of the Web News index;
 # Wikipedia rows 73 and 243 contain HTML entities (&ndash;), see the MiniLM test

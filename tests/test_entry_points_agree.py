@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _entry_data import NUM_CLASSES, PairedDataset, make_bank
+from conftest import CPU_AND_CUDA
 from torch.utils.data import DataLoader, default_collate
 
-from _entry_data import NUM_CLASSES, PairedDataset, make_bank
+from cmda_data.augment.buffer import CandidateBuffer
 from cmda_data.augment.collate import CMDACollate
 from cmda_data.augment.dataset import CrossModalAugmentedDataset, IndexedDataset
-from cmda_data.augment.buffer import CandidateBuffer
 from cmda_data.augment.module import CMDAugment
 from cmda_data.options import MixOptions
-from conftest import CPU_AND_CUDA
 
 N = 20
 

@@ -11,15 +11,15 @@ import os
 
 import numpy as np
 import pytest
+import strategies as S
 import torch
+from conftest import CPU_AND_CUDA, needs_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import strategies as S
 from cmda_data import MixPlan
 from cmda_data.core import functional as Fn
 from cmda_data.exceptions import CMDAError, DeviceError, ShapeError, ValidationError
-from conftest import CPU_AND_CUDA, needs_cuda
 
 # ------------------------------------------------------------------------------------
 # The hand-computed example. 2-D unit vectors, rows = teachers i, columns = students j.

@@ -16,10 +16,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import REPO_ROOT
 from cmda_data import CMDACollate, ContrastiveAligner, CrossModalAugmentedDataset, EmbeddingBank, IndexedDataset
 from cmda_data.aligners import CLIPAligner
 from cmda_data.augment.buffer import CandidateBuffer

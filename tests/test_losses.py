@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import CPU_AND_CUDA
 
-from cmda_data.exceptions import ShapeError, ValidationError
 from cmda_data.core.losses import eq7_loss, eq8_loss, joint_loss, supcon_loss
+from cmda_data.exceptions import ShapeError, ValidationError
 
 
 # ---------------------------------------------------------------------------------------

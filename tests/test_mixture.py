@@ -7,14 +7,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import CPU_AND_CUDA, require_data
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from cmda_data.core import _em
-from cmda_data.exceptions import CMDAError, ConvergenceWarning, NotFittedError, ShapeError, ValidationError
 from cmda_data.core.mixture import GaussianMixture, select_n_components
-from conftest import CPU_AND_CUDA, require_data
+from cmda_data.exceptions import CMDAError, ConvergenceWarning, NotFittedError, ShapeError, ValidationError
 
 KINDS = ["full", "tied", "diag", "spherical"]
 F64 = dict(rtol=1e-6, atol=1e-9)

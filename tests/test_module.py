@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _entry_data import NUM_CLASSES, PairedDataset, latents, make_bank
+from _host_reads import HostReads
+from conftest import CPU_AND_CUDA
 from torch import nn
 from torch.utils.data import default_collate
 
-from _entry_data import NUM_CLASSES, PairedDataset, latents, make_bank
-from _host_reads import HostReads
 from cmda_data.aligners import ContrastiveAligner, PrecomputedAligner
 from cmda_data.augment.collate import CMDACollate
 from cmda_data.augment.dataset import IndexedDataset
-from cmda_data.exceptions import FieldError, NotFittedError, ValidationError
-from cmda_data.core.mixture import GaussianMixture
 from cmda_data.augment.module import CMDAugment
-from conftest import CPU_AND_CUDA
+from cmda_data.core.mixture import GaussianMixture
+from cmda_data.exceptions import FieldError, NotFittedError, ValidationError
 
 N = 16
 

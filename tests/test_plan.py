@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import strategies as S
 import torch
+from conftest import CPU_AND_CUDA, needs_cuda
 from hypothesis import given
 from hypothesis import strategies as st
 
-import strategies as S
 from cmda_data.bank import EmbeddingBank
 from cmda_data.bank._plan import bank_plan
 from cmda_data.core import functional as Fn
-from cmda_data.exceptions import CMDAError, DeviceError, ShapeError, ValidationError
 from cmda_data.core.build import build_plan, make_plan
 from cmda_data.core.plan import MixPlan
+from cmda_data.exceptions import CMDAError, DeviceError, ShapeError, ValidationError
 from cmda_data.options import MixOptions, PlanOptions
-from conftest import CPU_AND_CUDA, needs_cuda
 
 
 def hand_plan() -> MixPlan:

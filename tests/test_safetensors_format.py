@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from cmda_data.io._safetensors import file_sha256, load_file, read_header, save_file
 from cmda_data.exceptions import ValidationError
+from cmda_data.io._safetensors import file_sha256, load_file, read_header, save_file
 
 st = pytest.importorskip("safetensors.torch")
 

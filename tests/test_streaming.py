@@ -18,14 +18,18 @@ import torch
 
 wds = pytest.importorskip("webdataset")
 
-from cmda_data.bank import EmbeddingBank  # noqa: E402
+from cmda_data.augment.buffer import CandidateBuffer, cmda_mix  # noqa: E402
 from cmda_data.augment.collate import CMDACollate  # noqa: E402
 from cmda_data.augment.dataset import IndexedDataset  # noqa: E402
-from cmda_data.exceptions import FieldError, MissingDependencyError, ValidationError  # noqa: E402
-from cmda_data.augment.buffer import CandidateBuffer, cmda_mix  # noqa: E402
+from cmda_data.bank import EmbeddingBank  # noqa: E402
+from cmda_data.exceptions import (  # noqa: E402
+    FieldError,
+    MissingDependencyError,
+    SkippedSamplesWarning,
+    ValidationError,
+)
 from cmda_data.io.codec import SafeDecoder, SkipCounter  # noqa: E402
 from cmda_data.io.shards import MANIFEST_SUFFIX, read_manifest, read_shards, write_shards  # noqa: E402
-from cmda_data.exceptions import SkippedSamplesWarning  # noqa: E402
 
 N = 14
 NUM_CLASSES = 3

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _entry_data import NUM_CLASSES, make_bank
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from _entry_data import NUM_CLASSES, make_bank
 from cmda_data import CMDACollate, CMDAugment, CrossModalAugmentedDataset, IndexedDataset
 from cmda_data.augment.buffer import CandidateBuffer
 from cmda_data.core._fields import ImageField, as_student, pil_to_tensor

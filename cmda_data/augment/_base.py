@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Dict, Optional, Union
 
 from ..bank import EmbeddingBank
-from ..core._fields import Field, check_field_name, image_spec
+from ..core._fields import Field, check_field_name, image_spec, resolve_fields
 from ..core._seeding import SharedEpoch, SharedProbability
 from ..core._validation import check_int, fail
 from ..options import MixOptions, PlanOptions, split_options
@@ -55,10 +55,11 @@ class MixingBase:
         self.options = self.spec.mix
         if fields is not None and not isinstance(fields, Mapping):
             fail("fields", "None or a mapping modality -> sample field", fields)
-        self.fields: Dict[str, Field] = dict(fields or {})
-        self.student_field = check_field_name("fields", self.fields.get(self.spec.student, self.spec.student))
+        #: modality -> its sample field, every modality of the spec (default: the modality's name)
+        self.fields: Dict[str, Field] = resolve_fields((self.spec.student, *self.spec.teachers), fields)
+        self.student_field = self.fields[self.spec.student]
         #: the ImageField declaration of the student field (None: a plain field name)
-        self.student_image = image_spec(self.fields.get(self.spec.student))
+        self.student_image = image_spec((fields or {}).get(self.spec.student))
         self.target = None if target is None else check_field_name("target", target)
         self.num_classes = check_int("num_classes", num_classes, minimum=1, allow_none=True)
         self.label_smoothing = self.options.label_smoothing

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..bank._build import embeds_by_index
 from ..bank._plan import bank_plan, row_draws
-from ..core._fields import Field, get_field, resolve_fields
+from ..core._fields import Field, get_field
 from ..core._seeding import hash_ints
 from ..core._validation import check_int, fail
 from ..core.build import build_plan
@@ -108,7 +108,6 @@ class CMDAugment(MixingBase, nn.Module):
         self.__dict__["aligner"] = aligner  # not a submodule: the user trains and moves it
         self.gmm = gmm
         modalities = (self.student, *self.teachers)
-        self.fields = resolve_fields(modalities, fields)
         self.fit_on = resolve_fit_on(fit_on, self.student, self.teachers, modalities)
         self.refit_every = check_int("refit_every", refit_every, minimum=1, allow_none=True)
         self.n_components = check_int("n_components", n_components, minimum=1)

@@ -17,7 +17,7 @@ import torch
 
 from ..core._em import COVARIANCE_TYPES, INIT_PARAMS
 from ..core._validation import check_int, check_option, check_tensor_data, describe, fail
-from ..core.mixture import GaussianMixture
+from ..core.mixture import CRITERIA, GaussianMixture
 from ..exceptions import BankFormatError, ShapeError
 from ._fit import _CONFIG_KEYS, _FACT_KEYS, _TENSOR_KEYS, fit_model
 
@@ -274,5 +274,5 @@ def check_fit_options(options: Mapping[str, Any], owner: str) -> None:
     for name in ("n_components", "reduce_dim", "max_fit_rows"):
         check_int(name, options.get(name), minimum=1, allow_none=True)
     if "criterion" in options:
-        check_option("criterion", options["criterion"], ("bic", "aic"))
+        check_option("criterion", options["criterion"], CRITERIA)
     GaussianMixture(1, random_state=options.get("random_state"), **{k: options[k] for k in settings if k in options})

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 import torch
 
 from ..core._validation import check_int, check_option, fail
-from ..core.mixture import GaussianMixture, fit_candidates
+from ..core.mixture import CRITERIA, GaussianMixture, fit_candidates
 from ..exceptions import CMDAWarning
 
 __all__ = ["FittedMixture", "fit_mixture", "fit_model", "gmm_from_state", "gmm_state", "pca_fit", "pca_project",
@@ -227,7 +227,7 @@ def fit_model(read_rows: Callable[[Optional[torch.Tensor]], torch.Tensor], shape
     metadata["fit_rows"] = int(sample.shape[0])
     gmm = None
     if n_components is None:
-        check_option("criterion", criterion, ("bic", "aic"))
+        check_option("criterion", criterion, CRITERIA)
         values = [check_int("candidates", m, minimum=1) for m in candidates]
         values = list(dict.fromkeys(m for m in values if m <= len(sample))) or [1]
         scores: Dict[int, float] = {}

@@ -22,8 +22,16 @@ import torch
 from ..exceptions import DeviceError, ShapeError
 from . import functional as Fn
 from ._kernels import _check_latents, _check_resp_shape, _check_resp_stats, _resp_stats
-from ._validation import (check_float_tensor, check_int, check_option, check_probability, check_rank,
-                          check_temperature, check_tensor_data, fail)
+from ._validation import (
+    check_float_tensor,
+    check_int,
+    check_option,
+    check_probability,
+    check_rank,
+    check_temperature,
+    check_tensor_data,
+    fail,
+)
 from .plan import MixPlan, _check_long, _check_mixed, _layout, _own_positions
 
 __all__ = ["build_plan", "make_plan"]
@@ -208,7 +216,7 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, *, mi
     inter = Fn._inter_modal_weights(rows_z, student_z, similarity, normalize,
                                     None if temperature is None else float(temperature),
                                     None if self_weight is None else float(self_weight), own).float()
-    dense, kept = Fn._dca_weights(inter, intra_w, top_k, exclude_self, renormalize, own, with_index=True)
+    dense, kept = Fn._dca_weights_and_index(inter, intra_w, top_k, exclude_self, renormalize, own)
     return _layout(dense.float(), top_k=top_k, mixed=mixed, teacher_index=teacher_index, teacher=tuple(teacher),
                    teacher_choice=choice, inter=inter, intra=intra_w, diagonal=bool(diagonal), candidates=kept)
 

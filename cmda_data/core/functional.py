@@ -31,7 +31,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -299,17 +299,18 @@ def dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor] = None, *,
         fail("inter", "at least one column (partner)", inter, ShapeError)
     if exclude_self and n != m:
         fail("inter", "a square [n, n] matrix when exclude_self=True", inter, ShapeError)
-    return _dca_weights(inter, intra, top_k, exclude_self, renormalize)
+    return _dca_weights_and_index(inter, intra, top_k, exclude_self, renormalize)[0]
 
 
-def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Optional[int], exclude_self: bool,
-                 renormalize: bool, own: Optional[torch.Tensor] = None, *, with_index: bool = False) -> Any:
-    """:func:`dca_weights` without argument checks (trusted, already checked inputs).
+def _dca_weights_and_index(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Optional[int],
+                           exclude_self: bool, renormalize: bool, own: Optional[torch.Tensor] = None,
+                           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(weights, index)``: :func:`dca_weights` without argument checks (trusted, already checked inputs).
 
     ``own``: ``[n]`` column of each row's own sample (None: column ``r``, the diagonal).
-    ``with_index``: return ``(weights, index)``, ``index`` the ``[n, top_k]`` columns kept by
-    ``top_k`` in decreasing order of the weight before renormalising (every other entry of
-    the row is 0), or None when ``top_k`` keeps every column.
+    ``index``: the ``[n, top_k]`` columns kept by ``top_k`` in decreasing order of the weight
+    before renormalising (every other entry of the row is 0), or None when ``top_k`` keeps
+    every column.
     """
     n, m = inter.shape
     dtype = _compute_dtype(inter, *(() if intra is None else (intra,)))
@@ -337,8 +338,7 @@ def _dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Opti
         w = _normalize_rows(w)
     elif not cpu or bool(fallback.any()):  # degenerate (fallback) rows always sum to 1
         w = torch.where(fallback[:, None], _normalize_rows(w), w)
-    w = w.to(inter.dtype)
-    return (w, index) if with_index else w
+    return w.to(inter.dtype), index
 
 
 def topk_sparse(weights: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

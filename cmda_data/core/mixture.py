@@ -26,7 +26,7 @@ from . import _em
 from ._validation import check_finite, check_int, check_option, check_positive_float, check_rank, fail
 
 __all__ = ["GaussianMixture", "select_n_components"]
-
+CRITERIA = ("bic", "aic")  #: the model-selection criteria of select_n_components (lower is better)
 _DTYPE = torch.float64
 
 
@@ -472,7 +472,7 @@ def select_n_components(
         >>> best, sorted(scores)
         (2, [1, 2, 3])
     """
-    check_option("criterion", criterion, ("bic", "aic"))
+    check_option("criterion", criterion, CRITERIA)
     if "n_components" in gmm_kwargs:
         fail("gmm_kwargs", "no 'n_components' (it comes from candidates)", gmm_kwargs["n_components"])
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Iterable):

@@ -380,7 +380,7 @@ def _layout(values: torch.Tensor, *, top_k: Optional[int], mixed: torch.Tensor,
     candidates, every row must be mixed. ``diagonal``: whether ``teacher_index`` is
     ``arange(n)``, when the caller knows (None: found out). ``candidates``: ``[n, top_k]``
     columns outside of which every entry of ``values`` is 0 (the top-k that
-    :func:`functional._dca_weights` kept), or None.
+    :func:`functional._dca_weights_and_index` kept), or None.
     """
     n, m = values.shape
     device = values.device

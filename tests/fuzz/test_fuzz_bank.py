@@ -21,12 +21,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Tuple
 
-import torch
+import strategies as S
+from _entry_data import make_bank
 from hypothesis import given
 from hypothesis import strategies as st
 
-import strategies as S
-from _entry_data import make_bank
 from cmda_data.bank import EmbeddingBank
 from cmda_data.bank._fit import gmm_state
 from cmda_data.exceptions import BankFormatError

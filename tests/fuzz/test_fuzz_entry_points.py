@@ -13,17 +13,32 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 import pytest
+import strategies as S
 import torch
+from _entry_data import make_bank
+from fuzz_harness import (
+    assert_convex_rows,
+    assert_in_hull,
+    assert_untouched,
+    examples,
+    expect_cmda_error,
+    no_subprocess,
+    snapshot,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-import strategies as S
-from _entry_data import make_bank
-from cmda_data import (CandidateBuffer, CMDACollate, CMDAError, CMDAugment, CrossModalAugmentedDataset,
-                       DeviceError, IndexedDataset, MixOptions)
-from fuzz_harness import (assert_convex_rows, assert_in_hull, assert_untouched, examples, expect_cmda_error,
-                          no_subprocess, snapshot)
+from cmda_data import (
+    CandidateBuffer,
+    CMDACollate,
+    CMDAError,
+    CMDAugment,
+    CrossModalAugmentedDataset,
+    DeviceError,
+    IndexedDataset,
+    MixOptions,
+)
 
 N, C = 12, 3
 BANK = make_bank(N)

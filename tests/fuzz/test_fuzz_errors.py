@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Dict
+from typing import Callable, Dict
 
 import numpy as np
 import pytest
+import strategies as S
 import torch
+from fuzz_harness import assert_untouched, examples, expect_cmda_error, no_subprocess, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import strategies as S
-from cmda_data import (CMDAError, DeviceError, GaussianMixture, MixOptions, ValidationError, make_plan,
-                       select_n_components)
+from cmda_data import (
+    CMDAError,
+    DeviceError,
+    GaussianMixture,
+    MixOptions,
+    ValidationError,
+    make_plan,
+    select_n_components,
+)
 from cmda_data.cli import main as cli_main
 from cmda_data.core import functional as Fn
 from cmda_data.core import losses
-from fuzz_harness import examples, expect_cmda_error, no_subprocess, snapshot, assert_untouched
 
 
 # ------------------------------------------------------------------ regressions of issue 14

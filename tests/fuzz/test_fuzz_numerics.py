@@ -15,17 +15,24 @@ import warnings
 import mpmath
 import numpy as np
 import pytest
+import strategies as S
 import torch
+from fuzz_harness import (
+    assert_convex_rows,
+    assert_in_hull,
+    assert_untouched,
+    examples,
+    expect_cmda_error,
+    no_subprocess,
+    snapshot,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
-import strategies as S
 from cmda_data import ConvergenceWarning, GaussianMixture, ValidationError
 from cmda_data.core import functional as Fn
 from cmda_data.core import losses
-from fuzz_harness import (assert_convex_rows, assert_in_hull, assert_untouched, examples, expect_cmda_error,
-                          no_subprocess, snapshot)
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 

@@ -23,18 +23,18 @@ import tarfile
 import tempfile
 
 import pytest
+import strategies as S
 import torch
+from fuzz_harness import expect_cmda_error, no_subprocess
 from hypothesis import given
 from hypothesis import strategies as st
 
-import strategies as S
-from fuzz_harness import expect_cmda_error, no_subprocess
-
 wds = pytest.importorskip("webdataset")
+
+from test_streaming import member_offsets, read_counted  # noqa: E402  (the same shard helpers)
 
 from cmda_data.io.codec import SafeDecoder, encode_field  # noqa: E402
 from cmda_data.io.shards import MANIFEST_SUFFIX, read_shards, write_shards  # noqa: E402
-from test_streaming import member_offsets, read_counted  # noqa: E402  (the same shard helpers)
 
 SCHEMES = ("pipe", "PIPE", "http", "https", "s3", "gs", "hf", "ais", "sftp", "scp", "ftps", "htgs", "ftp", "data")
 
