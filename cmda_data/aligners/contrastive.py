@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core import losses
+from ..core._kernels import autocast_enabled
 from ..core._validation import check_int, check_option, check_positive_float, fail
 from ..exceptions import ShapeError, ValidationError
 from ..io._folders import PathLike, load_folder, save_folder
@@ -65,13 +66,6 @@ def _as_features(modality: str, output: Any) -> torch.Tensor:
     if output.ndim < 2:
         fail(f"encoders[{modality!r}] output", "a [n, features] tensor (batch first)", output, ShapeError)
     return output.flatten(1) if output.ndim > 2 else output
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _linear(in_features: int, out_features: int, generator: torch.Generator) -> nn.Linear:
@@ -174,7 +168,7 @@ class ContrastiveAligner(Aligner):
         features = _as_features(modality, self.encoders[modality](batch))
         if modality not in self.heads:
             dtype = features.dtype
-            if dtype in (torch.float16, torch.bfloat16) and _autocast_enabled(features.device.type):
+            if dtype in (torch.float16, torch.bfloat16) and autocast_enabled(features.device.type):
                 dtype = torch.float32  # autocast computes in low precision; the weights stay float32
             self._build_head(modality, features.shape[1], features.device, dtype)
         expected = self.in_features.get(modality)

@@ -11,9 +11,10 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from ..exceptions import DeviceError, ShapeError
-from ._pages import empty_output
+from ._pages import empty_output, wants_huge_pages
 from ._threads import run_split
 from ._validation import FLOAT_DTYPES, check_finite, check_float_tensor, check_rank, check_tensor_data, describe, fail
 
@@ -364,16 +365,37 @@ def _mix_sparse_cpu(index: torch.Tensor, weights: torch.Tensor, flat: torch.Tens
     return _mix_sparse_blocked(index, weights, flat, columns, check=check)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)`` (torch < 2.4: the per-device functions)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _mix_dense(weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """``weights [n, m] @ flat [m, P]`` in the dtype of ``flat``, half/bfloat16 summed in float32."""
     if flat.dtype in _LOW_PRECISION and flat.device.type != "cpu":
         # CPU kernels accumulate half/bfloat16 products in float32; elsewhere make sure
         return torch.mm(weights.float(), flat.float()).to(flat.dtype)
     weights = weights.to(flat.dtype)
-    if torch.is_grad_enabled() and (flat.requires_grad or weights.requires_grad):
-        return torch.mm(weights, flat)  # (out= does not support autograd)
+    if not _plain_product(weights, flat):
+        return torch.mm(weights, flat)
     return torch.mm(weights, flat, out=empty_output((weights.shape[0], flat.shape[1]), dtype=flat.dtype,
                                                    device=flat.device))
+
+
+def _plain_product(weights: torch.Tensor, flat: torch.Tensor) -> bool:
+    """Whether ``weights @ flat`` may write into a huge-page buffer (``mm(out=)``): a large CPU output
+    (see :mod:`._pages`) that records no gradient (``out=`` supports neither autograd nor forward-mode
+    tangents) and is not under autocast (``out=`` keeps the buffer's dtype)."""
+    if not wants_huge_pages(weights.shape[0] * flat.shape[1] * flat.element_size(), flat.device):
+        return False
+    if torch.is_grad_enabled() and (flat.requires_grad or weights.requires_grad):
+        return False
+    if autocast_enabled("cpu"):
+        return False
+    return all(forward_ad.unpack_dual(t).tangent is None for t in (weights, flat))
 
 
 # On CUDA, embedding_bag gathers each output row's k partner rows with scattered loads, while
