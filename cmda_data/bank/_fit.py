@@ -245,15 +245,15 @@ def fit_model(read_rows: Callable[[Optional[torch.Tensor]], torch.Tensor], shape
                 pool = [k for k in scores if not (large_only and k in degenerate)]
                 if m in pool and m == min(pool, key=lambda k: (scores[k], k)):
                     kept[large_only] = model
-        best = min(scores, key=lambda m: (scores[m], m))
+        by_score = lambda m: (scores[m], m)  # noqa: E731 (ties go to the smaller M)
+        own_choice = min(scores, key=by_score)
         allowed = [m for m in scores if m not in degenerate]
-        if allowed:
-            best = min(allowed, key=lambda m: (scores[m], m))
+        best = min(allowed, key=by_score) if allowed else own_choice
         gmm = kept[bool(allowed)]
         metadata["criterion"] = criterion
         metadata["n_components_scores"] = {str(m): float(s) for m, s in scores.items()}
         metadata["n_components_degenerate"] = {str(m): rows for m, rows in degenerate.items()}
-        if degenerate and min(scores, key=lambda m: (scores[m], m)) in degenerate:
+        if own_choice in degenerate:
             warn_degenerate(field, criterion, degenerate, need, best if allowed else None)
         n_components = best
         if best == 1 and len(scores) > 1:
