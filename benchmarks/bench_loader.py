@@ -4,8 +4,8 @@ Same dataset, same loader settings (2 worker processes, persistent, shuffled, 40
 a 3x32x32 image, a 384-d text embedding and a label). Two batch sizes:
 
 * **B = 64**: ``default``, ``mixup``, ``cmda``, ``cmda_dense`` (below);
-* **B = 256**: ``default``, ``cmda`` and ``dataset`` (the sample-level entry point, the
-  same default options, collated with ``default_collate``).
+* **B = 256**: ``default``, ``cmda``, ``dataset`` and ``dataset_shuffle`` (the
+  sample-level entry point, the same default options, collated with ``default_collate``).
 
 The loaders of one batch size run interleaved: each *round* runs one epoch of every loader,
 back to back, in an order that rotates from round to round (so a drift of a shared machine,
@@ -28,8 +28,12 @@ Loaders:
   of random unit 128-d embeddings with a GMM of M=2 fitted on the teacher's;
 * ``cmda_dense`` -- the same with ``top_k=None`` (every sample of the batch, dense mixing);
 * ``dataset``    -- ``CrossModalAugmentedDataset(dataset, bank, target="label", num_classes=10)``
-  with the same default options (a pool of 32 random samples per item, ``top_k=8``; each
-  mixed item reads its partners from the wrapped dataset), ``default_collate``.
+  with the same default options (a pool of 32 random samples per item, ``top_k=8``),
+  ``default_collate``, loaded with its ``sampler()`` (the epoch's random order, in which a
+  batch holds its items' partners: each sample is read once);
+* ``dataset_shuffle`` -- the same wrapper loaded with ``shuffle=True`` instead (any other
+  sampler): each mixed item reads its partners from the wrapped dataset, about 4 reads per
+  item (reported, not a target).
 
 Two figures per loader:
 
@@ -37,7 +41,8 @@ Two figures per loader:
   samples/s to its *reference*'s in the same round (paired: the two epochs ran seconds apart);
   the figure is the median of these per-round ratios (with the lower / upper quartile),
   beside the median samples/s of each loader. The reference is ``default`` for every loader
-  except ``dataset``, whose reference is ``cmda`` (the JSON's ``ratio_reference`` says so).
+  except ``dataset`` and ``dataset_shuffle``, whose reference is ``cmda`` (the JSON's
+  ``ratio_reference`` says so).
 * **CPU time per sample** (main process + workers, from ``/proc``): what a CPU-bound loader
   on free cores would deliver; much less sensitive to other jobs on the machine than the
   wall clock. Also reported as the median of per-round paired ratios, same references.
@@ -84,7 +89,7 @@ TARGET = 0.8  # cmda / default at B = 256
 DATASET_TARGET = 0.5  # dataset / cmda at B = 256
 #: each loader's ratios are to this loader's, measured in the same round
 REFERENCE = {"default": "default", "mixup": "default", "cmda": "default", "cmda_dense": "default",
-             "dataset": "cmda"}
+             "dataset": "cmda", "dataset_shuffle": "cmda"}
 
 
 class TensorImages(Dataset):
@@ -177,15 +182,16 @@ def make_loaders(dataset: Dataset, bank: EmbeddingBank, keys: List[str], batch: 
     common = dict(target="label", num_classes=NUM_CLASSES, seed=0)  # default MixOptions otherwise
     out = {}
     for key in keys:
-        source, collate, epochs = IndexedDataset(dataset), default_collate, None
+        source, collate, epochs, sampler = IndexedDataset(dataset), default_collate, None, None
         if key == "mixup":
             collate = MixUpCollate()
         elif key in ("cmda", "cmda_dense"):
             collate = epochs = CMDACollate(bank, **common, **({"top_k": None} if key == "cmda_dense" else {}))
-        elif key == "dataset":
+        elif key in ("dataset", "dataset_shuffle"):
             source = epochs = CrossModalAugmentedDataset(dataset, bank, **common)
-        loader = DataLoader(source, batch_size=batch, shuffle=True, num_workers=WORKERS, persistent_workers=True,
-                            collate_fn=collate, generator=torch.Generator().manual_seed(0))
+            sampler = source.sampler() if key == "dataset" else None
+        loader = DataLoader(source, batch_size=batch, shuffle=sampler is None, sampler=sampler, num_workers=WORKERS,
+                            persistent_workers=True, collate_fn=collate, generator=torch.Generator().manual_seed(0))
         out[key] = (loader, epochs)
     return out
 
@@ -227,9 +233,10 @@ def run_case(dataset: Dataset, bank: EmbeddingBank, keys: List[str], batch: int,
         "cpu_ratio_to_default": {key: v["median"] for key, v in cpu_ratio.items()},
         "cpu_ratio_to_default_quartiles": cpu_ratio,
     }
-    if "dataset" in keys:  # also against default_collate, for scale
-        record["dataset_ratio_to_default_collate"] = statistics.median(
-            a / b for a, b in zip(rates["dataset"], rates["default"]))
+    for key in ("dataset", "dataset_shuffle"):  # also against default_collate, for scale
+        if key in keys:
+            record[f"{key}_ratio_to_default_collate"] = statistics.median(
+                a / b for a, b in zip(rates[key], rates["default"]))
     return record
 
 
@@ -238,7 +245,7 @@ def _print(name: str, batch: int, rounds: int, r: Dict[str, Any]) -> None:
           f"to the reference | CPU us per sample (main + workers), median paired ratio [quartiles]")
     for key, ref in r["ratio_reference"].items():
         w, c = r["ratio_to_default_quartiles"][key], r["cpu_ratio_to_default_quartiles"][key]
-        print(f"  {key:10s} {r['samples_per_s'][key]:8.0f}/s {w['median']:5.2f}x [{w['q1']:.2f}-{w['q3']:.2f}]"
+        print(f"  {key:15s} {r['samples_per_s'][key]:8.0f}/s {w['median']:5.2f}x [{w['q1']:.2f}-{w['q3']:.2f}]"
               f" of {ref:8s} | {r['cpu_us_per_sample'][key]:6.1f} us {c['median']:5.2f}x [{c['q1']:.2f}-{c['q3']:.2f}]")
 
 
@@ -259,7 +266,7 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     bank = make_bank()
-    cases = {64: ["default", "mixup", "cmda", "cmda_dense"], 256: ["default", "cmda", "dataset"]}
+    cases = {64: ["default", "mixup", "cmda", "cmda_dense"], 256: ["default", "cmda", "dataset", "dataset_shuffle"]}
     results: Dict[str, Dict[str, Any]] = {}
     verdicts: Dict[str, Dict[str, Any]] = {}
     dataset_verdicts: Dict[str, Dict[str, Any]] = {}
@@ -289,7 +296,9 @@ def main() -> None:
                    "num_workers": WORKERS, "persistent_workers": True, "image": [3, 32, 32], "text_dim": TEXT_DIM,
                    "latent_dim": LATENT_DIM, "gmm_components": 2, "rounds_measured": rounds,
                    "cmda": {"p": 0.5, "top_k": 8, "intra": "soft", "pool_size": 32, "note": "MixOptions() defaults"},
-                   "cmda_dense": {"top_k": None}, "ratio_reference": REFERENCE},
+                   "cmda_dense": {"top_k": None},
+                   "dataset": {"sampler": "CrossModalAugmentedDataset.sampler()", "shuffle": False},
+                   "dataset_shuffle": {"sampler": None, "shuffle": True}, "ratio_reference": REFERENCE},
         "results": results,
         "targets": targets,
         "target": targets["cmda"],  # (the collate's target, as the report reads it)

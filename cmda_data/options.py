@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 
 from .core._seeding import get_rank
 from .core._validation import (
+    check_bool,
     check_int,
     check_label_smoothing,
     check_option,
@@ -40,12 +41,6 @@ from .core.functional import INTRA_MODES, NORMALIZATIONS, SIMILARITIES
 __all__ = ["MixOptions"]
 
 
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        fail(name, "True or False", value)
-    return value
-
-
 #: field -> its check, returning the normalised value (each knob is checked here only)
 _CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "p": lambda name, v: float(check_probability(name, v)),
@@ -55,12 +50,12 @@ _CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "normalize": lambda name, v: check_option(name, v, NORMALIZATIONS),
     "temperature": check_temperature,
     "self_weight": lambda name, v: check_positive_float(name, v, allow_zero=True, allow_none=True),
-    "exclude_self": _check_bool,
-    "renormalize": _check_bool,
+    "exclude_self": check_bool,
+    "renormalize": check_bool,
     "label_smoothing": check_label_smoothing,
     "seed": lambda name, v: check_int(name, v),
     "rank": lambda name, v: check_int(name, v, minimum=0, allow_none=True),
-    "keep_real": _check_bool,
+    "keep_real": check_bool,
     "pool_size": lambda name, v: check_int(name, v, minimum=1),
 }
 
@@ -88,8 +83,9 @@ class MixOptions:
             itself, unmixed).
         renormalize: rows of the final weights sum to 1 (False keeps Alg. 1's rows).
         label_smoothing: epsilon of the soft targets, in [0, 1).
-        seed: the seed of the draws (which rows are mixed, which teacher guides a row, a
-            row's candidate pool); every draw is a function of ``(seed, epoch, rank, index)``.
+        seed: the seed of the draws (which rows are mixed, which teacher guides a row: a
+            function of ``(seed, epoch, rank, index)``; the dataset's candidate pools: of
+            ``(seed, epoch, index)``).
         rank: the distributed rank, part of the seed. None: the rank of the initialised
             torch.distributed process group (0 without one), read when an entry point is made.
         keep_real: keep every real sample and add the generated ones (the per-batch entry
@@ -97,7 +93,8 @@ class MixOptions:
             ``2N`` items: the ``N`` originals, then ``N`` generated ones). False: generated
             rows replace their originals.
         pool_size: candidates per generated sample for the per-sample entry points: the
-            dataset draws ``pool_size`` dataset indices per item, the stream buffer keeps
+            dataset's pool of an item is its block of ``pool_size`` samples in the epoch's
+            random order (see ``CrossModalAugmentedDataset.sampler``), the stream buffer keeps
             ``pool_size`` recent samples. The per-batch entry points use the batch.
     """
 

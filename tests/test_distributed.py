@@ -99,6 +99,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         results["default.collate.mixed"] = default["mix_info"]["mixed"]
         module = CMDAugment(bank=bank, target="label", num_classes=NUM_CLASSES, p=0.5, intra="soft", seed=7)
         results["default.augment.mixed"] = module(default_collate(batch))[1].mixed
+        aug = _augmented(bank, data, None)  # its sampler: the group's world size and rank, one shared order
+        aug.set_epoch(3)
+        results["sampler.share"] = torch.tensor(list(aug.sampler()))
+        results["sampler.order"] = aug.order()
         for r, part in enumerate(all_gather_rows(torch.full((rank + 1, 2), float(rank)))):
             results[f"gather.{r}"] = part
         copy = broadcast_bank(bank if rank == 0 else None)
@@ -185,6 +189,17 @@ def test_draws_differ_between_ranks_and_reproduce_per_rank(ranks, reference):
         for key, value in again.items():
             torch.testing.assert_close(r[key], value, rtol=0, atol=1e-6)
         assert torch.equal(r["gen"], torch.rand(4, generator=rank_generator(7, epoch=1, rank=rank)))
+
+
+def test_dataset_sampler_gives_each_rank_its_share_of_one_order(ranks, reference):
+    results, _ = ranks
+    order = results[0]["sampler.order"]
+    assert torch.equal(order, results[1]["sampler.order"])  # (seed, epoch) only: one order for every rank
+    expected = _augmented(reference, make_data(), 0)
+    expected.set_epoch(3)
+    assert torch.equal(order, expected.order())
+    shares = [r["sampler.share"].tolist() for r in results]
+    assert shares == [order[:6].tolist(), order[6:].tolist() + order[:1].tolist()]  # 11 items: 6 + 6, topped up
 
 
 def test_all_gather_rows_with_uneven_counts(ranks):

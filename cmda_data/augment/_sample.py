@@ -7,9 +7,10 @@ stream samples, one sample at a time): the plans of the rows come from ONE call 
 weight are read (each once per call), and the student field and the target are mixed with
 the plans' weights.
 
-Every computation is row by row (the plan's weights, then sums over each row's partners
-taken slot by slot, element-wise), so a row's values do not depend on the other rows of the
-call: a batch gives exactly the samples that the rows give one at a time.
+Every computation is row by row (the plan's weights, then each row's weighted sum of its
+partners by the collate's sparse-mix kernel, which sums every row on its own), so a row's
+values do not depend on the other rows of the call: a batch gives exactly the samples that
+the rows give one at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from ..bank._plan import bank_plan
 from ..core._fields import as_student, as_target, get_field, replace_fields
-from ..core._kernels import _normalize_rows, _targets_as_probabilities
+from ..core._kernels import _mix_sparse_cpu, _normalize_rows, _targets_as_probabilities
 from ..core._validation import fail
 from ..exceptions import FieldError
 from ._batch import name_nonfinite_row
@@ -33,23 +34,16 @@ __all__ = ["mix_sample", "mix_samples"]
 _PLAN_ELEMENTS = 1 << 22
 
 
-def _weighted_sum(weights: torch.Tensor, column: Callable[[int], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``out[r] = sum_t weights[r, t] * column(t)[r]`` in ``dtype``: slot by slot, element-wise, in place.
+def _weighted_sum(weights: torch.Tensor, slots: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[r] = sum_t weights[r, t] * table[slots[r, t]]``: the CPU sparse-mix kernel of the collate.
 
-    ``column(t)``: ``[n, ...]`` the rows' partners in slot ``t`` (used before ``column(t + 1)`` is
-    called, so the columns may share one buffer). Only element-wise products and
-    sums (no matrix product, whose blocking depends on the number of rows): row ``r`` gets the
-    same bits whatever the other rows.
+    ``embedding_bag`` sums each row's bag on its own (the same arithmetic whatever the other
+    rows and however the columns are blocked), so row ``r`` gets the same bits in a batch as
+    alone.
     """
-    w = weights.to(dtype)
-    out = None
-    for t in range(w.shape[1]):
-        value = column(t)
-        value = value.to(dtype) if value.dtype != dtype else value
-        scale = w[:, t].reshape(-1, *([1] * (value.ndim - 1)))
-        out = value * scale if out is None else out.add_(value.mul_(scale) if value.is_contiguous() and
-                                                          value._base is None else value * scale)
-    return out
+    if table.shape[1] == 0:
+        return table.new_zeros(slots.shape[0], 0)
+    return _mix_sparse_cpu(slots, weights.to(table.dtype), table.contiguous())[0]
 
 
 def _first_seen(ids: np.ndarray, live: np.ndarray) -> Tuple[List[int], np.ndarray]:
@@ -165,14 +159,11 @@ def mix_samples(owner: Any, samples: Sequence[Any], indices: Sequence[int], *, m
                         fail(f"field {field!r} of sample {members[t]}", f"shape {tuple(students[r].shape)} like "
                              f"sample {indices[r]} (its mixing partner)", tuple(values[t].shape), FieldError)
         dtype = torch.float64 if values[0].dtype == torch.float64 else torch.float32
-        slot_values = mix_slots.T.tolist()
-        # each slot stacked into one buffer (it is spent after its sum), when the values share its dtype
-        same = all(v.dtype == dtype for v in values)
-        into = torch.empty((len(at_rows), *values[0].shape), dtype=dtype) if same else None
-        out = _weighted_sum(weights[rows], lambda t: torch.stack([values[v] for v in slot_values[t]], out=into), dtype)
+        table = torch.stack([v.reshape(-1) if v.dtype == dtype else v.reshape(-1).to(dtype) for v in values])
+        out = _weighted_sum(weights[rows], torch.from_numpy(mix_slots), table)
         if not math.isfinite(float(out.sum())):  # a partner with NaN or inf (or an overflow: then no error)
-            name_nonfinite_row(torch.stack(values), torch.tensor(members), field)
-        for r, value in zip(at_rows, out.to(values[0].dtype).unbind(0)):
+            name_nonfinite_row(table, torch.tensor(members), field)
+        for r, value in zip(at_rows, out.to(values[0].dtype).view(len(at_rows), *values[0].shape).unbind(0)):
             out_students[r] = value
     if target is not None:
         targets = _class_indices([_field(known[j], target, j) for j in used], target, used, owner.num_classes)
@@ -181,7 +172,7 @@ def mix_samples(owner: Any, samples: Sequence[Any], indices: Sequence[int], *, m
         probs = _targets_as_probabilities(targets, owner.num_classes, owner.label_smoothing)
         dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
         at_slots = torch.from_numpy(slots)
-        soft = _weighted_sum(_normalize_rows(weights.to(dtype)), lambda t: probs.index_select(0, at_slots[:, t]), dtype)
+        soft = _weighted_sum(_normalize_rows(weights.to(dtype)), at_slots, probs.to(dtype))
         soft_rows = _normalize_rows(soft).float().unbind(0)
     else:
         soft_rows = [None] * n

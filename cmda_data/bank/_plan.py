@@ -110,14 +110,16 @@ def bank_plan(bank: Any, rows: torch.Tensor, pool: torch.Tensor, spec: Any, epoc
     if spec.intra is not None:
         resp_rows = _responsibilities(bank, row_pos, "resp_rows")
         resp_cols = None if square else _responsibilities(bank, pool_pos, "resp_cols")
-    student = tables[spec.student].index_select(0, pool_pos)
-    if per_row:  # [n, m, d] latents and [n, m, M] responsibilities: row r's own candidates
-        student = student.view(*pool.shape, student.shape[1])
+    pool_index = None
+    if per_row:  # [n, m, M] responsibilities; the latents: each distinct candidate once, pools as positions
         resp_cols = None if resp_cols is None else resp_cols.view(*pool.shape, resp_cols.shape[1])
+        pool_pos, pool_index = torch.unique(pool_pos, return_inverse=True)
+        pool_index = pool_index.view(pool.shape)
+    student = tables[spec.student].index_select(0, pool_pos)
     return build_plan([tables[t].index_select(0, row_pos) for t in spec.teachers],
                       student, mixed=mixed.to(device),
                       teacher_choice=teacher_choice.to(device), resp_rows=resp_rows, resp_cols=resp_cols,
                       teacher_index=teacher_index, teacher=tuple(spec.teachers), similarity=spec.similarity,
                       normalize=spec.normalize, temperature=spec.temperature, self_weight=spec.self_weight,
                       intra=spec.intra, top_k=spec.top_k, exclude_self=spec.exclude_self,
-                      renormalize=spec.renormalize, validate=False)
+                      renormalize=spec.renormalize, validate=False, pool_index=pool_index)

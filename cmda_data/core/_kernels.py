@@ -42,12 +42,6 @@ def _check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tenso
         fail(name_b, f"a tensor on {a.device} like {name_a}", b, DeviceError)
 
 
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        fail(name, "True or False", value)
-    return value
-
-
 def _check_matrix(name: str, value: object, *, nonnegative: bool = True) -> torch.Tensor:
     """A finite, 2-D floating-point tensor (non-negative unless told otherwise)."""
     _check_float(name, value)

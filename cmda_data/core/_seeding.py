@@ -1,8 +1,9 @@
 """Deterministic per-row random streams (private).
 
-Every random draw of the entry points (is a row mixed, which teacher guides it, which
-candidates form its pool) comes from a :class:`torch.Generator` that depends on
-``(seed, epoch, rank, dataset index)`` only. The integers are mixed with splitmix64, a
+Every random draw of the entry points (is a row mixed, which teacher guides it) is a
+counter-based function of ``(seed, epoch, rank, dataset index)`` only; the dataset's
+candidate pools come from the epoch order (:func:`epoch_order`, a keyed permutation of the
+dataset that depends on ``(seed, epoch)``). The integers are mixed with splitmix64, a
 fixed 64-bit hash (never Python's salted ``hash()``), so a row gets the same draws in the
 main process and in any DataLoader worker, whatever ``num_workers`` or
 ``persistent_workers`` are.
@@ -25,8 +26,8 @@ import torch.distributed as dist
 
 from ._validation import check_int, check_probability, fail
 
-__all__ = ["SharedEpoch", "SharedProbability", "draw_pools", "draw_row", "draw_rows", "get_rank", "get_world_size",
-           "hash_ints", "is_distributed", "row_generator", "splitmix64"]
+__all__ = ["SharedEpoch", "SharedProbability", "draw_pools", "draw_row", "draw_rows", "epoch_order", "get_rank", "get_world_size",
+           "hash_ints", "is_distributed", "pool_block", "row_generator", "splitmix64"]
 
 _MASK = (1 << 64) - 1
 
@@ -117,69 +118,91 @@ def _row_keys(indices: Iterable[int], seed: int, epoch: int, rank: int) -> np.nd
     return _splitmix64(prefix ^ index.astype(np.uint64))
 
 
-#: the pool's draws are outputs 2, 3, ... of the row key (0 and 1 are draw_rows' mixed and teacher)
-_POOL_COUNTER = 2
+#: the epoch order (:func:`epoch_order`) has its own stream; 6 Feistel rounds
+_STREAM_ORDER = 0x5EED_0002
+_FEISTEL_ROUNDS = 6
 
 
-def _distinct(keys: np.ndarray, need: int, others: int) -> np.ndarray:
-    """``[n, need]`` distinct integers in ``[0, others)`` per row: a uniform random subset (unsorted).
+def _feistel(x: np.ndarray, keys: np.ndarray, half: int, inverse: bool) -> np.ndarray:
+    """A keyed bijection of ``[0, 4**half)`` (balanced Feistel network, splitmix64 rounds), element-wise."""
+    shift, mask = np.uint64(half), np.uint64((1 << half) - 1)
+    left, right = x >> shift, x & mask
+    if inverse:
+        for key in keys[::-1]:
+            left, right = right ^ (_splitmix64(key ^ left) & mask), left
+    else:
+        for key in keys:
+            left, right = right, left ^ (_splitmix64(key ^ right) & mask)
+    return (left << shift) | right
 
-    Row ``r`` uses outputs ``2, 3, ...`` of its key only, so its subset does not depend on the
-    other rows. Dense (``4 * need >= others``): the ``need`` smallest of ``others`` uniforms.
-    Sparse: uniform draws, a repeated value is drawn again from the row's next outputs until
-    the row holds ``need`` distinct values (the first ``need`` distinct values of the row's
-    stream of draws: a uniform subset).
+
+def epoch_order(values: Iterable[int], *, n: int, seed: int, epoch: int, inverse: bool = False) -> np.ndarray:
+    """The epoch's random order of ``[0, n)``: dataset index -> position (``inverse``: position -> index).
+
+    A pseudo-random permutation that depends on ``(seed, epoch)`` only and is computed for
+    any values without storing it (a Feistel network over ``[0, 4**h) >= n`` keyed by the
+    seed and the epoch, walked until it lands in ``[0, n)``): the same in every process, O(1)
+    memory for any ``n``. Not a function of the rank, so every rank sees one order.
+
+    Examples:
+        >>> order = epoch_order(range(10), n=10, seed=0, epoch=0)
+        >>> sorted(order.tolist()) == list(range(10))
+        True
+        >>> epoch_order(order, n=10, seed=0, epoch=0, inverse=True).tolist() == list(range(10))
+        True
     """
-    n = len(keys)
-    if 4 * need >= others:
-        u = _uniforms(keys[:, None], _POOL_COUNTER + np.arange(others)[None, :])
-        return np.argsort(u, axis=1, kind="stable")[:, :need]
-    values = np.zeros((n, need), dtype=np.int64)
-    holes = np.ones((n, need), dtype=bool)
-    used = np.full(n, _POOL_COUNTER, dtype=np.int64)  # the next output of each row's stream
-    while True:
-        rows, cols = np.nonzero(holes)  # row-major: each row's holes in order
-        if not len(rows):
-            return values
-        count = holes.sum(1)
-        rank = np.arange(len(rows)) - (np.cumsum(count) - count)[rows]
-        u = _uniforms(keys[rows], used[rows] + rank)
-        values[rows, cols] = np.minimum((u * others).astype(np.int64), others - 1)
-        used += count
-        order = np.argsort(values, axis=1, kind="stable")  # a repeated value: its later copies are holes
-        ranked = np.take_along_axis(values, order, 1)
-        holes = np.zeros_like(holes)
-        np.put_along_axis(holes, order[:, 1:], ranked[:, 1:] == ranked[:, :-1], 1)
+    x = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.int64).reshape(-1)
+    if n <= 1:
+        return x.copy()
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    keys = _splitmix64(np.uint64(hash_ints(_STREAM_ORDER, seed, epoch)) ^ np.arange(_FEISTEL_ROUNDS, dtype=np.uint64))
+    y = _feistel(x.astype(np.uint64), keys, half, inverse)
+    walk = np.nonzero(y >= np.uint64(n))[0]
+    while len(walk):  # cycle walking: apply again until inside [0, n) (a bijection of [0, n) results)
+        y[walk] = _feistel(y[walk], keys, half, inverse)
+        walk = walk[y[walk] >= np.uint64(n)]
+    return y.astype(np.int64)
 
 
-def draw_pools(indices: Iterable[int], *, seed: int, epoch: int, rank: int, n: int, size: int,
+def pool_block(size: int, include_self: bool) -> int:
+    """Samples per block of the epoch order: a pool of ``size`` plus the row itself when it is left out."""
+    return size + (0 if include_self else 1)
+
+
+def draw_pools(indices: Iterable[int], *, seed: int, epoch: int, n: int, size: int,
                include_self: bool) -> torch.Tensor:
     """``[len(indices), size]`` sorted candidate pools of dataset indices in ``[0, n)``.
 
-    Row ``r``'s pool holds its own index when ``include_self``, and a uniform random subset of
-    the other ``n - 1`` indices (all of them when ``size`` asks for that many), drawn from the
-    row's key (:func:`draw_rows`' key, after its two draws): a function of
-    ``(seed, epoch, rank, index)`` only, vectorised over rows.
+    The epoch order (:func:`epoch_order`) is cut into consecutive blocks of
+    ``s = size`` positions (``size + 1`` when not ``include_self``; the last block is the
+    final ``s`` positions, so every block is full). Row ``r``'s pool is the block holding its
+    own index, without that index unless ``include_self``: its own index and a uniform random
+    subset of the other ``n - 1`` indices, a function of ``(seed, epoch, index)`` only,
+    vectorised over rows. Rows of one block share their candidates: reading the items in the
+    epoch order (:meth:`~cmda_data.CrossModalAugmentedDataset.sampler`) finds every partner
+    in the same batch.
 
     Examples:
-        >>> pools = draw_pools([3, 8], seed=0, epoch=0, rank=0, n=10, size=4, include_self=True)
+        >>> pools = draw_pools([3, 8], seed=0, epoch=0, n=10, size=4, include_self=True)
         >>> pools.shape, bool((pools == torch.tensor([[3], [8]])).any(1).all())
         (torch.Size([2, 4]), True)
-        >>> torch.equal(pools[1:], draw_pools([8], seed=0, epoch=0, rank=0, n=10, size=4, include_self=True))
+        >>> torch.equal(pools[1:], draw_pools([8], seed=0, epoch=0, n=10, size=4, include_self=True))
         True
     """
     index = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), dtype=np.int64).reshape(-1)
-    need, others = size - (1 if include_self else 0), n - 1
-    if not 0 <= need <= others:
-        fail("size", f"a pool of at most {others + int(include_self)} indices", size)
-    if need == others:
-        chosen = np.broadcast_to(np.arange(others), (len(index), others))
+    block = pool_block(size, include_self)
+    if size < 1 or block > n:
+        fail("size", f"a pool of at most {n - (0 if include_self else 1)} indices", size)
+    if block == n:  # the whole dataset
+        members = np.broadcast_to(np.arange(n), (len(index), n))
     else:
-        chosen = _distinct(_row_keys(index, seed, epoch, rank), need, others)
-    chosen = chosen + (chosen >= index[:, None])  # skip the row's own index
-    if include_self:
-        chosen = np.concatenate([chosen, index[:, None]], axis=1)
-    return torch.from_numpy(np.sort(chosen, axis=1))
+        position = epoch_order(index, n=n, seed=seed, epoch=epoch)
+        start = np.minimum(position // block * block, n - block)
+        members = epoch_order((start[:, None] + np.arange(block)).reshape(-1), n=n, seed=seed, epoch=epoch,
+                              inverse=True).reshape(len(index), block)
+    if not include_self:  # each row holds its own index exactly once: drop it
+        members = members[members != index[:, None]].reshape(len(index), block - 1)
+    return torch.from_numpy(np.sort(members, axis=1))
 
 
 def _decide(u: np.ndarray, p: float, n_teachers: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ import torch
 from ..exceptions import CMDAError, DeviceError, FieldError, ShapeError, ValidationError
 
 __all__ = [
+    "check_bool",
     "check_finite",
     "check_float_tensor",
     "check_int",
@@ -70,6 +71,13 @@ def check_option(name: str, value: Any, options: Iterable[Any]) -> Any:
     options = tuple(options)
     if value not in options:
         fail(name, "one of " + ", ".join(repr(o) for o in options), value)
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is True or False (not 0/1, not a tensor)."""
+    if not isinstance(value, bool):
+        fail(name, "True or False", value)
     return value
 
 

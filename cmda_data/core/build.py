@@ -134,7 +134,8 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, *, mi
                teacher: Tuple[str, ...] = (), similarity: str = "abs_cosine", normalize: str = "row",
                temperature: Optional[float] = None, self_weight: Optional[float] = None,
                intra: Optional[str] = "soft", top_k: Optional[int] = None, exclude_self: bool = False,
-               renormalize: bool = True, validate: bool = True) -> MixPlan:
+               renormalize: bool = True, validate: bool = True,
+               pool_index: Optional[torch.Tensor] = None) -> MixPlan:
     """The one builder of plans: Eq. 10/11 weights of ``n`` rows over ``m`` candidates, and the draws.
 
     :func:`make_plan` and every entry point come here. Row ``r`` is guided by teacher
@@ -172,9 +173,14 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, *, mi
         renormalize: see :func:`functional.dca_weights`.
         validate: check every input (one read-back for all value checks). False only for
             inputs the library built and checked itself (a bank's rows, its own draws).
+        pool_index: ``[n, m]`` positions into ``student_z`` ``[u, d]``: one pool per row given as
+            ``student_z[pool_index]`` without building it (pools that share candidates: each
+            distinct latent is normalised once; the same values).
     """
     n = int(teacher_z[0].shape[0]) if len(teacher_z) else 0
     diagonal: Optional[bool] = None
+    if pool_index is not None and validate:  # checked as the [n, m, d] pools it stands for
+        student_z, pool_index = student_z[pool_index], None
     if validate:
         if not isinstance(teacher_z, (list, tuple)) or not teacher_z:
             fail("teacher_z", "one or more [n, d] teacher latents", teacher_z)
@@ -196,7 +202,8 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, *, mi
         mixed = _check_mixed(mixed, n, student_z.device)
     elif teacher_index is not None:
         arange = torch.arange(n, device=teacher_index.device)
-        diagonal = student_z.ndim == 2 and n <= student_z.shape[0] and bool(torch.equal(teacher_index, arange))
+        diagonal = (pool_index is None and student_z.ndim == 2 and n <= student_z.shape[0]
+                    and bool(torch.equal(teacher_index, arange)))
     device = student_z.device
     if teacher_choice is None:
         teacher_choice = torch.zeros(n, dtype=torch.long, device=device)
@@ -215,7 +222,7 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, *, mi
         intra_w = Fn._intra_modal_weights(resp_rows, resp_cols, intra).float()
     inter = Fn._inter_modal_weights(rows_z, student_z, similarity, normalize,
                                     None if temperature is None else float(temperature),
-                                    None if self_weight is None else float(self_weight), own).float()
+                                    None if self_weight is None else float(self_weight), own, pool_index).float()
     dense, kept = Fn._dca_weights_and_index(inter, intra_w, top_k, exclude_self, renormalize, own)
     return _layout(dense.float(), top_k=top_k, mixed=mixed, teacher_index=teacher_index, teacher=tuple(teacher),
                    teacher_choice=choice, inter=inter, intra=intra_w, diagonal=bool(diagonal), candidates=kept)

@@ -38,7 +38,6 @@ import torch
 from ..exceptions import ShapeError
 from . import _kernels, _numerics
 from ._kernels import (  # noqa: F401 - private helpers (some used only by the tests)
-    _check_bool,
     _check_float,
     _check_index,
     _check_latents,
@@ -59,6 +58,7 @@ from ._kernels import (  # noqa: F401 - private helpers (some used only by the t
     _unit_rows,
 )
 from ._validation import (
+    check_bool,
     check_finite,
     check_float_tensor,
     check_int,
@@ -71,14 +71,7 @@ from ._validation import (
     fail,
 )
 
-__all__ = [
-    "dca_weights",
-    "inter_modal_weights",
-    "intra_modal_weights",
-    "mix",
-    "mix_targets",
-    "topk_sparse",
-]
+__all__ = ["dca_weights", "inter_modal_weights", "intra_modal_weights", "mix", "mix_targets", "topk_sparse"]
 
 SIMILARITIES = ("abs_cosine", "cosine")
 NORMALIZATIONS = ("row", "legacy_broadcast", "none")
@@ -164,18 +157,21 @@ def _set_own_entries(matrix: torch.Tensor, own: Optional[torch.Tensor], values: 
 
 def _inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, similarity: str, normalize: str,
                          temperature: Optional[float], self_weight: Optional[float],
-                         own: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         own: Optional[torch.Tensor] = None, pools: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`inter_modal_weights` without argument checks (trusted, already checked inputs).
 
     ``own``: ``[n]`` column of each row's own sample (None: column ``r``, the diagonal).
     ``student_z`` ``[n, m, d]``: one pool per row (row ``r`` against ``student_z[r]``; ``"legacy_broadcast"``
     then divides by the row's sum, like ``"row"``); its values do not depend on the other rows.
+    ``pools`` ``[n, m]``: the pools as positions into ``student_z`` ``[u, d]`` (``student_z[pools]``).
     """
     dtype = _compute_dtype(teacher_z, student_z)
     teacher = _unit_rows(teacher_z, dtype)
-    if student_z.ndim == 3:  # products summed along d (a batched matmul's bits change with n)
-        n, m, d = student_z.shape
-        scores = (_unit_rows(student_z.reshape(n * m, d), dtype).view(n, m, d) * teacher[:, None, :]).sum(2)
+    per_row = pools is not None or student_z.ndim == 3
+    if per_row:  # products summed along d (a batched matmul's bits change with n); unit rows: row by row
+        unit = _unit_rows(student_z.reshape(-1, student_z.shape[-1]), dtype)
+        unit, shape = (unit, student_z.shape[:2]) if pools is None else (unit[pools.reshape(-1)], pools.shape)
+        scores = (unit.view(*shape, -1) * teacher[:, None, :]).sum(2)
     else:
         scores = teacher @ _unit_rows(student_z, dtype).T
     scores = scores.abs() if similarity == "abs_cosine" else scores.clamp_min(0)
@@ -194,7 +190,7 @@ def _inter_modal_weights(teacher_z: torch.Tensor, student_z: torch.Tensor, simil
         if scores.device.type != "cpu" or bool((sums <= torch.finfo(scores.dtype).tiny).any()):
             scores = _uniform_if_empty(scores)
             sums = scores.sum(1)
-        weights = scores / (sums[:, None] if normalize == "row" or student_z.ndim == 3 else sums[None, :])
+        weights = scores / (sums[:, None] if normalize == "row" or per_row else sums[None, :])
     return weights.to(teacher_z.dtype)
 
 
@@ -292,8 +288,8 @@ def dca_weights(inter: torch.Tensor, intra: Optional[torch.Tensor] = None, *,
         if intra.shape != inter.shape:
             fail("intra", f"shape {tuple(inter.shape)} to match inter", intra, ShapeError)
     top_k = check_int("top_k", top_k, minimum=1, allow_none=True)
-    _check_bool("exclude_self", exclude_self)
-    _check_bool("renormalize", renormalize)
+    check_bool("exclude_self", exclude_self)
+    check_bool("renormalize", renormalize)
     n, m = inter.shape
     if m == 0:
         fail("inter", "at least one column (partner)", inter, ShapeError)

@@ -1,0 +1,172 @@
+"""The dataset's epoch order, its block pools and PoolOrderSampler (one read per item).
+
+References: scipy's chi-square test for the uniformity of the order and of the pools; the
+wrapper's own one-item-at-a-time path for the values loaded through the sampler; a counting
+dataset behind a real 2-worker DataLoader for the reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _entry_data import NUM_CLASSES, CountingDataset, PairedDataset, make_bank
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+from torch.utils.data import DataLoader
+
+from cmda_data import MixOptions
+from cmda_data.augment.dataset import CrossModalAugmentedDataset, PoolOrderSampler
+from cmda_data.core._seeding import draw_pools, epoch_order
+from cmda_data.exceptions import CMDAError
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def data():
+    return PairedDataset(N)
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return make_bank(N)
+
+
+# -- the epoch order ---------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3000), seed=st.integers(-2**63, 2**63 - 1), epoch=st.integers(0, 10**6))
+def test_epoch_order_is_a_permutation_and_inverse_undoes_it(n, seed, epoch):
+    position = epoch_order(np.arange(n), n=n, seed=seed, epoch=epoch)
+    assert np.array_equal(np.sort(position), np.arange(n))
+    assert np.array_equal(epoch_order(position, n=n, seed=seed, epoch=epoch, inverse=True), np.arange(n))
+    some = np.arange(n)[::7]  # asked in any order and any number: the same values
+    assert np.array_equal(epoch_order(some[::-1], n=n, seed=seed, epoch=epoch), position[some[::-1]])
+
+
+def test_epoch_order_changes_with_seed_and_epoch_only():
+    base = epoch_order(np.arange(50), n=50, seed=1, epoch=2)
+    assert np.array_equal(base, epoch_order(np.arange(50), n=50, seed=1, epoch=2))
+    assert not np.array_equal(base, epoch_order(np.arange(50), n=50, seed=1, epoch=3))
+    assert not np.array_equal(base, epoch_order(np.arange(50), n=50, seed=2, epoch=2))
+
+
+@pytest.mark.parametrize("n", [2, 7, 16, 100])
+def test_epoch_order_positions_are_uniform(n):
+    # where index 0 and index n - 1 land, over 300 * n epochs: every position equally often
+    epochs = 300 * n
+    for index in (0, n - 1):
+        seen = [int(epoch_order([index], n=n, seed=5, epoch=e)[0]) for e in range(epochs)]
+        assert chisquare(np.bincount(seen, minlength=n)).pvalue > 1e-4
+
+
+def test_pool_partners_are_uniform_over_the_other_samples():
+    # item 0's pool of 4 (itself included) over 3000 epochs: each other sample is in it 3/11 of the time
+    n, size, epochs = 12, 4, 3000
+    counts = np.zeros(n)
+    for epoch in range(epochs):
+        pool = draw_pools([0], seed=3, epoch=epoch, n=n, size=size, include_self=True)[0].numpy()
+        assert 0 in pool and len(set(pool.tolist())) == size
+        counts[pool] += 1
+    assert counts[0] == epochs
+    assert chisquare(counts[1:]).pvalue > 1e-4
+    assert abs(counts[1:].mean() / epochs - (size - 1) / (n - 1)) < 1e-9
+
+
+@pytest.mark.parametrize("n,size,include_self", [(10, 4, True), (10, 3, False), (9, 9, True), (9, 8, False),
+                                                 (1, 1, True), (33, 32, True), (64, 32, True)])
+def test_pools_are_the_blocks_of_the_epoch_order(n, size, include_self):
+    pools = draw_pools(range(n), seed=0, epoch=4, n=n, size=size, include_self=include_self)
+    order = epoch_order(np.arange(n), n=n, seed=0, epoch=4, inverse=True)
+    block = size + (0 if include_self else 1)
+    for i in range(n):
+        pool = pools[i].tolist()
+        assert pool == sorted(set(pool)) and len(pool) == size and (i in pool) == include_self
+        at = int(np.nonzero(order == i)[0][0])
+        start = min(at // block * block, n - block)
+        assert set(pool) | {i} == set(order[start:start + block].tolist())
+
+
+def test_draw_pools_rejects_a_pool_larger_than_the_data():
+    with pytest.raises(CMDAError, match="size: expected a pool of at most 9 indices"):
+        draw_pools([0], seed=0, epoch=0, n=10, size=10, include_self=False)
+
+
+# -- the dataset and its sampler --------------------------------------------------------------
+def test_pools_do_not_depend_on_the_rank_but_the_draws_do(data, bank):
+    one = CrossModalAugmentedDataset(data, bank, MixOptions(rank=0, pool_size=6))
+    two = CrossModalAugmentedDataset(data, bank, MixOptions(rank=1, pool_size=6))
+    assert all(torch.equal(one.pool(i), two.pool(i)) for i in range(N))
+    assert torch.equal(one.order(), two.order())
+    assert [one[i]["mix_info"]["mixed"].item() for i in range(N)] != [two[i]["mix_info"]["mixed"].item()
+                                                                        for i in range(N)]
+
+
+@pytest.mark.parametrize("keep_real", [False, True])
+def test_sampler_gives_every_item_once_in_the_epoch_order(data, bank, keep_real):
+    aug = CrossModalAugmentedDataset(data, bank, pool_size=6, keep_real=keep_real)
+    sampler = aug.sampler()
+    order = list(sampler)
+    assert sorted(order) == list(range(len(aug))) and len(sampler) == len(aug)
+    if keep_real:  # each block: its real items, then the same items generated
+        blocks = [order[at:at + 12] for at in range(0, len(order), 12)]
+        assert all([i + N for i in b[:6]] == b[6:] for b in blocks)
+        order = [i for b in blocks for i in b[:6]]
+    assert order == aug.order().tolist()
+    for at in range(0, N, 6):  # 24 = 4 whole blocks: each item's pool is its block
+        assert all(set(aug.pool(i).tolist()) == set(order[at:at + 6]) for i in order[at:at + 6])
+    sampler.set_epoch(3)  # the dataset's epoch: its draws and the order
+    assert aug.epoch == 3 and list(sampler) != order[:N] and sorted(sampler) == list(range(len(aug)))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sampler_shares_the_order_between_ranks(data, bank, drop_last):
+    aug = CrossModalAugmentedDataset(data, bank, pool_size=5)
+    shares = [list(aug.sampler(num_replicas=5, rank=r, drop_last=drop_last)) for r in range(5)]
+    assert {len(s) for s in shares} == {4 if drop_last else 5}
+    flat = [i for s in shares for i in s]
+    order = aug.order().tolist()
+    assert flat == (order[:20] if drop_last else order + order[:1])  # consecutive shares, topped up from the start
+
+
+def test_sampler_rejects_bad_arguments(data, bank):
+    aug = CrossModalAugmentedDataset(data, bank)
+    with pytest.raises(CMDAError, match=r"rank: expected an integer in \[0, 2\)"):
+        aug.sampler(num_replicas=2, rank=2)
+    with pytest.raises(CMDAError, match="num_replicas: expected an integer >= 1"):
+        aug.sampler(num_replicas=0)
+    with pytest.raises(CMDAError, match="drop_last: expected True or False"):
+        aug.sampler(drop_last=1)
+    with pytest.raises(CMDAError, match="dataset: expected a CrossModalAugmentedDataset"):
+        PoolOrderSampler(data)
+
+
+def _loaded(aug, **loader):
+    return [b for b in DataLoader(aug, **loader)]
+
+
+def test_sampler_reads_each_sample_once_with_workers_and_gives_the_same_items(data, bank):
+    counting = CountingDataset(data)
+    aug = CrossModalAugmentedDataset(counting, bank, target="label", num_classes=NUM_CLASSES, p=1.0, pool_size=6,
+                                     top_k=3, seed=4)
+    aug.set_epoch(2)
+    batches = _loaded(aug, batch_size=12, sampler=aug.sampler(), num_workers=2)
+    order = aug.order().tolist()
+    assert torch.cat([b["mix_info"]["index"] for b in batches]).tolist() == order
+    assert all(bool(b["mix_info"]["mixed"].all()) for b in batches)
+    for row, i in enumerate(order):  # the same values as the item read alone (bitwise)
+        alone, batch = aug[i], batches[row // 12]
+        assert torch.equal(batch["image"][row % 12], alone["image"])
+        assert torch.equal(batch["label"][row % 12], alone["label"])
+        assert torch.equal(batch["mix_info"]["partners"][row % 12], alone["mix_info"]["partners"])
+    # reads in the worker processes: count them in one process (the workers' copies are not seen here)
+    counting.reads.clear()
+    for at in range(0, N, 12):
+        aug.__getitems__(order[at:at + 12])
+    assert sorted(counting.reads) == list(range(N))  # each sample once
+    counting.reads.clear()
+    shuffled = torch.randperm(N, generator=torch.Generator().manual_seed(0)).tolist()
+    for at in range(0, N, 12):
+        aug.__getitems__(shuffled[at:at + 12])
+    assert len(counting.reads) > N  # another order reads partners from outside the batch
