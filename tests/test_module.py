@@ -269,7 +269,8 @@ def test_set_gmm_refused_in_lookup_mode(data, bank):
 @pytest.mark.parametrize("mode", ["aligner", "lookup"])
 def test_a_batch_needs_few_host_reads(data, bank, mode):
     """Checks are read back together and the library's own plans are not re-checked (it was
-    59 reads per batch in aligner mode before; CPU-only shortcuts account for a few of these)."""
+    59 reads per batch in aligner mode before; CPU-only shortcuts account for a few of these, one of them
+    the top-k of the mixed rows only)."""
     kwargs = dict(target="label", num_classes=NUM_CLASSES, p=0.8, seed=1)
     if mode == "aligner":
         z = latents(N)
@@ -281,7 +282,7 @@ def test_a_batch_needs_few_host_reads(data, bank, mode):
     expected, _ = module(batch)  # warm (first-call work) and the reference output
     with HostReads() as reads:
         out, _ = module(batch)
-    assert reads.count <= 12, reads.count
+    assert reads.count <= 13, reads.count
     torch.testing.assert_close(out["image"], expected["image"], rtol=0, atol=0)
 
 

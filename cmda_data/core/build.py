@@ -15,7 +15,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -223,9 +223,33 @@ def build_plan(teacher_z: Sequence[torch.Tensor], student_z: torch.Tensor, *, mi
     inter = Fn._inter_modal_weights(rows_z, student_z, similarity, normalize,
                                     None if temperature is None else float(temperature),
                                     None if self_weight is None else float(self_weight), own, pool_index).float()
-    dense, kept = Fn._dca_weights_and_index(inter, intra_w, top_k, exclude_self, renormalize, own)
+    dense, kept = _final_weights(inter, intra_w, top_k, exclude_self, renormalize, own, mixed)
     return _layout(dense.float(), top_k=top_k, mixed=mixed, teacher_index=teacher_index, teacher=tuple(teacher),
                    teacher_choice=choice, inter=inter, intra=intra_w, diagonal=bool(diagonal), candidates=kept)
+
+
+def _final_weights(inter: torch.Tensor, intra: Optional[torch.Tensor], top_k: Optional[int], exclude_self: bool,
+                   renormalize: bool, own: Optional[torch.Tensor], mixed: torch.Tensor) -> Tuple[torch.Tensor, Any]:
+    """:func:`functional._dca_weights_and_index` of the rows; with ``top_k`` on the CPU, of the mixed rows only.
+
+    A row that is not mixed copies its own sample, so its top-k is never used: those rows of
+    the result are 0 and their ``kept`` columns 0 (:func:`_layout` ignores both). Each row's
+    values are its own (row-wise operations), the same as over all rows.
+    """
+    n = inter.shape[0]
+    if top_k is None or inter.device.type != "cpu" or top_k >= inter.shape[1] or bool(mixed.all()) or n == 0:
+        return Fn._dca_weights_and_index(inter, intra, top_k, exclude_self, renormalize, own)
+    rows = mixed.nonzero().reshape(-1)
+    dense = inter.new_zeros(inter.shape)
+    kept = torch.zeros(n, top_k, dtype=torch.long)
+    if len(rows):
+        own_rows = rows if own is None else own.index_select(0, rows)
+        part, part_kept = Fn._dca_weights_and_index(inter.index_select(0, rows),
+                                                    None if intra is None else intra.index_select(0, rows),
+                                                    top_k, exclude_self, renormalize, own_rows)
+        dense.index_copy_(0, rows, part.to(dense.dtype))
+        kept.index_copy_(0, rows, part_kept)
+    return dense, kept
 
 
 def make_plan(teacher_z: Union[torch.Tensor, Mapping[str, torch.Tensor]], student_z: torch.Tensor, *,

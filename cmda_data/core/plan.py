@@ -389,8 +389,9 @@ def _layout(values: torch.Tensor, *, top_k: Optional[int], mixed: torch.Tensor,
         if candidates is not None and candidates.shape == (n, min(top_k, m)):
             kept = values.gather(1, candidates)
             # positive and strictly decreasing: these are the row's top-k in topk's order (every other entry is
-            # 0, no tie to break), so the second top-k over the [n, m] row is skipped; else it decides
-            if bool(((kept[:, :-1] > kept[:, 1:]).all(1) & (kept[:, -1] > 0)).all()):
+            # 0, no tie to break), so the second top-k over the [n, m] row is skipped; else it decides (rows
+            # that are not mixed become the identity below: their values do not matter)
+            if bool((((kept[:, :-1] > kept[:, 1:]).all(1) & (kept[:, -1] > 0)) | ~mixed.to(device)).all()):
                 values, index = kept, candidates
         if index is None:
             values, index = values.topk(min(top_k, m), dim=1)
