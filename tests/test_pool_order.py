@@ -170,3 +170,20 @@ def test_sampler_reads_each_sample_once_with_workers_and_gives_the_same_items(da
     for at in range(0, N, 12):
         aug.__getitems__(shuffled[at:at + 12])
     assert len(counting.reads) > N  # another order reads partners from outside the batch
+
+
+@pytest.mark.parametrize("keep_real", [False, True])
+def test_sampler_computes_its_sequence_in_chunks_without_changing_it(data, bank, keep_real, monkeypatch):
+    import cmda_data.augment.dataset as module
+
+    aug = CrossModalAugmentedDataset(data, bank, pool_size=5, keep_real=keep_real)  # 24 = 4 blocks of 5 + 4
+    whole = [list(aug.sampler(num_replicas=5, rank=r)) for r in range(5)]
+    monkeypatch.setattr(module, "_SAMPLER_CHUNK", 3)
+    assert [list(aug.sampler(num_replicas=5, rank=r)) for r in range(5)] == whole
+    flat = [i for share in whole for i in share]
+    order = aug.order().tolist()
+    if keep_real:  # blocks of the order (the last one short), each followed by its generated twin
+        expected = [i for at in range(0, N, 5) for i in order[at:at + 5] + [j + N for j in order[at:at + 5]]]
+    else:
+        expected = order
+    assert flat == (expected * 2)[:len(flat)]

@@ -231,6 +231,10 @@ class CrossModalAugmentedDataset(MixingBase, Dataset):
                            width=self.k, pools=pools, fetch=self.dataset.__getitem__)
 
 
+#: positions of the sampler's sequence computed at a time
+_SAMPLER_CHUNK = 1 << 16
+
+
 class PoolOrderSampler(Sampler):
     """The items of a :class:`CrossModalAugmentedDataset` in its epoch order: pools stay together.
 
@@ -275,12 +279,23 @@ class PoolOrderSampler(Sampler):
         """Set the dataset's epoch (its draws and this order), also in its worker processes."""
         self.dataset.set_epoch(epoch)
 
+    def items_at(self, at: np.ndarray) -> np.ndarray:
+        """The items at positions ``at`` of this epoch's sequence (all ranks' shares, in order)."""
+        aug = self.dataset
+        n, spec = len(aug.dataset), aug.spec
+        if not aug.options.keep_real:
+            return epoch_order(at, n=n, seed=spec.seed, epoch=aug.epoch, inverse=True)
+        block = aug._block  # the sequence: each block of the order, then the same block generated (+ n)
+        start = at // (2 * block) * block
+        offset = at - 2 * start
+        length = np.minimum(block, n - start)
+        generated = offset >= length
+        items = epoch_order(start + offset - generated * length, n=n, seed=spec.seed, epoch=aug.epoch, inverse=True)
+        return items + generated * n
+
     def __iter__(self) -> Iterator[int]:
-        order = self.dataset.order()
-        if self.dataset.options.keep_real:  # per block: its real items, then its generated ones
-            n, block = len(order), self.dataset._block
-            order = torch.cat([torch.cat([part, part + n]) for part in order.split(block)])
-        share = len(self)
-        if share * self.num_replicas > len(order):  # top up from the start (DistributedSampler's padding)
-            order = torch.cat([order] * -(-share * self.num_replicas // len(order)))
-        yield from order[self.rank * share:(self.rank + 1) * share].tolist()
+        total, share = len(self.dataset), len(self)
+        first = self.rank * share
+        for at in range(first, first + share, _SAMPLER_CHUNK):  # (O(chunk) memory for any dataset size)
+            positions = np.arange(at, min(at + _SAMPLER_CHUNK, first + share)) % total  # (% : the top-up)
+            yield from self.items_at(positions).tolist()
