@@ -93,8 +93,9 @@ class MixOptions:
             ``2N`` items: the ``N`` originals, then ``N`` generated ones). False: generated
             rows replace their originals.
         pool_size: candidates per generated sample for the per-sample entry points: the
-            dataset's pool of an item is its block of ``pool_size`` samples in the epoch's
-            random order (see ``CrossModalAugmentedDataset.sampler``), the stream buffer keeps
+            dataset's pool of an item is its block of ``pool_size`` samples (``+ 1`` with
+            ``exclude_self``, the item itself left out) in the epoch's random order (see
+            ``CrossModalAugmentedDataset.sampler``), the stream buffer keeps
             ``pool_size`` recent samples. The per-batch entry points use the batch.
     """
 

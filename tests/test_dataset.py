@@ -459,3 +459,20 @@ def test_pool_is_drawn_from_seed_epoch_and_index(data, bank):
     assert not all(torch.equal(aug.pool(i), CrossModalAugmentedDataset(data, bank, pool_size=6, seed=2).pool(i))
                    for i in range(N))
     assert len(CrossModalAugmentedDataset(data, bank, pool_size=6, exclude_self=True).pool(3)) == 6
+
+
+@pytest.mark.parametrize("odd_dtype", [torch.float64, torch.float16])
+def test_a_row_is_mixed_in_its_own_dtype_whatever_the_other_rows(data, bank, odd_dtype):
+    """One sample in another float dtype: every row is mixed in its own sample's dtype, so a batch
+    gives the items read alone, bit for bit and dtype for dtype."""
+    odd = _Changed(data, 5, "image", data[5]["image"].to(odd_dtype))
+    aug = CrossModalAugmentedDataset(odd, bank, p=1.0, pool_size=N, top_k=4, intra=None)
+    batch = aug.__getitems__(list(range(N)))
+    for i in range(N):
+        alone = aug[i]["image"]
+        assert batch[i]["image"].dtype == alone.dtype == (odd_dtype if i == 5 else torch.float32)
+        assert torch.equal(batch[i]["image"], alone), i
+    row = batch[5]["mix_info"]  # and the value is the convex combination of its partners, in its dtype
+    work = torch.float64 if odd_dtype == torch.float64 else torch.float32
+    expected = sum(w * odd[j]["image"].to(work) for j, w in zip(row["partners"].tolist(), row["weights"].tolist()))
+    torch.testing.assert_close(batch[5]["image"], expected.to(odd_dtype), rtol=1e-3, atol=1e-3)

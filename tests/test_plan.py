@@ -456,6 +456,51 @@ def test_one_pool_per_row_gives_each_rows_own_plan(name, teachers):
             torch.testing.assert_close(alone.dense(m)[0], batch.dense(m)[r], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(SQUARE_CONFIGS))
+def test_pools_given_as_positions_into_shared_candidates_are_the_same_plan(name):
+    """pool_index [n, m] into [u, d] candidates (each distinct latent normalised once) == the built [n, m, d]
+    pools, bit for bit, checked (validate=True) or trusted."""
+    config = {k: v for k, v in SQUARE_CONFIGS[name].items() if k != "p"}
+    gen = torch.Generator().manual_seed(8)
+    n, m, u, d = 6, 5, 9, 4
+    teacher_z = [torch.randn(n, d, generator=gen)]
+    table = torch.randn(u, d, generator=gen) * torch.rand(u, 1, generator=gen) * 50
+    pools = torch.stack([torch.randperm(u, generator=gen)[:m] for _ in range(n)])
+    own = torch.zeros(n, dtype=torch.long)  # the rows' own samples: first in each pool
+    resp_rows = torch.softmax(3 * torch.randn(n, 3, generator=gen), 1)
+    resp_cols = torch.softmax(3 * torch.randn(u, 3, generator=gen), 1)[pools]
+    args = dict(mixed=torch.ones(n, dtype=torch.bool), resp_rows=resp_rows, resp_cols=resp_cols, teacher_index=own,
+                **config)
+    built = build_plan(teacher_z, table[pools], **args)
+    for validate in (True, False):
+        plan = build_plan(teacher_z, table, pool_index=pools, validate=validate, **args)
+        for field in ("index", "weights", "mixed", "teacher_index"):
+            assert torch.equal(getattr(plan, field), getattr(built, field)), (field, validate)
+
+
+@pytest.mark.parametrize("name", ["soft-dense", "hard-topk", "inter-only", "exclude-self", "cosine-temperature",
+                                  "self-weight-no-renorm"])
+def test_rows_that_are_not_mixed_change_no_mixed_row(name):
+    """With top_k on the CPU only the mixed rows' top-k is computed: each mixed row gets the plan it
+    gets when every row is mixed, bit for bit; the others are the identity."""
+    config = {k: v for k, v in SQUARE_CONFIGS[name].items() if k != "p"}
+    config.setdefault("top_k", 3)
+    gen = torch.Generator().manual_seed(11)
+    n, d = 12, 5
+    teacher_z = [torch.randn(n, d, generator=gen)]
+    student_z = torch.randn(n, d, generator=gen)
+    resp = torch.softmax(3 * torch.randn(n, 3, generator=gen), 1)
+    args = dict(resp_rows=resp, teacher_index=torch.arange(n), **config)
+    every = build_plan(teacher_z, student_z, mixed=torch.ones(n, dtype=torch.bool), **args)
+    for mixed in (torch.rand(n, generator=gen) < 0.5, torch.zeros(n, dtype=torch.bool)):
+        some = build_plan(teacher_z, student_z, mixed=mixed, **args)
+        rows = mixed & every.mixed
+        assert torch.equal(some.mixed, rows)
+        assert torch.equal(some.index[rows], every.index[rows]) and torch.equal(some.weights[rows], every.weights[rows])
+        assert torch.equal(some.index[~rows], torch.arange(n)[~rows, None].expand(-1, some.index.shape[1]))
+        assert torch.equal(some.weights[~rows, 0], torch.ones(int((~rows).sum())))
+
+
 def test_one_pool_per_row_shapes_are_checked():
     teacher_z, student_z, resp_rows, resp_cols, own, _ = _per_row_inputs()
     n = student_z.shape[0]

@@ -71,7 +71,33 @@ def test_pool_partners_are_uniform_over_the_other_samples():
         counts[pool] += 1
     assert counts[0] == epochs
     assert chisquare(counts[1:]).pvalue > 1e-4
-    assert abs(counts[1:].mean() / epochs - (size - 1) / (n - 1)) < 1e-9
+
+
+@pytest.mark.parametrize("n,size", [(5, 2), (8, 2), (64, 4)])
+def test_every_row_shares_its_pool_uniformly(n, size):
+    # for every row: how often each other sample is in its pool, over 2000 epochs (a biased order fails here)
+    epochs = 2000
+    together = np.zeros((n, n))
+    for epoch in range(epochs):
+        pools = draw_pools(range(n), seed=9, epoch=epoch, n=n, size=size, include_self=True).numpy()
+        rows = np.repeat(np.arange(n), size)
+        np.add.at(together, (rows, pools.reshape(-1)), 1)
+    for i in range(n):
+        others = np.delete(together[i], i)
+        assert together[i, i] == epochs and chisquare(others).pvalue > 1e-5, i
+
+
+def test_large_orders_use_the_keyed_network(monkeypatch):
+    import cmda_data.core._seeding as seeding
+
+    n = 300_007  # halves of 10 bits (the network serves n > 2**21, halves of 11 bits or more)
+    explicit = epoch_order(np.arange(50), n=n, seed=4, epoch=1)
+    monkeypatch.setattr(seeding, "_EXPLICIT_ORDER_MAX", 0)
+    position = epoch_order(np.arange(n), n=n, seed=4, epoch=1)
+    assert np.array_equal(np.sort(position), np.arange(n)) and not np.array_equal(position[:50], explicit)
+    assert np.array_equal(epoch_order(position, n=n, seed=4, epoch=1, inverse=True), np.arange(n))
+    seen = [int(epoch_order([0], n=n, seed=4, epoch=e)[0]) * 16 // n for e in range(3000)]
+    assert chisquare(np.bincount(seen, minlength=16)).pvalue > 1e-4
 
 
 @pytest.mark.parametrize("n,size,include_self", [(10, 4, True), (10, 3, False), (9, 9, True), (9, 8, False),
@@ -116,8 +142,10 @@ def test_sampler_gives_every_item_once_in_the_epoch_order(data, bank, keep_real)
     assert order == aug.order().tolist()
     for at in range(0, N, 6):  # 24 = 4 whole blocks: each item's pool is its block
         assert all(set(aug.pool(i).tolist()) == set(order[at:at + 6]) for i in order[at:at + 6])
+    before = list(sampler)
     sampler.set_epoch(3)  # the dataset's epoch: its draws and the order
-    assert aug.epoch == 3 and list(sampler) != order[:N] and sorted(sampler) == list(range(len(aug)))
+    assert aug.epoch == 3 and list(sampler) != before and sorted(sampler) == list(range(len(aug)))
+    assert aug.block_size == (12 if keep_real else 6)
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
@@ -187,3 +215,33 @@ def test_sampler_computes_its_sequence_in_chunks_without_changing_it(data, bank,
     else:
         expected = order
     assert flat == (expected * 2)[:len(flat)]
+
+
+@pytest.mark.parametrize("options", [dict(pool_size=5, exclude_self=True), dict(pool_size=4, keep_real=True),
+                                     dict(pool_size=6, top_k=None)])
+def test_batches_of_block_size_read_each_sample_once(data, bank, options):
+    counting = CountingDataset(data)
+    aug = CrossModalAugmentedDataset(counting, bank, p=1.0, seed=1, **options)
+    block = aug.block_size
+    assert block == (6 if options.get("exclude_self") else 8 if options.get("keep_real") else 6)
+    order = list(aug.sampler())
+    usable = len(order) // block * block
+    for at in range(0, usable, block):
+        counting.reads.clear()
+        batch = aug.__getitems__(order[at:at + block])
+        real = {i % N for i in order[at:at + block]}
+        assert sorted(counting.reads) == sorted(real)  # no partner from outside the batch
+        for row, i in enumerate(order[at:at + block]):
+            assert set(batch[row]["mix_info"]["partners"].tolist()) <= real
+
+
+def test_the_epoch_is_read_once_per_pass(data, bank, monkeypatch):
+    import cmda_data.augment.dataset as module
+
+    monkeypatch.setattr(module, "_SAMPLER_CHUNK", 5)
+    aug = CrossModalAugmentedDataset(data, bank, pool_size=6)
+    first = aug.order().tolist()
+    passes = iter(aug.sampler())
+    seen = [next(passes) for _ in range(7)]
+    aug.set_epoch(1)  # mid-pass: this pass keeps its epoch
+    assert seen + list(passes) == first

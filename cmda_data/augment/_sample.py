@@ -158,13 +158,22 @@ def mix_samples(owner: Any, samples: Sequence[Any], indices: Sequence[int], *, m
                     if values[t].shape != students[r].shape:
                         fail(f"field {field!r} of sample {members[t]}", f"shape {tuple(students[r].shape)} like "
                              f"sample {indices[r]} (its mixing partner)", tuple(values[t].shape), FieldError)
-        dtype = torch.float64 if values[0].dtype == torch.float64 else torch.float32
-        table = torch.stack([v.reshape(-1) if v.dtype == dtype else v.reshape(-1).to(dtype) for v in values])
-        out = _weighted_sum(weights[rows], torch.from_numpy(mix_slots), table)
-        if not math.isfinite(float(out.sum())):  # a partner with NaN or inf (or an overflow: then no error)
-            name_nonfinite_row(table, torch.tensor(members), field)
-        for r, value in zip(at_rows, out.to(values[0].dtype).view(len(at_rows), *values[0].shape).unbind(0)):
-            out_students[r] = value
+        # a row is mixed in its own sample's dtype (float64 in float64, the others in float32) and returned in
+        # it: its value does not depend on the dtypes of the other rows of the call
+        dtypes = [students[r].dtype for r in at_rows]
+        value_of = dict(zip(members, values))
+        for dtype_out in dict.fromkeys(dtypes):
+            part = None if len(set(dtypes)) == 1 else [i for i, d in enumerate(dtypes) if d == dtype_out]
+            group, slots_of = (members, mix_slots) if part is None else _first_seen(ids[at[part]], live[at[part]])
+            dtype = torch.float64 if dtype_out == torch.float64 else torch.float32
+            table = torch.stack([v.reshape(-1).to(dtype) for v in (value_of[j] for j in group)])
+            out = _weighted_sum(weights[rows if part is None else rows[part]], torch.from_numpy(slots_of), table)
+            if not math.isfinite(float(out.sum())):  # a partner with NaN or inf (or an overflow: then no error)
+                name_nonfinite_row(table, torch.tensor(group), field)
+            mixed_rows = at_rows if part is None else [at_rows[i] for i in part]
+            shape = students[mixed_rows[0]].shape
+            for r, value in zip(mixed_rows, out.to(dtype_out).view(len(mixed_rows), *shape).unbind(0)):
+                out_students[r] = value
     if target is not None:
         targets = _class_indices([_field(known[j], target, j) for j in used], target, used, owner.num_classes)
         if targets.ndim == 1 and owner.num_classes is None:

@@ -167,10 +167,20 @@ class CrossModalAugmentedDataset(MixingBase, Dataset):
             raise IndexError(f"index: expected a dataset index in [0, {len(self.dataset)}), got {index}")
         return self._pools([index])[0]
 
-    def order(self) -> torch.Tensor:
-        """``[N]`` the dataset indices in this epoch's order: consecutive runs of the pool's block size share a pool.
+    @property
+    def block_size(self) -> int:
+        """Consecutive items of :meth:`sampler` that share one pool: ``pool_size`` (``+ 1`` with
+        ``exclude_self``; at most the dataset), twice that with ``keep_real`` (a block's real
+        items, then the same items generated). A batch size that is a multiple of it keeps every
+        pool inside one batch."""
+        return self._block * (2 if self.options.keep_real else 1)
 
-        A random permutation that depends on ``(seed, epoch)`` only (the same on every rank).
+    def order(self) -> torch.Tensor:
+        """``[N]`` the dataset indices in this epoch's order, a random permutation of ``(seed, epoch)``.
+
+        The pools are its consecutive blocks of ``pool_size`` positions (``+ 1`` with
+        ``exclude_self``); the last block is the final full block of positions, so it may share
+        items with the one before. The same on every rank.
         """
         n = len(self.dataset)
         return torch.from_numpy(epoch_order(np.arange(n), n=n, seed=self.spec.seed, epoch=self.epoch, inverse=True))
@@ -181,7 +191,8 @@ class CrossModalAugmentedDataset(MixingBase, Dataset):
 
         ``DataLoader(aug, batch_size=B, sampler=aug.sampler())`` in place of ``shuffle=True``:
         the same items, in a random order, with the partners of a batch's items inside the
-        batch, so each sample is read about once instead of about 4 times.
+        batch when ``B`` is a multiple of :attr:`block_size`, so each sample is read once
+        instead of about 4 times.
         """
         return PoolOrderSampler(self, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
 
@@ -240,15 +251,17 @@ class PoolOrderSampler(Sampler):
 
     Yields the dataset indices in :meth:`CrossModalAugmentedDataset.order` (a random
     permutation, new each epoch: use it in place of ``shuffle=True``). The items of one pool
-    block are consecutive, so a batch holds the partners of its mixed items, which
-    ``__getitems__`` then reads once. With ``keep_real=True`` each block's real items come
-    first, then its generated ones (``i + N``): a batch holds both.
+    block are consecutive, so a batch whose size is a multiple of ``dataset.block_size`` holds
+    the partners of its mixed items, which ``__getitems__`` then reads once. With
+    ``keep_real=True`` each block's real items come first, then its generated ones (``i + N``):
+    a batch holds both.
 
     The epoch is the dataset's: :meth:`set_epoch` sets it (on the dataset, reaching its
     workers), like ``DistributedSampler.set_epoch``. Distributed: ``num_replicas`` ranks
     (default: the process group's world size) take consecutive equal shares of the order
-    (blocks stay together), the last ones topped up from its start unless ``drop_last``, as
-    ``DistributedSampler`` does.
+    (a block cut by a share's edge costs its items a few partner reads), the last ones topped
+    up from its start unless ``drop_last``, as ``DistributedSampler`` does. The epoch is read
+    once per pass, when iteration starts.
 
     Examples:
         >>> from cmda_data.bank import EmbeddingBank
@@ -279,23 +292,24 @@ class PoolOrderSampler(Sampler):
         """Set the dataset's epoch (its draws and this order), also in its worker processes."""
         self.dataset.set_epoch(epoch)
 
-    def items_at(self, at: np.ndarray) -> np.ndarray:
-        """The items at positions ``at`` of this epoch's sequence (all ranks' shares, in order)."""
+    def items_at(self, at: np.ndarray, epoch: Optional[int] = None) -> np.ndarray:
+        """The items at positions ``at`` of an epoch's sequence (all ranks' shares, in order; default: this epoch)."""
         aug = self.dataset
-        n, spec = len(aug.dataset), aug.spec
+        n, seed = len(aug.dataset), aug.spec.seed
+        epoch = aug.epoch if epoch is None else epoch
         if not aug.options.keep_real:
-            return epoch_order(at, n=n, seed=spec.seed, epoch=aug.epoch, inverse=True)
+            return epoch_order(at, n=n, seed=seed, epoch=epoch, inverse=True)
         block = aug._block  # the sequence: each block of the order, then the same block generated (+ n)
         start = at // (2 * block) * block
         offset = at - 2 * start
         length = np.minimum(block, n - start)
         generated = offset >= length
-        items = epoch_order(start + offset - generated * length, n=n, seed=spec.seed, epoch=aug.epoch, inverse=True)
+        items = epoch_order(start + offset - generated * length, n=n, seed=seed, epoch=epoch, inverse=True)
         return items + generated * n
 
     def __iter__(self) -> Iterator[int]:
-        total, share = len(self.dataset), len(self)
+        total, share, epoch = len(self.dataset), len(self), self.dataset.epoch  # (one epoch for the whole pass)
         first = self.rank * share
         for at in range(first, first + share, _SAMPLER_CHUNK):  # (O(chunk) memory for any dataset size)
             positions = np.arange(at, min(at + _SAMPLER_CHUNK, first + share)) % total  # (% : the top-up)
-            yield from self.items_at(positions).tolist()
+            yield from self.items_at(positions, epoch).tolist()

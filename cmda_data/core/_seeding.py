@@ -18,6 +18,7 @@ coefficient); a row's draws are then a function of ``(seed, epoch, rank, index, 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Tuple
 
 import numpy as np
@@ -118,9 +119,11 @@ def _row_keys(indices: Iterable[int], seed: int, epoch: int, rank: int) -> np.nd
     return _splitmix64(prefix ^ index.astype(np.uint64))
 
 
-#: the epoch order (:func:`epoch_order`) has its own stream; 6 Feistel rounds
+#: the epoch order (:func:`epoch_order`) has its own stream
 _STREAM_ORDER = 0x5EED_0002
-_FEISTEL_ROUNDS = 6
+#: up to this many samples the order is an explicit permutation (exactly uniform); beyond, a Feistel network
+_EXPLICIT_ORDER_MAX = 1 << 21
+_FEISTEL_ROUNDS = 8
 
 
 def _feistel(x: np.ndarray, keys: np.ndarray, half: int, inverse: bool) -> np.ndarray:
@@ -136,13 +139,27 @@ def _feistel(x: np.ndarray, keys: np.ndarray, half: int, inverse: bool) -> np.nd
     return (left << shift) | right
 
 
+@functools.lru_cache(maxsize=2)
+def _explicit_order(n: int, seed: int, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``(order, position)``: the indices sorted by their splitmix64 keys, and its inverse (read-only)."""
+    keys = _splitmix64(np.uint64(hash_ints(_STREAM_ORDER, seed, epoch)) ^ np.arange(n, dtype=np.uint64))
+    order = np.argsort(keys, kind="stable")
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    order.flags.writeable = position.flags.writeable = False
+    return order, position
+
+
 def epoch_order(values: Iterable[int], *, n: int, seed: int, epoch: int, inverse: bool = False) -> np.ndarray:
     """The epoch's random order of ``[0, n)``: dataset index -> position (``inverse``: position -> index).
 
-    A pseudo-random permutation that depends on ``(seed, epoch)`` only and is computed for
-    any values without storing it (a Feistel network over ``[0, 4**h) >= n`` keyed by the
-    seed and the epoch, walked until it lands in ``[0, n)``): the same in every process, O(1)
-    memory for any ``n``. Not a function of the rank, so every rank sees one order.
+    A random permutation that depends on ``(seed, epoch)`` only: the same in every process,
+    and not a function of the rank, so every rank sees one order. Up to 2**21 samples it is
+    the indices sorted by a splitmix64 key each (a uniformly random permutation, computed once
+    per epoch and process, 16 bytes per sample); beyond, a Feistel network over
+    ``[0, 4**h) >= n`` keyed by the seed and the epoch, walked until it lands in ``[0, n)``
+    (a pseudo-random permutation with halves of at least 11 bits, computed for the values
+    asked for only: O(1) memory for any ``n``).
 
     Examples:
         >>> order = epoch_order(range(10), n=10, seed=0, epoch=0)
@@ -152,9 +169,10 @@ def epoch_order(values: Iterable[int], *, n: int, seed: int, epoch: int, inverse
         True
     """
     x = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.int64).reshape(-1)
-    if n <= 1:
-        return x.copy()
-    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    if n <= _EXPLICIT_ORDER_MAX:
+        order, position = _explicit_order(n, seed & _MASK, epoch)
+        return (order if inverse else position)[x]
+    half = ((n - 1).bit_length() + 1) // 2
     keys = _splitmix64(np.uint64(hash_ints(_STREAM_ORDER, seed, epoch)) ^ np.arange(_FEISTEL_ROUNDS, dtype=np.uint64))
     y = _feistel(x.astype(np.uint64), keys, half, inverse)
     walk = np.nonzero(y >= np.uint64(n))[0]
@@ -176,8 +194,8 @@ def draw_pools(indices: Iterable[int], *, seed: int, epoch: int, n: int, size: i
     The epoch order (:func:`epoch_order`) is cut into consecutive blocks of
     ``s = size`` positions (``size + 1`` when not ``include_self``; the last block is the
     final ``s`` positions, so every block is full). Row ``r``'s pool is the block holding its
-    own index, without that index unless ``include_self``: its own index and a uniform random
-    subset of the other ``n - 1`` indices, a function of ``(seed, epoch, index)`` only,
+    own index (that index removed unless ``include_self``): the other members are a uniform
+    random subset of the other ``n - 1`` indices, a function of ``(seed, epoch, index)`` only,
     vectorised over rows. Rows of one block share their candidates: reading the items in the
     epoch order (:meth:`~cmda_data.CrossModalAugmentedDataset.sampler`) finds every partner
     in the same batch.
@@ -191,7 +209,9 @@ def draw_pools(indices: Iterable[int], *, seed: int, epoch: int, n: int, size: i
     """
     index = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), dtype=np.int64).reshape(-1)
     block = pool_block(size, include_self)
-    if size < 1 or block > n:
+    if size < 1:
+        fail("size", "a pool of at least 1 index", size)
+    if block > n:
         fail("size", f"a pool of at most {n - (0 if include_self else 1)} indices", size)
     if block == n:  # the whole dataset
         members = np.broadcast_to(np.arange(n), (len(index), n))
