@@ -104,6 +104,31 @@ def test_the_mix_gives_the_same_bits_on_either_page_size(monkeypatch, sparse):
     torch.testing.assert_close(huge, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_large_dense_mix_in_column_blocks_is_one_product(monkeypatch, threads):
+    """Above the threshold the dense mix runs one L2-sized block of columns at a time, shared out to
+    single-threaded threads: the same bits as one torch.mm, at any thread count."""
+    from cmda_data.core import _kernels
+
+    if not torch.backends.mkl.is_available():
+        pytest.skip("the blocked dense route is taken with MKL only")
+    pieces, split = [], _kernels.run_split
+    monkeypatch.setattr(_kernels, "run_split", lambda work, n, t: pieces.append((n, t)) or split(work, n, t))
+    monkeypatch.setattr(_kernels, "wants_huge_pages", lambda nbytes, device: True)  # (as for a large output)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(48, 3, 100, 101, generator=g)  # 30,300 columns, not a multiple of the block
+    weights = torch.softmax(torch.randn(40, 48, generator=g), 1)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = F.mix(weights, x)
+        expected = torch.mm(weights, x.reshape(48, -1)).view(40, 3, 100, 101)
+    finally:
+        torch.set_num_threads(saved)
+    assert pieces and pieces[0][0] > 1 and pieces[0][1] == threads  # the blocked route ran, on the pool
+    assert torch.equal(out, expected)
+
+
 def _batch(rows: int = 64):
     g = torch.Generator().manual_seed(1)
     return torch.rand(rows, 3, 224, 224, generator=g), torch.softmax(torch.randn(rows, rows, generator=g), 1)
